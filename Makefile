@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:  `make demo` (the main job: `ddm run` on the embedded
+# default config, or DEMO_CONFIG=path) and `make test`.
+# Both bootstrap .venv themselves and install Debian's Fashion-MNIST if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_CONFIG ?=
+PYTEST_ARGS ?=
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv dataset demo test test-fast bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/cpu.txt
+	# The EfficientNet-Lite network code; --no-deps because its metadata asks for an unpinned torch.
+	$(PY) -m pip install --quiet --no-deps efficientnet-lite-pytorch==0.1.0
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+dataset: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: venv dataset
+	$(VENV)/bin/ddm run $(DEMO_CONFIG)
+
+test: venv dataset
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: venv dataset
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""ddm.coordinator"""

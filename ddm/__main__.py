@@ -1,0 +1,3 @@
+from ddm.coordinator.cli import main
+
+raise SystemExit(main())
