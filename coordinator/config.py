@@ -1,0 +1,99 @@
+"""The run config: one TOML file describes a whole ``ddm run`` (curate -> experts -> router -> eval -> distill).
+
+The embedded default (``ddm/configs/default.toml``) is Fashion-MNIST, K = 4 experts, local islands, sized
+for about 15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ddm.expert.config import DataConfig, ModelConfig, SampleConfig, Strict, TrainConfig, load_config, parse_config, load_toml
+
+
+class CurateConfig(Strict):
+    enabled: bool = Field(True, description="remove exact and near duplicates before clustering")
+    near_duplicate_cosine: float = Field(
+        0.995, gt=0, le=1, description="embeddings with cosine similarity at or above this are near duplicates (1 = exact only)"
+    )
+    example_pairs: int = Field(16, ge=0, description="near-duplicate pairs shown in curate/near_duplicates.png")
+
+
+class PartitionConfig(Strict):
+    k: int = Field(4, ge=1, le=1024, description="number of clusters = number of experts")
+    fine_k: int = Field(256, ge=1, description="fine k-means centroids, grouped into k coarse clusters")
+    sample_size: int = Field(50_000, ge=1, description="points used to fit the fine centroids")
+    niter: int = Field(20, ge=1, description="k-means iterations")
+    seed: int = Field(0, description="clustering seed")
+    balanced: bool = Field(True, description="balance cluster sizes to within `tolerance` of N/k")
+    tolerance: float = Field(0.05, ge=0, le=1, description="allowed relative deviation from N/k when balanced")
+    encoder: str = Field(
+        "efficientnet-lite0",
+        description="embedding encoder: 'efficientnet-lite0' (pretrained, ships offline), 'pixels' (fast, for tests) or 'torchscript:/local/path.pt'",
+    )
+    embed_batch_size: int = Field(256, ge=1, description="images per encoder batch")
+    shard_size: int = Field(10_000, ge=1, description="images per partition shard file")
+
+    @model_validator(mode="after")
+    def _k_le_fine_k(self) -> "PartitionConfig":
+        if self.k > self.fine_k:
+            raise ValueError(f"k ({self.k}) must not exceed fine_k ({self.fine_k}); raise partition.fine_k")
+        return self
+
+
+class ExpertsConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    max_attempts: int = Field(3, ge=1, le=100, description="launch attempts per expert job before the run reports it failed")
+    poll_seconds: float = Field(2.0, gt=0, description="how often the coordinator polls job states")
+    lease_seconds: float = Field(
+        120.0, gt=0, description="a job whose heartbeat is older than this (and unknown to its scheduler) is presumed dead"
+    )
+
+
+class EvalConfig(Strict):
+    enabled: bool = Field(True, description="evaluate at the end of the run")
+    num_samples: int = Field(1000, ge=10, description="generated images per evaluation")
+    features: str = Field("efficientnet-lite0", description="feature space for FD/KID/PR: 'efficientnet-lite0', 'pixels' or 'torchscript:/local/path.pt'")
+    sample: SampleConfig = SampleConfig()
+
+
+class RunConfig(Strict):
+    name: str = Field("demo", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="run name (lowercase, digits, dashes)")
+    root: str = Field("runs/demo", description="run root (local path or s3://bucket/prefix): every stage reads and writes only here")
+    islands: str | None = Field(None, description="islands TOML mapping experts to compute islands (default: one local island)")
+    mode: Literal["experts", "monolith"] = Field(
+        "experts", description="'experts' partitions the data and trains k isolated experts; 'monolith' trains one model on all data"
+    )
+    data: DataConfig = DataConfig()
+    curate: CurateConfig = CurateConfig()
+    partition: PartitionConfig = PartitionConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def default_config_text() -> str:
+    return resources.files("ddm").joinpath("configs/default.toml").read_text()
+
+
+def load_run_config(url: str | None, overrides: dict | None = None) -> RunConfig:
+    """Load a run config (``None`` = the embedded default), applying dotted ``overrides`` on top."""
+    import tomllib
+
+    if url is None:
+        data, source = tomllib.loads(default_config_text()), "embedded default config"
+    else:
+        data, source = load_toml(url), url
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(RunConfig, data, source)
+
+
+__all__ = ["RunConfig", "load_run_config", "load_config"]

@@ -1,0 +1,129 @@
+"""Islands: where expert jobs run. An island is a TorchX scheduler plus its config and job resources.
+
+Islands file (TOML)::
+
+    default = "local"                 # island for experts not listed anywhere
+
+    [island.local]
+    scheduler = "local_cwd"           # TorchX scheduler name
+    max_concurrent = 2                # at most this many jobs of this run at once on the island
+    j = "1x1"                         # nodes x processes per node (torchrun DDP when > 1 process)
+    cpu = 1
+    memMB = 4096
+
+    [island.gpu-east]
+    scheduler = "kubernetes"
+    experts = [0, 1]                  # these experts go here
+    image = "registry.example.com/ddm:0.1.0"
+    namespace = "ddm"
+    queue = "ddm"                     # Volcano queue
+    j = "2x8"
+    gpu = 8
+    [island.gpu-east.cfg]             # extra TorchX scheduler run options, passed through
+    service_account = "ddm-coordinator"
+
+Experts never talk to each other; the only thing islands share is the run root.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from ddm.expert.config import Strict, load_toml, parse_config
+
+KNOWN_SCHEDULERS = ("local_cwd", "local_docker", "kubernetes", "slurm", "aws_batch")
+_J = re.compile(r"^(\d+:)?\d+x\d+$|^\d+$")
+
+
+def parse_j(j: str) -> tuple[int, int]:
+    """``"NxM"`` (or ``"M"``, or ``"min:NxM"``) -> (nodes, processes per node)."""
+    if not _J.match(j):
+        raise ValueError(f"j={j!r}: expected NODESxPROCS such as '1x1', '2x8' or 'min:maxxprocs' such as '1:2x8'")
+    if "x" not in j:
+        return 1, int(j)
+    nodes, procs = j.split("x")
+    return int(nodes.split(":")[-1]), int(procs)
+
+
+class Island(Strict):
+    scheduler: str = Field("local_cwd", description=f"TorchX scheduler: one of {', '.join(KNOWN_SCHEDULERS)}")
+    max_concurrent: int = Field(1, ge=1, description="most jobs of this run running at once on this island")
+    experts: list[int] = Field(default_factory=list, description="expert indices placed on this island")
+    j: str = Field("1x1", description="nodes x processes per node; more than one process runs under torchrun (DDP)")
+    cpu: int = Field(1, ge=1, description="CPUs per node")
+    gpu: int = Field(0, ge=0, description="GPUs per node")
+    memMB: int = Field(4096, ge=128, description="memory per node in MB")
+    image: str | None = Field(None, description="container image (kubernetes/docker); local_cwd runs in the current directory")
+    namespace: str | None = Field(None, description="kubernetes namespace")
+    queue: str | None = Field(None, description="Volcano queue (kubernetes)")
+    kube_context: str | None = Field(None, description="kubeconfig context of the cluster this island uses")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every job")
+    cfg: dict[str, Any] = Field(default_factory=dict, description="extra TorchX scheduler run options, passed through")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in KNOWN_SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}; use one of {', '.join(KNOWN_SCHEDULERS)}")
+        return v
+
+    @field_validator("j")
+    @classmethod
+    def _j(cls, v: str) -> str:
+        parse_j(v)
+        return v
+
+    @model_validator(mode="after")
+    def _kubernetes_needs(self) -> "Island":
+        if self.scheduler == "kubernetes":
+            missing = [f for f in ("image", "namespace", "queue") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"a kubernetes island needs {', '.join(missing)} (set them in the island's table)")
+        return self
+
+    def run_cfg(self) -> dict[str, Any]:
+        """TorchX scheduler run options for this island."""
+        cfg: dict[str, Any] = {}
+        if self.scheduler == "kubernetes":
+            cfg["namespace"] = self.namespace
+            cfg["queue"] = self.queue
+        cfg.update(self.cfg)
+        return cfg
+
+
+class IslandsConfig(Strict):
+    default: str = Field("local", description="island for experts not listed in any island's `experts`")
+    island: dict[str, Island] = Field(default_factory=lambda: {"local": Island(max_concurrent=2)})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "IslandsConfig":
+        if self.default not in self.island:
+            raise ValueError(f"default island {self.default!r} is not defined; define [island.{self.default}] or change `default`")
+        seen: dict[int, str] = {}
+        for name, isl in self.island.items():
+            for e in isl.experts:
+                if e in seen:
+                    raise ValueError(f"expert {e} is listed in both island {seen[e]!r} and island {name!r}")
+                seen[e] = name
+        return self
+
+    def island_for(self, expert: int) -> str:
+        for name, isl in self.island.items():
+            if expert in isl.experts:
+                return name
+        return self.default
+
+    def check_experts(self, k: int) -> None:
+        for name, isl in self.island.items():
+            bad = [e for e in isl.experts if not 0 <= e < k]
+            if bad:
+                raise ValueError(f"island {name!r} lists experts {bad}, but the run has experts 0..{k - 1}")
+
+
+def load_islands(url: str | None) -> IslandsConfig:
+    if url is None:
+        return IslandsConfig()
+    return parse_config(IslandsConfig, load_toml(url), url)

@@ -1,0 +1,207 @@
+"""Launch, watch, retry and cancel jobs on islands through TorchX, with every step in the manifest.
+
+Rules (ARCHITECTURE.md, "Jobs"):
+- A job whose output says it is complete is never launched again.
+- A job the manifest records as submitted is never launched twice: we ask its scheduler first, and
+  when the scheduler no longer knows it (the local scheduler forgets its children when the coordinator
+  restarts) we trust the job's own heartbeat on the run root for ``lease_seconds``.
+- Retries are ours, bounded by ``max_attempts``; the scheduler's own retries stay off.
+- At most ``max_concurrent`` jobs of this run run at once on each island.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torchx import specs
+from torchx.runner import Runner
+
+from ddm.coordinator.islands import IslandsConfig
+from ddm.coordinator.manifest import CANCELLED, JOB_FAILED, SUBMITTED, SUCCEEDED, Manifest
+from ddm.expert import heartbeat
+
+log = logging.getLogger("ddm.launcher")
+
+TERMINAL_FAILED = {specs.AppState.FAILED, specs.AppState.CANCELLED}
+
+
+@dataclass
+class JobSpec:
+    name: str
+    island: str
+    app: specs.AppDef
+    output: str  # where the job writes heartbeat.json
+    is_complete: Callable[[], bool]
+
+
+@dataclass
+class JobOutcome:
+    name: str
+    state: str
+    attempts: int
+    error: str | None = None
+
+
+@dataclass
+class Launcher:
+    manifest: Manifest
+    islands: IslandsConfig
+    runner: Runner
+    max_attempts: int = 3
+    poll_seconds: float = 2.0
+    lease_seconds: float = 120.0
+    log_dir: str | None = None
+    on_progress: Callable[[dict[str, str]], None] | None = None
+    _adopted: set[str] = field(default_factory=set)
+
+    # one job -----------------------------------------------------------------------------------------
+    def _submit(self, job: JobSpec) -> None:
+        island = self.islands.island[job.island]
+        cfg = island.run_cfg()
+        if island.scheduler.startswith("local") and self.log_dir:
+            cfg.setdefault("log_dir", self.log_dir)
+        record = self.manifest.job(job.name)
+        attempt = len(record["attempts"]) + 1
+        handle = self.runner.run(job.app, scheduler=island.scheduler, cfg=cfg)
+        record["attempts"].append({"handle": handle, "island": job.island, "submitted_at": time.time(), "state": SUBMITTED})
+        self.manifest.update_job(job.name, state=SUBMITTED, island=job.island, handle=handle, attempt=attempt)
+        log.info("submitted %s (attempt %d/%d) on %s: %s", job.name, attempt, self.max_attempts, job.island, handle)
+
+    def _observe(self, job: JobSpec) -> str:
+        """Current state of a submitted job: RUNNING, SUCCEEDED, FAILED or LOST (gone, no heartbeat)."""
+        record = self.manifest.job(job.name)
+        handle = record.get("handle")
+        status = None
+        if handle:
+            try:
+                status = self.runner.status(handle)
+            except (ValueError, KeyError, RuntimeError) as e:  # unknown session/scheduler, API errors
+                log.debug("status of %s failed: %s", handle, e)
+        if status is not None:
+            if status.state == specs.AppState.SUCCEEDED:
+                return SUCCEEDED
+            if status.state in TERMINAL_FAILED:
+                record["error"] = self._error_text(handle, status)
+                return JOB_FAILED
+            return "RUNNING"
+        # The scheduler does not know the job (e.g. the coordinator restarted): trust the heartbeat.
+        if job.is_complete():
+            return SUCCEEDED
+        if heartbeat.is_alive(heartbeat.read(job.output), self.lease_seconds):
+            if job.name not in self._adopted:
+                log.info("adopted %s: still running from an earlier coordinator (heartbeat is fresh)", job.name)
+                self._adopted.add(job.name)
+            return "RUNNING"
+        return "LOST"
+
+    def _error_text(self, handle: str, status: specs.AppStatus) -> str:
+        lines: list[str] = []
+        try:
+            app = self.runner.describe(handle)
+            role = app.roles[0].name if app and app.roles else None
+            if role:
+                lines = list(self.runner.log_lines(handle, role, k=0, streams=None))[-20:]
+        except Exception as e:  # logs are best effort: the scheduler may have dropped them
+            lines = [f"(logs unavailable: {e})"]
+        tail = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        return f"{status.state.name}: {status.msg or ''}\n{tail}".strip()
+
+    # all jobs --------------------------------------------------------------------------------------
+    def run(self, jobs: list[JobSpec]) -> dict[str, JobOutcome]:
+        """Drive every job to a terminal state; returns the outcome of each."""
+        pending = {j.name: j for j in jobs}
+        outcomes: dict[str, JobOutcome] = {}
+        while pending:
+            running_per_island: dict[str, int] = {}
+            to_launch: list[JobSpec] = []
+            for name, job in list(pending.items()):
+                record = self.manifest.job(name)
+                attempts = len(record["attempts"])
+                if record["state"] == SUCCEEDED or job.is_complete():
+                    outcomes[name] = self._finish(job, SUCCEEDED, attempts)
+                    del pending[name]
+                    continue
+                if record["state"] in (SUBMITTED, "RUNNING"):
+                    state = self._observe(job)
+                    if state == "RUNNING":
+                        if record["state"] != "RUNNING":
+                            self.manifest.update_job(name, state="RUNNING")
+                        running_per_island[job.island] = running_per_island.get(job.island, 0) + 1
+                        continue
+                    if state == SUCCEEDED and job.is_complete():
+                        outcomes[name] = self._finish(job, SUCCEEDED, attempts)
+                        del pending[name]
+                        continue
+                    # FAILED, LOST, or "succeeded" without a complete output: the attempt failed.
+                    why = record.get("error") or (
+                        "the job ended without completing its output" if state == SUCCEEDED else "lost: no longer known to its scheduler and no fresh heartbeat"
+                    )
+                    record["attempts"][-1].update(state=JOB_FAILED, error=why, ended_at=time.time())
+                    self.manifest.update_job(name, state=JOB_FAILED, error=why)
+                    log.warning("%s attempt %d failed: %s", name, attempts, why.splitlines()[0] if why else "")
+                if record["state"] == JOB_FAILED and attempts >= self.max_attempts:
+                    outcomes[name] = self._finish(job, JOB_FAILED, attempts, record.get("error"))
+                    del pending[name]
+                    continue
+                to_launch.append(job)
+            for job in to_launch:
+                limit = self.islands.island[job.island].max_concurrent
+                if running_per_island.get(job.island, 0) < limit:
+                    self._submit(job)
+                    running_per_island[job.island] = running_per_island.get(job.island, 0) + 1
+            if self.on_progress:
+                self.on_progress({name: self.manifest.job(name)["state"] for name in (j.name for j in jobs)})
+            if pending:
+                time.sleep(self.poll_seconds)
+        return outcomes
+
+    def _finish(self, job: JobSpec, state: str, attempts: int, error: str | None = None) -> JobOutcome:
+        record = self.manifest.job(job.name)
+        if record["state"] != state:
+            if record["attempts"]:
+                record["attempts"][-1].setdefault("ended_at", time.time())
+                record["attempts"][-1]["state"] = state
+            self.manifest.update_job(job.name, state=state, finished_at=time.time())
+        return JobOutcome(job.name, state, attempts, error)
+
+
+def cancel_jobs(manifest: Manifest, runner: Runner, outputs: dict[str, str]) -> list[str]:
+    """Cancel every job of the run the manifest records as submitted or running; returns their names.
+
+    ``outputs`` maps job name -> output URL (for jobs whose scheduler forgot them: we signal the process
+    named by the heartbeat, which then checkpoints and exits).
+    """
+    cancelled = []
+    for name, record in manifest.data["jobs"].items():
+        if record["state"] not in (SUBMITTED, "RUNNING"):
+            continue
+        handle = record.get("handle")
+        try:
+            status = runner.status(handle) if handle else None
+        except (ValueError, KeyError, RuntimeError):
+            status = None
+        if status is not None and not status.is_terminal():
+            runner.cancel(handle)
+        elif name in outputs:
+            _kill_local_orphan(outputs[name])
+        if record["attempts"]:
+            record["attempts"][-1].update(state=CANCELLED, ended_at=time.time())
+        manifest.update_job(name, state=CANCELLED)
+        cancelled.append(name)
+    return cancelled
+
+
+def _kill_local_orphan(output: str) -> None:
+    """A local job from an earlier coordinator: its scheduler is gone, so signal it by its heartbeat pid."""
+    beat = heartbeat.read(output)
+    if beat and beat.get("host") == socket.gethostname() and beat.get("state") == "running":
+        try:
+            os.kill(int(beat["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
