@@ -1,0 +1,59 @@
+"""Load a trained expert from its checkpoint alone.
+
+Checkpoints are self-describing (see ``checkpoint``): the safetensors header carries the DiT config,
+so a server, the router or the evaluator rebuilds the network without the training config. Every
+error names the file it is about.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ddm.expert import checkpoint
+from ddm.expert.checkpoint import CheckpointError
+from ddm.expert.denoiser import ModuleDenoiser
+from ddm.expert.model import DiT, DiTConfig
+
+
+def load_model(
+    url: str, *, ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[DiT, dict[str, Any]]:
+    """(DiT in eval mode without gradients, checkpoint metadata) from a checkpoint file or directory.
+
+    ``ema=True`` loads the EMA weights (what sampling should use); ``ema=False`` the raw weights.
+    """
+    ckpt = checkpoint.load(url)
+    meta = ckpt.meta
+    if meta.get("kind", "expert") != "expert":
+        raise CheckpointError(
+            f"{ckpt.url}: a {meta.get('kind')!r} checkpoint, not an expert (DiT) checkpoint"
+        )
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{ckpt.url}: metadata has no 'model' config; not an expert checkpoint")
+    try:
+        cfg = DiTConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.url}: invalid model config in metadata ({e})") from None
+    prefix = "ema" if ema else "model"
+    state = ckpt.prefixed(prefix)
+    if not state:
+        raise CheckpointError(
+            f"{ckpt.url}: no '{prefix}.*' tensors; saved without {'EMA ' if ema else ''}weights"
+        )
+    model = DiT(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{ckpt.url}: {prefix} weights do not fit the model config in its metadata ({e})"
+        ) from None
+    model.to(device).eval().requires_grad_(False)
+    return model, {**meta, "url": ckpt.url}
+
+
+def load_denoiser(url: str, *, ema: bool = True, device: str | torch.device = "cpu") -> ModuleDenoiser:
+    """The checkpoint's network behind the Denoiser interface (what samplers and servers take)."""
+    model, _ = load_model(url, ema=ema, device=device)
+    return ModuleDenoiser(model, model.num_classes)
