@@ -40,6 +40,8 @@ __all__ = [
     "efficientnet_weights_path",
     "embed",
     "load_efficientnet",
+    "load_pretrained_efficientnet",
+    "optimize_for_inference",
     "preprocess",
 ]
 
@@ -149,9 +151,8 @@ def _efficientnet_state_dict() -> dict[str, torch.Tensor]:
     return state
 
 
-@functools.lru_cache(maxsize=4)
-def load_efficientnet(image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
-    """Pretrained EfficientNet-Lite0 in eval mode, built for ``image_size`` (cached per process).
+def load_pretrained_efficientnet(image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
+    """Pretrained EfficientNet-Lite0 in eval mode, exactly as published, built for ``image_size``.
 
     The network pads like TensorFlow's SAME mode with padding fixed at construction from the image
     size, so it is built for the size it will see; every key must match (strict) or we fail loudly.
@@ -164,6 +165,42 @@ def load_efficientnet(image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@functools.lru_cache(maxsize=4)
+def load_efficientnet(image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
+    """The pretrained network, optimised for inference (same function), cached per process and size."""
+    return optimize_for_inference(load_pretrained_efficientnet(image_size))
+
+
+_CONV_BN_PAIRS = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"), ("_expand_conv", "_bn0"),
+                  ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))  # fmt: skip
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """Same function, about twice as fast on CPU (tests pin the numbers to the unoptimised network):
+
+    - every BatchNorm is folded into the convolution before it (eval mode: an affine map);
+    - TensorFlow-SAME padding that happens to be symmetric (all stride-1 convolutions) becomes the
+      convolution's own padding instead of a separate zero-pad copy;
+    - weights in channels_last, which oneDNN's depthwise kernels prefer.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in [model, *model.modules()]:
+        for conv_name, bn_name in _CONV_BN_PAIRS:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    for conv in model.modules():
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                conv.static_padding = nn.Identity()
+                conv.padding = (top, left)
+    return model.to(memory_format=torch.channels_last)
 
 
 class EfficientNetFeatures:
@@ -190,7 +227,7 @@ class EfficientNetFeatures:
 
     def pooled(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """One batch: uint8 (B, C, H, W) -> float32 (B, 1280)."""
-        x = preprocess(images_uint8, self.image_size)  # (B, 3, S, S)
+        x = preprocess(images_uint8, self.image_size).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
         fmap = self.model.extract_features(x)  # (B, 1280, S/32, S/32)
         return fmap.mean(dim=(2, 3))  # (B, 1280)
 

@@ -19,6 +19,7 @@ from ddm.expert.features import (
     efficientnet_weights_path,
     embed,
     load_efficientnet,
+    load_pretrained_efficientnet,
     preprocess,
 )
 from ddm.expert.metrics import frechet_distance, kid
@@ -50,13 +51,13 @@ def test_grey_images_equal_their_rgb_copies(fmnist_test):
 
 def test_pretrained_weights_are_loaded():
     state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
-    model = load_efficientnet(DEFAULT_IMAGE_SIZE)
+    model = load_pretrained_efficientnet(DEFAULT_IMAGE_SIZE)
     loaded = model.state_dict()
     assert set(loaded) == set(state) and len(state) == 296  # strict load: every key, none extra
     for name, tensor in state.items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
-    assert load_efficientnet(DEFAULT_IMAGE_SIZE) is model  # one model per process and size
-    assert not model.training
+    assert load_efficientnet(DEFAULT_IMAGE_SIZE) is load_efficientnet(DEFAULT_IMAGE_SIZE)  # one per process and size
+    assert not model.training and not load_efficientnet(DEFAULT_IMAGE_SIZE).training
 
 
 def test_pretrained_features_differ_from_random_init(fmnist_test):
@@ -70,7 +71,7 @@ def test_pretrained_features_differ_from_random_init(fmnist_test):
         random_feats = fresh.extract_features(preprocess(images, DEFAULT_IMAGE_SIZE)).mean(dim=(2, 3))
     assert np.abs(pretrained - random_feats.double().numpy()).max() > 0.1
     # the loaded weights carry ImageNet statistics: BatchNorm running stats are not the 0/1 of a fresh init
-    bn = load_efficientnet(DEFAULT_IMAGE_SIZE)._bn0
+    bn = load_pretrained_efficientnet(DEFAULT_IMAGE_SIZE)._bn0
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
 
 
@@ -175,3 +176,14 @@ def test_torchscript_errors_name_the_file(tmp_path):
         TorchScriptFeatures(str(bogus), image_size=32)
     with pytest.raises(ValueError, match="image_size"):
         build_features(f"torchscript:{bogus}")
+
+
+def test_inference_optimisations_keep_the_function():
+    """BN folding, symmetric-padding moves and channels_last must not change the features."""
+    images = load_fashion_mnist(split="test", limit=16).images
+    plain = load_pretrained_efficientnet(64)
+    with torch.no_grad():
+        expected = plain.extract_features(preprocess(images, 64)).mean(dim=(2, 3)).double().numpy()
+    got = EfficientNetFeatures(64)(images)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in EfficientNetFeatures(64).model.modules())
