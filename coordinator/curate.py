@@ -26,7 +26,7 @@ log = logging.getLogger("ddm.curate")
 
 def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, progress: bool = True) -> np.ndarray:
     """(N, D) float32 embeddings of every image; read from ``cache_url`` when a previous run made them."""
-    key = f"{cfg.encoder}|{len(data)}|{hashlib.sha256(data.ids.numpy().tobytes()).hexdigest()[:16]}"
+    key = f"{cfg.encoder}@{cfg.embed_image_size}|{len(data)}|{hashlib.sha256(data.ids.numpy().tobytes()).hexdigest()[:16]}"
     if storage.exists(cache_url):
         cached = np_load(storage.read_bytes(cache_url))
         if str(cached["key"].tobytes(), "utf-8") == key:
@@ -34,7 +34,7 @@ def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, p
             return cached["features"]
     from ddm.expert.features import build_features
 
-    extractor = build_features(cfg.encoder, batch_size=cfg.embed_batch_size, progress=progress)
+    extractor = build_features(cfg.encoder, image_size=cfg.embed_image_size, batch_size=cfg.embed_batch_size, progress=progress)
     feats = np.ascontiguousarray(extractor(data.images), dtype=np.float32)  # (N, D)
     storage.write_bytes(cache_url, np_save({"features": feats, "key": np.frombuffer(key.encode(), dtype=np.uint8)}))
     return feats
@@ -45,6 +45,7 @@ class CurationResult:
     keep: np.ndarray  # (M,) indices into the dataset, ascending
     exact_duplicates: int
     near_duplicates: int
+    degenerate: int  # embeddings with no direction (all zero or not finite): cannot be clustered
     pairs: list[tuple[int, int, float]]  # (removed, kept, cosine) examples
 
 
@@ -72,7 +73,7 @@ def near_duplicates(feats: np.ndarray, threshold: float, *, neighbours: int = 8,
     Features are L2-normalised, reduced by PCA to ``pca_dim`` (cosines in the reduced space differ
     slightly; we re-check candidates at full dimension) and searched exactly with faiss.
     """
-    x = l2_normalize(feats)  # (N, D)
+    x = l2_normalize(np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0))  # (N, D)
     n, d = x.shape
     reduced = x
     if d > pca_dim and n > pca_dim:
@@ -100,9 +101,11 @@ def near_duplicates(feats: np.ndarray, threshold: float, *, neighbours: int = 8,
 def curate(data: ImageDataset, feats: np.ndarray, cfg: CurateConfig) -> CurationResult:
     n = len(data)
     if not cfg.enabled:
-        return CurationResult(np.arange(n), 0, 0, [])
+        return CurationResult(np.arange(n), 0, 0, 0, [])
     exact = exact_duplicates(data.images)
-    removed = exact.copy()
+    norms = np.linalg.norm(feats, axis=1)
+    degenerate = ~np.isfinite(norms) | (norms == 0)
+    removed = exact | degenerate
     pairs: list[tuple[int, int, float]] = []
     near = 0
     if cfg.near_duplicate_cosine < 1.0:
@@ -118,7 +121,9 @@ def curate(data: ImageDataset, feats: np.ndarray, cfg: CurateConfig) -> Curation
                 pairs.append((i, int(j), float(cosine[i])))
             # j > i: j will be dropped when its turn comes (if it still matches a kept point)
     pairs.sort(key=lambda p: -p[2])
-    return CurationResult(np.flatnonzero(~removed), int(exact.sum()), near, pairs[: max(cfg.example_pairs, 0)])
+    return CurationResult(
+        np.flatnonzero(~removed), int(exact.sum()), near, int((degenerate & ~exact).sum()), pairs[: max(cfg.example_pairs, 0)]
+    )
 
 
 def save_pairs_png(data: ImageDataset, pairs: list[tuple[int, int, float]], url: str) -> None:

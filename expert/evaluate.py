@@ -39,7 +39,7 @@ from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
 
-__all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference"]
+__all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference", "score"]
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,6 @@ def evaluate(
         )
     if classifier is not None and classifier.num_classes != real.num_classes:
         raise ValueError(f"the classifier has {classifier.num_classes} classes but the real set has {real.num_classes}")
-    if cache_dir is None and out_dir is not None:
-        cache_dir = storage.join(out_dir, "cache")
     t_start = time.perf_counter()
 
     # 1. samples
@@ -227,7 +225,42 @@ def evaluate(
     t0 = time.perf_counter()
     x = generate(counter, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size, progress=progress)
     sampling_seconds = time.perf_counter() - t0
-    images = to_uint8(x)  # (N, C, H, W) uint8: scored as a saved PNG would be
+    return score(
+        to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,
+        sampling_seconds=sampling_seconds, denoiser_rows=counter.rows, denoiser_batches=counter.calls,
+        out_dir=out_dir, cache_dir=cache_dir, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, pr_k=pr_k,
+        started=t_start,
+    )  # fmt: skip
+
+
+def score(
+    images: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    real: ImageDataset,
+    features: FeatureExtractor,
+    classifier: Classifier | None,
+    sample_cfg: SampleConfig,
+    seed: int,
+    sampling_seconds: float,
+    denoiser_rows: int,
+    denoiser_batches: int,
+    out_dir: str | None = None,
+    cache_dir: str | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    started: float | None = None,
+) -> EvalResult:
+    """Score generated uint8 images (N, C, H, W) made for labels y (N,) against ``real``.
+
+    ``evaluate`` calls this after sampling one denoiser; callers that generate differently (e.g. a
+    mixture of experts sampled one partition at a time) call it directly with their own counts.
+    """
+    t_start = time.perf_counter() if started is None else started
+    num_samples = len(images)
+    if cache_dir is None and out_dir is not None:
+        cache_dir = storage.join(out_dir, "cache")
 
     # 2. feature-space metrics
     ref = real_reference(real, features, cache_dir)
@@ -260,8 +293,8 @@ def evaluate(
         num_real=len(real),
         features=features.name,
         seconds_per_image=sampling_seconds / num_samples,
-        denoiser_calls_per_sample=counter.rows / num_samples,
-        denoiser_batches=counter.calls,
+        denoiser_calls_per_sample=denoiser_rows / num_samples,
+        denoiser_batches=denoiser_batches,
         sample_config=sample_cfg.model_dump(),
         seed=seed,
         eval_seconds=0.0,

@@ -46,6 +46,14 @@ def test_curate_counts_and_removes_each_kind():
     assert result.pairs and result.pairs[0][:2] == (60, 20)
 
 
+def test_blank_embeddings_are_removed_and_counted():
+    imgs = torch.arange(4 * 4, dtype=torch.uint8).reshape(4, 1, 2, 2)
+    feats = np.eye(4, 3, dtype=np.float32)  # row 3 is all zero: no direction to cluster by
+    feats[1, 0] = np.nan
+    result = curate(dataset(imgs), feats, CurateConfig())
+    assert result.degenerate == 2 and result.keep.tolist() == [0, 2]
+
+
 def test_curate_disabled_keeps_everything():
     imgs = torch.zeros(5, 1, 2, 2, dtype=torch.uint8)
     result = curate(dataset(imgs), np.ones((5, 3), np.float32), CurateConfig(enabled=False))

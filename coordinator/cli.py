@@ -1,0 +1,70 @@
+"""The ``ddm`` command line. Each subcommand lives in its own small module; this file only wires them.
+
+Heavy imports (torch, faiss, grpc) happen inside the subcommands so ``ddm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help[, add_arguments name, run name]). Each module has
+# add_arguments(parser) and run(args) -> int unless other function names are given.
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "run": ("ddm.coordinator.run_cmd", "run the whole pipeline from a run config (resumable)"),
+    "status": ("ddm.coordinator.status_cmd", "show a run's stages, jobs, islands, cluster sizes and checkpoints"),
+    "assign": ("ddm.coordinator.assign_cmd", "place new images in a finished run's clusters (which expert owns them)"),
+    "cancel": ("ddm.coordinator.jobs_cmd", "cancel a run's running jobs", "add_cancel_arguments", "run_cancel"),
+    "logs": ("ddm.coordinator.jobs_cmd", "print (or follow) the logs of one of a run's jobs", "add_logs_arguments", "run_logs"),
+    "train-expert": ("ddm.expert.train", "train one expert (or the monolith) from an expert job config"),
+    "sample": ("ddm.coordinator.sample_cmd", "sample images from a checkpoint and write a PNG grid"),
+    "serve": ("ddm.coordinator.serve_cmd", "serve an expert checkpoint or the router over gRPC (until SIGTERM)"),
+    "eval": ("ddm.coordinator.eval_cmd", "evaluate a checkpoint: FD, KID, precision/recall, class accuracy"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddm",
+        description="Decentralized diffusion models: train isolated experts, route between them, serve and distil.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text, *funcs) in COMMANDS.items():
+        add_name, run_name = funcs or ("add_arguments", "run")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module, _run=run_name)
+        getattr(importlib.import_module(module), add_name)(p)
+    return parser
+
+
+def _version() -> str:
+    from ddm import __version__
+
+    return f"ddm {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    from ddm.expert.config import ConfigError
+
+    try:
+        return int(getattr(importlib.import_module(args._module), args._run)(args) or 0)
+    except ConfigError as e:
+        print(f"ddm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"ddm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The ``eval`` stage of ``ddm run``: FD, KID, precision/recall and class accuracy of what the run trained.
+
+- monolith mode: the monolith, sampled with the run's guidance and sampler.
+- experts mode: the *partition mixture* — every sample of class c is drawn from expert k with
+  probability n_{k,c} / n_c (the share of class c that partition k holds). With perfect experts this is
+  exactly the data distribution, Σ_k p(k|c) p_k(x|c) = p(x|c), so it measures the experts themselves,
+  without a router; the router stage adds the routed ensemble's strategies on top.
+
+Everything lands in ``{root}/eval/NAME/`` (samples.png, metrics.json) and a summary in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddm.coordinator.config import RunConfig
+from ddm.expert import checkpoint, storage
+from ddm.expert.config import DataConfig
+from ddm.expert.data import ImageDataset, build_dataset
+from ddm.expert.evaluate import EvalResult, balanced_labels, evaluate, generate, score
+from ddm.expert.images import to_uint8
+from ddm.expert.load import load_denoiser
+from ddm.expert.sampling import CountingDenoiser
+
+SUMMARY_KEYS = ("fd", "kid_mean", "precision", "recall", "class_accuracy", "denoiser_calls_per_sample", "seconds_per_image")
+
+
+def reference_set(cfg: RunConfig, limit: int = 10_000) -> ImageDataset:
+    """Held-out real images: Fashion-MNIST's test split, else a seeded subset of the training data."""
+    if cfg.data.source == "fashion-mnist":
+        return build_dataset(cfg.data.model_copy(update={"split": "test", "limit": limit}))
+    data = build_dataset(cfg.data)
+    pick = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(data))[:limit]))
+    return data.subset(pick)
+
+
+def classifier_cache(cfg: RunConfig) -> str:
+    """Classifiers are keyed by dataset identity, so one cache serves every run on this machine."""
+    if "://" in cfg.root:
+        return storage.join(cfg.root, "eval", "classifier")
+    return os.environ.get("DDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddm"))
+
+
+def summary(result: EvalResult) -> dict[str, Any]:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.to_dict().items() if k in SUMMARY_KEYS}
+
+
+def mixture_assignment(y: torch.Tensor, class_counts: np.ndarray, seed: int) -> torch.Tensor:
+    """Expert for each label: k ~ n_{k,c} / n_c, seeded. class_counts is (K, C)."""
+    counts = np.asarray(class_counts, dtype=np.float64)  # (K, C)
+    per_class = counts.sum(axis=0)  # (C,)
+    missing = [c for c in y.unique().tolist() if per_class[c] == 0]
+    if missing:
+        raise ValueError(f"classes {missing} appear in no partition; nothing can sample them")
+    probs = counts / per_class  # (K, C): column c is p(k | c)
+    rng = np.random.default_rng(seed)
+    return torch.tensor([rng.choice(len(counts), p=probs[:, c]) for c in y.tolist()], dtype=torch.long)
+
+
+def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageDataset, num_samples: int, sample_cfg,
+                     features, classifier, seed: int, batch_size: int, out_dir: str, progress: bool) -> EvalResult:  # fmt: skip
+    """Sample the partition mixture one expert at a time, then score the union like any model."""
+    started = time.perf_counter()
+    y = balanced_labels(num_samples, real.num_classes)  # (N,)
+    owner = mixture_assignment(y, class_counts, seed)  # (N,)
+    x = torch.empty((num_samples, *real.image_shape))
+    rows = batches = 0
+    t0 = time.perf_counter()
+    for k, expert in enumerate(experts):
+        idx = torch.nonzero(owner == k).flatten()
+        if len(idx) == 0:
+            continue
+        counter = CountingDenoiser(expert)
+        gen = torch.Generator().manual_seed(seed * 1000 + k)
+        x[idx] = generate(counter, y[idx], real.image_shape, sample_cfg, generator=gen, batch_size=batch_size, progress=progress)
+        rows, batches = rows + counter.rows, batches + counter.calls
+    sampling_seconds = time.perf_counter() - t0
+    result = score(
+        to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,
+        sampling_seconds=sampling_seconds, denoiser_rows=rows, denoiser_batches=batches, out_dir=out_dir, started=started,
+    )  # fmt: skip
+    result.extra["samples_per_expert"] = torch.bincount(owner, minlength=len(experts)).tolist()
+    storage.write_json(storage.join(out_dir, "metrics.json"), result.to_dict())
+    return result
+
+
+def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], *, progress: bool, say=print) -> dict[str, Any]:
+    from ddm.expert.classifier import get_classifier
+    from ddm.expert.features import build_features
+
+    ev = cfg.eval
+    real = reference_set(cfg, ev.real_samples)
+    features = build_features(ev.features, progress=progress)
+    classifier = None
+    if ev.classifier and cfg.data.source == "fashion-mnist":
+        classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg), progress=progress)
+    common = dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
+                  seed=0, batch_size=250, progress=progress)  # fmt: skip
+    results: dict[str, Any] = {}
+    experts = [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints"))) for d in expert_dirs.values()]
+    if cfg.mode == "monolith":
+        out = storage.join(cfg.root, "eval", "monolith")
+        results["monolith"] = summary(evaluate(experts[0], out_dir=out, **common))
+    else:
+        report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
+        out = storage.join(cfg.root, "eval", "partition-mixture")
+        results["partition-mixture"] = summary(evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out, **common))
+    for name, r in results.items():
+        say(
+            f"[eval] {name}: FD {r['fd']:.2f}  KID {r['kid_mean']:.4f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+            f"class accuracy {r['class_accuracy'] if r['class_accuracy'] is None else round(r['class_accuracy'], 3)}  "
+            f"({r['denoiser_calls_per_sample']:.0f} expert calls/sample)"
+        )
+    return results

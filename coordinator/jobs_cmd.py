@@ -1,0 +1,76 @@
+"""``ddm cancel RUN`` and ``ddm logs RUN JOB``: act on a run's jobs through their schedulers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="run root (local path or s3://...)")
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    from torchx.runner import get_runner
+
+    from ddm.coordinator.launcher import cancel_jobs
+    from ddm.coordinator.manifest import Manifest
+    from ddm.expert import storage
+
+    manifest = Manifest.load(args.root)
+    outputs = {name: storage.join(args.root, "experts", name) for name in manifest.data["jobs"]}
+    with get_runner() as runner:
+        names = cancel_jobs(manifest, runner, outputs)
+    print(f"cancelled: {', '.join(names)}" if names else "no running jobs")
+    return 0
+
+
+def add_logs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="run root (local path or s3://...)")
+    p.add_argument("job", help="job name, e.g. expert-0")
+    p.add_argument("--tail", type=int, default=0, help="only the last N lines (default: all)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends")
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from torchx.runner import get_runner
+
+    from ddm.coordinator.manifest import Manifest
+
+    manifest = Manifest.load(args.root)
+    record = manifest.data["jobs"].get(args.job)
+    if record is None or not record.get("handle"):
+        print(f"ddm logs: no job {args.job!r} in {args.root}; jobs: {', '.join(manifest.data['jobs']) or 'none'}", file=sys.stderr)
+        return 2
+    handle = record["handle"]
+    lines: list[str] = []
+    with get_runner() as runner:
+        try:
+            if runner.status(handle) is not None:
+                app = runner.describe(handle)
+                role = app.roles[0].name if app and app.roles else args.job
+                lines = list(runner.log_lines(handle, role, k=0, should_tail=args.follow))
+        except (ValueError, KeyError, RuntimeError):
+            lines = []
+    if not lines:  # the local scheduler forgets jobs across coordinator restarts: read its log files
+        lines = _local_log_lines(args.root, handle)
+    if not lines:
+        print(f"ddm logs: no logs found for {args.job} ({handle})", file=sys.stderr)
+        return 1
+    for line in lines[-args.tail :] if args.tail else lines:
+        sys.stdout.write(line if line.endswith("\n") else line + "\n")
+    return 0
+
+
+def _local_log_lines(root: str, handle: str) -> list[str]:
+    app_id = handle.rstrip("/").rsplit("/", 1)[-1]
+    base = os.path.join(root, "logs")
+    out: list[str] = []
+    for dirpath, _, files in sorted(os.walk(base)):
+        if app_id in dirpath.split(os.sep):
+            for name in ("stderr.log", "stdout.log"):
+                if name in files:
+                    with open(os.path.join(dirpath, name), errors="replace") as f:
+                        out += f.readlines()
+    return out

@@ -1,0 +1,294 @@
+"""The stages of ``ddm run``: curate -> partition -> experts -> eval (router and distill as they land).
+
+Each stage reads and writes only under the run root and records itself in the manifest; a stage that
+is done is skipped on a rerun, so the coordinator can be killed at any point and run again.
+
+Run root layout::
+
+    manifest.json
+    curate/embeddings.safetensors   curate/report.json   curate/near_duplicates.png
+    clusters/clustering.*           clusters/report.json clusters/samples.png
+    partitions/expert-K/index.json + shard-*.safetensors
+    experts/expert-K/job.toml  checkpoints/  metrics.csv  loss.png  heartbeat.json
+    eval/NAME/samples.png  metrics.json
+    logs/                            TorchX local scheduler logs
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ddm.coordinator import components
+from ddm.coordinator.config import RunConfig
+from ddm.coordinator.islands import IslandsConfig
+from ddm.coordinator.manifest import DONE, FAILED, RUNNING, SUCCEEDED, Manifest
+from ddm.expert import checkpoint, storage
+from ddm.expert.config import DataConfig, ExpertJobConfig
+from ddm.expert.data import ImageDataset, build_dataset
+
+log = logging.getLogger("ddm.run")
+
+STAGES = ("curate", "partition", "experts", "eval")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def expert_names(cfg: RunConfig) -> list[str]:
+    return ["monolith"] if cfg.mode == "monolith" else [f"expert-{k}" for k in range(cfg.partition.k)]
+
+
+def expert_output(cfg: RunConfig, name: str) -> str:
+    return storage.join(cfg.root, "experts", name)
+
+
+def expert_is_complete(cfg: RunConfig, name: str) -> bool:
+    """An expert is complete when its newest checkpoint is at the configured number of steps."""
+    ckpt_dir = storage.join(expert_output(cfg, name), "checkpoints")
+    pointer = storage.join(ckpt_dir, "latest.json")
+    if not storage.exists(pointer):
+        return False
+    try:
+        return int(storage.read_json(pointer)["step"]) >= cfg.experts.train.steps
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+@dataclass
+class Pipeline:
+    cfg: RunConfig
+    islands: IslandsConfig
+    manifest: Manifest
+    progress: bool = True
+    say: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    _data: ImageDataset | None = None
+
+    def data(self) -> ImageDataset:
+        if self._data is None:
+            self._data = build_dataset(self.cfg.data)
+        return self._data
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+        for name in stages:
+            if self.manifest.stage_done(name):
+                self.say(f"[{name}] already done — skipped")
+                continue
+            if self.cfg.mode == "monolith" and name in ("curate", "partition"):
+                self.manifest.set_stage(name, DONE, skipped="monolith mode trains on the whole dataset")
+                continue
+            self.say(f"[{name}] running")
+            start = time.time()
+            self.manifest.set_stage(name, RUNNING)
+            try:
+                info = getattr(self, f"stage_{name}")() or {}
+            except Exception as e:
+                self.manifest.set_stage(name, FAILED, error=f"{type(e).__name__}: {e}")
+                raise
+            self.manifest.set_stage(name, DONE, seconds=round(time.time() - start, 1), **info)
+            self.say(f"[{name}] done in {time.time() - start:.0f} s")
+        return self.manifest.data
+
+    # stages ----------------------------------------------------------------------------------------
+    def stage_curate(self) -> dict[str, Any]:
+        from ddm.coordinator.curate import curate, embed_dataset, save_pairs_png
+
+        data = self.data()
+        feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"), progress=self.progress)
+        result = curate(data, feats, self.cfg.curate)
+        report = {
+            "images": len(data),
+            "kept": int(len(result.keep)),
+            "exact_duplicates": result.exact_duplicates,
+            "near_duplicates": result.near_duplicates,
+            "degenerate_embeddings": result.degenerate,
+            "near_duplicate_cosine": self.cfg.curate.near_duplicate_cosine,
+            "skipped_unreadable": len(getattr(data, "skipped", []) or []),
+            "example_pairs": [{"removed": int(a), "kept": int(b), "cosine": round(c, 4)} for a, b, c in result.pairs],
+        }
+        storage.write_bytes(storage.join(self.cfg.root, "curate", "keep.npy"), _npy(result.keep))
+        storage.write_json(storage.join(self.cfg.root, "curate", "report.json"), report)
+        save_pairs_png(data, result.pairs, storage.join(self.cfg.root, "curate", "near_duplicates.png"))
+        self.say(
+            f"[curate] {report['images']} images: {report['exact_duplicates']} exact and "
+            f"{report['near_duplicates']} near duplicates and {report['degenerate_embeddings']} blank embeddings removed, "
+            f"{report['skipped_unreadable']} unreadable skipped, {report['kept']} kept"
+        )
+        return {k: report[k] for k in ("images", "kept", "exact_duplicates", "near_duplicates", "degenerate_embeddings", "skipped_unreadable")}
+
+    def stage_partition(self) -> dict[str, Any]:
+        from ddm.coordinator.cluster import ClusterConfig, cluster_report, fit_clustering
+        from ddm.coordinator.curate import embed_dataset
+        from ddm.expert.images import save_grid
+        from ddm.expert.shards import write_shards
+
+        data = self.data()
+        keep = torch.from_numpy(_load_npy(storage.read_bytes(storage.join(self.cfg.root, "curate", "keep.npy"))))
+        feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"), progress=self.progress)
+        p = self.cfg.partition
+        ccfg = ClusterConfig(k=p.k, fine_k=min(p.fine_k, len(keep)), sample_size=p.sample_size, niter=p.niter,
+                             seed=p.seed, balanced=p.balanced, tolerance=p.tolerance)  # fmt: skip
+        clustering, labels = fit_clustering(feats[keep.numpy()], ccfg)
+        clustering.save(storage.join(self.cfg.root, "clusters", "clustering"))
+        report = cluster_report(labels, p.k)
+        sizes = [int(s) for s in np.bincount(labels, minlength=p.k)]
+        per_class = [np.bincount(data.labels[keep][labels == k].numpy(), minlength=data.num_classes).tolist() for k in range(p.k)]
+        storage.write_json(storage.join(self.cfg.root, "clusters", "report.json"), {**_jsonable(report), "sizes": sizes, "class_counts": per_class})
+        # A few images per cluster, one row each, so a person sees what each expert will learn.
+        rows = []
+        gen = np.random.default_rng(p.seed)
+        for k in range(p.k):
+            members = keep[torch.from_numpy(np.flatnonzero(labels == k))]
+            pick = members[torch.from_numpy(gen.choice(len(members), size=min(12, len(members)), replace=False))]
+            rows.append(torch.cat([data.images[pick], torch.full((12 - len(pick), *data.images.shape[1:]), 255, dtype=torch.uint8)]))
+        save_grid(torch.cat(rows), storage.join(self.cfg.root, "clusters", "samples.png"), nrow=12)
+        for k, name in enumerate(expert_names(self.cfg)):
+            members = keep[torch.from_numpy(np.flatnonzero(labels == k))]
+            write_shards(
+                storage.join(self.cfg.root, "partitions", name),
+                data.images[members], data.labels[members], data.ids[members],
+                num_classes=data.num_classes, shard_size=p.shard_size,
+                meta={"cluster": k, "run": self.cfg.name, "source": self.cfg.data.model_dump()},
+            )  # fmt: skip
+        self.say(f"[partition] cluster sizes {sizes} (imbalance {max(sizes) / max(1, min(sizes)):.3f})")
+        return {"sizes": sizes}
+
+    def expert_job(self, name: str) -> ExpertJobConfig:
+        cfg = self.cfg
+        if cfg.mode == "monolith":
+            data = cfg.data
+        else:
+            part = storage.join(cfg.root, "partitions", name)
+            data = DataConfig(source="shards", path=part, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        return ExpertJobConfig(name=name, output=expert_output(cfg, name), data=data, model=cfg.experts.model, train=cfg.experts.train)
+
+    def stage_experts(self) -> dict[str, Any]:
+        from torchx.runner import get_runner
+
+        from ddm.coordinator.launcher import JobSpec, Launcher
+
+        names = expert_names(self.cfg)
+        self.islands.check_experts(len(names))
+        jobs = []
+        for k, name in enumerate(names):
+            job_cfg = self.expert_job(name)
+            config_url = storage.join(job_cfg.output, "job.toml")
+            storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
+            island_name = self.islands.island_for(k)
+            island = self.islands.island[island_name]
+            local = island.scheduler.startswith("local")
+            app = components.expert_trainer(
+                _absolute(config_url) if local else config_url,
+                name=f"{self.cfg.name}-{name}",
+                image=_cwd() if island.scheduler == "local_cwd" else (island.image or ""),
+                python=sys.executable if local else "python",
+                j=island.j, cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env=island.env,
+            )  # fmt: skip
+            jobs.append(JobSpec(name=name, island=island_name, app=app, output=job_cfg.output,
+                                is_complete=lambda n=name: expert_is_complete(self.cfg, n)))  # fmt: skip
+        log_dir = _absolute(storage.join(self.cfg.root, "logs")) if "://" not in self.cfg.root else None
+        with get_runner() as runner:
+            launcher = Launcher(
+                self.manifest, self.islands, runner,
+                max_attempts=self.cfg.experts.max_attempts, poll_seconds=self.cfg.experts.poll_seconds,
+                lease_seconds=self.cfg.experts.lease_seconds, log_dir=log_dir, on_progress=self._job_progress,
+            )  # fmt: skip
+            outcomes = launcher.run(jobs)
+        failed = {n: o for n, o in outcomes.items() if o.state != SUCCEEDED}
+        if failed:
+            lines = [f"  {n}: failed after {o.attempts} attempt(s): {(o.error or '').strip()[:2000]}" for n, o in failed.items()]
+            raise RunFailed("expert jobs failed (the others finished; fix the cause and run again to retry):\n" + "\n".join(lines))
+        return {"experts": names}
+
+    def stage_eval(self) -> dict[str, Any]:
+        if not self.cfg.eval.enabled:
+            return {"skipped": "eval.enabled = false"}
+        from ddm.coordinator.eval_stage import run_eval
+
+        dirs = {n: expert_output(self.cfg, n) for n in expert_names(self.cfg)}
+        return run_eval(self.cfg, dirs, progress=self.progress, say=self.say)
+
+    def _job_progress(self, states: dict[str, str]) -> None:
+        from ddm.expert import heartbeat
+
+        parts = []
+        for name, state in states.items():
+            beat = heartbeat.read(expert_output(self.cfg, name)) if state in ("SUBMITTED", "RUNNING") else None
+            step = f" {beat['step']}/{beat['steps']}" if beat else ""
+            parts.append(f"{name}={state}{step}")
+        line = "  ".join(parts)
+        if line != getattr(self, "_last_line", None):
+            self._last_line = line
+            self.say(f"[experts] {line}")
+
+
+def latest_checkpoints(cfg: RunConfig) -> dict[str, str | None]:
+    return {n: checkpoint.latest(storage.join(expert_output(cfg, n), "checkpoints")) for n in expert_names(cfg)}
+
+
+# small helpers --------------------------------------------------------------------------------------
+def _cwd() -> str:
+    import os
+
+    return os.getcwd()
+
+
+def _absolute(url: str) -> str:
+    import os
+
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(raw: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _to_toml(d: dict[str, Any]) -> str:
+    """Minimal TOML writer for our flat-of-tables configs (scalars and one level of tables)."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines = [f"{k} = {scalar(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {scalar(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""``ddm run [CONFIG]``: the whole pipeline, resumable. Without CONFIG it runs the embedded default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="run config TOML (local or s3://); default: the embedded default config")
+    p.add_argument("--islands", help="islands TOML mapping experts to compute islands (overrides the config's `islands`)")
+    p.add_argument("--root", help="run root (overrides the config's `root`), e.g. runs/try2 or s3://bucket/run")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set experts.train.steps=200 (TOML value syntax; repeatable)",
+    )  # fmt: skip
+    p.add_argument("--stages", help="comma-separated subset of stages to run (default: all, in order)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. experts.train.steps=200")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value  # a bare string
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ddm.coordinator.config import load_run_config
+    from ddm.coordinator.islands import load_islands
+    from ddm.coordinator.manifest import Manifest, ManifestError
+    from ddm.coordinator.pipeline import STAGES, Pipeline, RunFailed
+    from ddm.coordinator.status_cmd import print_status
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    overrides = parse_overrides(args.set)
+    if args.root:
+        overrides["root"] = args.root
+    if args.islands:
+        overrides["islands"] = args.islands
+    cfg = load_run_config(args.config, overrides)
+    if "://" not in cfg.root:
+        cfg = cfg.model_copy(update={"root": os.path.abspath(cfg.root)})
+    if args.print_config:
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    islands = load_islands(cfg.islands)
+    stages = STAGES
+    if args.stages:
+        stages = tuple(s.strip() for s in args.stages.split(","))
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            print(f"ddm run: --stages {unknown}: unknown; stages are {', '.join(STAGES)}", file=sys.stderr)
+            return 2
+    try:
+        manifest = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
+    except ManifestError as e:
+        print(f"ddm run: {e}", file=sys.stderr)
+        return 2
+    print(f"ddm run: {cfg.name} at {cfg.root} ({cfg.mode}, {len(islands.island)} island(s))", file=sys.stderr)
+    from torchx.schedulers.local_scheduler import SignalException
+
+    try:
+        Pipeline(cfg, islands, manifest, progress=not args.quiet).run(stages)
+    except (SignalException, KeyboardInterrupt):
+        # Local jobs were stopped with SIGTERM and checkpointed; the manifest knows where we were.
+        print(f"ddm run: interrupted; run the same command again to carry on ({cfg.root})", file=sys.stderr)
+        return 130
+    except RunFailed as e:
+        print_status(cfg.root)
+        print(f"ddm run: {e}", file=sys.stderr)
+        return 1
+    print_status(cfg.root)
+    return 0

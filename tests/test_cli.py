@@ -1,0 +1,74 @@
+"""The `ddm` command line: help for every command, and bad input that names the field and the fix."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ddm.coordinator.cli import COMMANDS, main
+from ddm.coordinator.run_cmd import parse_overrides
+
+
+def ddm(*args):
+    return subprocess.run([sys.executable, "-m", "ddm", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_top_level_help_lists_every_command():
+    r = ddm("--help")
+    assert r.returncode == 0
+    for name in COMMANDS:
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    # every option line carries help text: argparse prints "--opt VALUE   text"; a bare option would end the line
+    for line in out.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--") and "  " not in stripped and not stripped.startswith("--help"):
+            nxt = out.splitlines()[out.splitlines().index(line) + 1].strip()
+            assert nxt and not nxt.startswith("-"), f"{command}: option without help: {stripped}"
+
+
+def test_embedded_default_config_resolves():
+    r = ddm("run", "--print-config")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["partition"]["k"] == 4 and cfg["data"]["source"] == "fashion-mnist" and cfg["islands"] is None
+
+
+def test_bad_config_field_is_named(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[partition]\nk = 0\n[experts.train]\nbatchsize = 3\n')
+    r = ddm("run", str(p), "--print-config")
+    assert r.returncode == 2
+    assert "partition.k" in r.stderr and "experts.train.batchsize" in r.stderr and "unknown field" in r.stderr
+    assert "bad.toml" in r.stderr
+
+
+def test_override_that_breaks_validation_is_named():
+    r = ddm("run", "--set", "partition.fine_k=2", "--print-config")
+    assert r.returncode == 2 and "fine_k" in r.stderr
+
+
+def test_missing_config_file():
+    r = ddm("run", "/nonexistent/run.toml")
+    assert r.returncode == 2 and "/nonexistent/run.toml" in r.stderr and "not found" in r.stderr
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    r = ddm("run", "--root", str(tmp_path / "r"), "--stages", "curate,bogus")
+    assert r.returncode == 2 and "bogus" in r.stderr
+
+
+def test_parse_overrides_uses_toml_values():
+    assert parse_overrides(["a.b=3", "c=true", "d=hello", 'e="x y"', "f=[1, 2]"]) == {
+        "a.b": 3, "c": True, "d": "hello", "e": "x y", "f": [1, 2],
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["novalue"])

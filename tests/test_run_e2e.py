@@ -1,0 +1,204 @@
+"""`ddm run` end to end on a tiny config: real faiss, real TorchX local scheduler, real expert processes.
+
+Also the promise that matters most: kill the coordinator at any point, run it again, and it carries on
+without launching any job twice.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddm.expert import checkpoint
+from ddm.expert.shards import read_index
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+name = "tiny"
+root = "{root}"
+
+[data]
+limit = 600
+
+[partition]
+k = 2
+fine_k = 16
+sample_size = 600
+niter = 10
+encoder = "pixels"
+tolerance = 0.1
+
+[experts]
+poll_seconds = 0.3
+lease_seconds = 30
+
+[experts.model]
+arch = "DiT-T/4"
+
+[experts.train]
+steps = {steps}
+batch_size = 16
+warmup_steps = 5
+checkpoint_every = 10
+log_every = 5
+num_threads = 1
+
+[eval]
+enabled = {eval}
+features = "pixels"
+classifier = false
+num_samples = 40
+real_samples = 200
+
+[eval.sample]
+steps = 4
+"""
+
+
+def ddm(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ddm", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def write_config(tmp_path, steps, eval=False):
+    root = tmp_path / "run"
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY.format(root=root, steps=steps, eval="true" if eval else "false"))
+    return cfg, root
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def check_finished_run(root: Path, steps: int, kept: int | None = None):
+    m = manifest(root)
+    assert [m["stages"][s]["state"] for s in ("curate", "partition", "experts", "eval")] == ["done"] * 4
+    counts = []
+    for k in range(2):
+        name = f"expert-{k}"
+        assert m["jobs"][name]["state"] == "SUCCEEDED"
+        latest = checkpoint.latest(str(root / "experts" / name / "checkpoints"))
+        ck = checkpoint.load(latest)
+        assert ck.step == steps and ck.meta["data"]["path"].endswith(f"partitions/{name}")
+        counts.append(read_index(str(root / "partitions" / name))["count"])
+    report = json.loads((root / "curate" / "report.json").read_text())
+    assert sum(counts) == report["kept"] and report["images"] == 600
+    assert abs(counts[0] - counts[1]) <= 0.2 * sum(counts) / 2  # balanced within tolerance
+    assert (root / "clusters" / "samples.png").stat().st_size > 0
+    return m
+
+
+def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path):
+    cfg, root = write_config(tmp_path, steps=20, eval=True)
+    p = ddm("run", str(cfg))
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    m = check_finished_run(root, 20)
+    assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2))
+    metrics = json.loads((root / "eval" / "partition-mixture" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 40 and metrics["fd"] > 0 and sum(metrics["extra"]["samples_per_expert"]) == 40
+    assert metrics["denoiser_calls_per_sample"] == 2 * 4  # guided: a conditional and an unconditional row per step
+    assert (root / "eval" / "partition-mixture" / "samples.png").exists()
+    # Every expert ran as its own TorchX job with its own log directory.
+    handles = {m["jobs"][f"expert-{k}"]["handle"] for k in range(2)}
+    assert len(handles) == 2 and all(h.startswith("local_cwd://") for h in handles)
+
+    again = ddm("run", str(cfg))
+    out2, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out2
+    assert out2.count("already done") == 4
+    assert manifest(root)["jobs"] == m["jobs"]  # nothing launched again
+
+    status = subprocess.run([sys.executable, "-m", "ddm", "status", str(root)], capture_output=True, text=True)
+    assert status.returncode == 0 and "expert-1" in status.stdout and "SUCCEEDED" in status.stdout
+
+    # New data lands in the existing clusters: the training images themselves go where they were put.
+    assign = subprocess.run(
+        [sys.executable, "-m", "ddm", "assign", str(root), "--source", "fashion-mnist", "--split", "train",
+         "--path", "/usr/share/datasets/fashion-mnist", "--limit", "600", "--out", str(tmp_path / "assign.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert assign.returncode == 0, assign.stderr
+    placed = json.loads((tmp_path / "assign.json").read_text())
+    from ddm.expert.shards import read_shards
+
+    for k in range(2):
+        ids = read_shards(str(root / "partitions" / f"expert-{k}")).ids.tolist()
+        same = sum(placed["expert"][i] == k for i in ids)
+        assert same >= 0.95 * len(ids), f"expert-{k}: only {same}/{len(ids)} reassigned to their cluster"
+
+    logs = subprocess.run([sys.executable, "-m", "ddm", "logs", str(root), "expert-0", "--tail", "50"], capture_output=True, text=True)
+    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+
+
+def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path):
+    cfg, root = write_config(tmp_path, steps=80)
+    p = ddm("run", str(cfg))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until both experts are training
+            beats = [root / "experts" / f"expert-{k}" / "heartbeat.json" for k in range(2)]
+            if all(b.exists() for b in beats):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("experts never started")
+        p.send_signal(signal.SIGKILL)  # no clean-up at all: the worst case
+        p.wait(timeout=30)
+        before = manifest(root)["jobs"]
+        assert all(before[f"expert-{k}"]["state"] in ("SUBMITTED", "RUNNING") for k in range(2))
+
+        again = ddm("run", str(cfg))
+        out, _ = again.communicate(timeout=600)
+        assert again.returncode == 0, out
+        assert "adopted" in out
+        m = check_finished_run(root, 80)
+        # The orphaned trainers finished the work: no expert was launched a second time.
+        assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2)), m["jobs"]
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_coordinator_killed_during_curation_resumes(tmp_path):
+    cfg, root = write_config(tmp_path, steps=10)
+    p = ddm("run", str(cfg))
+    deadline = time.time() + 120
+    while not (root / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    again = ddm("run", str(cfg))
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    check_finished_run(root, 10)
+
+
+def test_changed_config_on_the_same_root_is_refused(tmp_path):
+    cfg, root = write_config(tmp_path, steps=10)
+    p = ddm("run", str(cfg), "--stages", "curate")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    p = ddm("run", str(cfg), "--set", "partition.k=3", "--stages", "curate")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "partition.k: 2 -> 3" in out
+
+
+def test_monolith_mode_trains_one_model_on_everything_and_evaluates_it(tmp_path):
+    cfg, root = write_config(tmp_path, steps=10, eval=True)
+    p = ddm("run", str(cfg), "--set", 'mode="monolith"')
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    m = manifest(root)
+    assert list(m["jobs"]) == ["monolith"] and m["jobs"]["monolith"]["state"] == "SUCCEEDED"
+    ck = checkpoint.load(str(root / "experts" / "monolith" / "checkpoints"))
+    assert ck.step == 10 and ck.meta["data"]["source"] == "fashion-mnist" and ck.meta["data"]["limit"] == 600
+    metrics = json.loads((root / "eval" / "monolith" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 40 and np.isfinite(metrics["fd"])
