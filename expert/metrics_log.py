@@ -35,10 +35,11 @@ def read_rows(url: str) -> list[dict[str, float]]:
 class MetricsLog:
     """Metric rows in memory, written out as ``metrics.csv`` and ``loss.png`` under ``output``."""
 
-    def __init__(self, output: str, *, resume_step: int, title: str = ""):
+    def __init__(self, output: str, *, resume_step: int, title: str = "", ylabel: str = "flow-matching loss"):
         self.csv_url = storage.join(output, "metrics.csv")
         self.png_url = storage.join(output, "loss.png")
         self.title = title
+        self.ylabel = ylabel  # the router trainer logs a cross-entropy
         self.rows: list[dict[str, float]] = []
         if resume_step > 0 and storage.exists(self.csv_url):
             self.rows = [r for r in read_rows(self.csv_url) if r["step"] <= resume_step]
@@ -73,7 +74,7 @@ class MetricsLog:
         if all(v > 0 and math.isfinite(v) for v in losses):
             ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("flow-matching loss")
+        ax.set_ylabel(self.ylabel)
         ax.set_title(self.title or "training loss")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()

@@ -253,14 +253,20 @@ def git_commit() -> str | None:
 
 
 class Checkpointer:
-    """Saves and restores model, EMA and optimizer under ``{output}/checkpoints``."""
+    """Saves and restores model, EMA and optimizer under ``{output}/checkpoints``.
 
-    def __init__(self, job: ExpertJobConfig, cfg: DiTConfig, world_size: int):
+    ``kind`` goes into the metadata and ``restore`` refuses any other kind. The router trainer reuses
+    this with kind="router", its job config (same name/output/data/model.arch/train fields) and its
+    RouterConfig (anything with ``to_dict``).
+    """
+
+    def __init__(self, job: ExpertJobConfig, cfg: DiTConfig, world_size: int, *, kind: str = "expert"):
         self.directory = storage.join(job.output, "checkpoints")
         self.keep = job.train.keep_checkpoints
         self.cfg = cfg
+        self.kind = kind
         self.meta: dict[str, Any] = {
-            "kind": "expert",
+            "kind": kind,
             "name": job.name,
             "arch": job.model.arch,
             "model": cfg.to_dict(),
@@ -290,9 +296,9 @@ class Checkpointer:
         if url is None:
             return None
         ckpt = checkpoint.load(url)
-        if ckpt.meta.get("kind") != "expert":
+        if ckpt.meta.get("kind") != self.kind:
             raise ValueError(
-                f"{url}: not an expert checkpoint (kind={ckpt.meta.get('kind')!r}); "
+                f"{url}: a {ckpt.meta.get('kind')!r} checkpoint, not {self.kind!r}; "
                 "use another output directory"
             )
         if ckpt.meta.get("model") != self.cfg.to_dict():

@@ -1,0 +1,126 @@
+"""Typed, validated configuration of a router training job, loaded from TOML like the expert's.
+
+    name = "router"
+    output = "runs/demo/router"
+    [data]
+    root = "runs/demo"          # reads runs/demo/partitions/expert-0 .. expert-{k-1}
+    k = 4                       # (or: partitions = ["url-0", "url-1", ...] in expert order)
+    [model]
+    arch = "Router-T/4"
+    [train]                     # ddm.expert.config.TrainConfig, with the router's defaults below
+    steps = 1000
+    [eval]
+    every = 250
+
+The train table is the expert's ``TrainConfig`` (one definition of every optimizer/EMA/checkpoint
+field), but the fields a router job does not set take ``ROUTER_TRAIN_DEFAULTS``: t is sampled
+uniformly as in the paper, not logit-normal as for experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from ddm.expert import storage
+from ddm.expert.config import Strict, TrainConfig
+from ddm.router.model import ROUTER_ARCHS
+
+# Router training defaults that differ from an expert's:
+#  * uniform t: the router must be right at every t the sampler visits (paper: "uniformly sampled t");
+#  * label dropout 0.2: unconditional routing (y = null) is the harder task and cheap to train more of;
+#  * EMA 0.995 and 1000 steps: a router converges in far fewer steps than an expert.
+ROUTER_TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000,
+    "time_sampling": "uniform",
+    "label_dropout": 0.2,
+    "ema_decay": 0.995,
+    "checkpoint_every": 250,
+}
+
+
+def partition_url(root: str, k: int) -> str:
+    """Where the coordinator writes partition k under a run root."""
+    return storage.join(root, "partitions", f"expert-{k}")
+
+
+class RouterDataConfig(Strict):
+    partitions: list[str] | None = Field(
+        None,
+        description="partition shard directories in expert order (partition k is expert k's data); "
+        "or use root and k",
+    )
+    root: str | None = Field(None, description="run root: read {root}/partitions/expert-0 .. expert-{k-1}")
+    k: int | None = Field(None, ge=2, description="number of partitions (experts) under root")
+    limit: int | None = Field(
+        None, ge=2, description="use only the first N examples of each partition (quick runs, tests)"
+    )
+    holdout: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="fraction of each partition held out from training for the accuracy-vs-t evaluation",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RouterDataConfig:
+        if self.partitions is not None:
+            if self.root is not None or self.k is not None:
+                raise ValueError("give either data.partitions or data.root with data.k, not both")
+            if len(self.partitions) < 2:
+                raise ValueError(
+                    f"data.partitions lists {len(self.partitions)} partition(s); a router needs at least 2"
+                )
+        elif self.root is None or self.k is None:
+            raise ValueError("set data.partitions (a list of shard directories) or both data.root and data.k")
+        return self
+
+    def urls(self) -> list[str]:
+        """The partition directories, in expert order."""
+        if self.partitions is not None:
+            return list(self.partitions)
+        assert self.root is not None and self.k is not None  # the validator guarantees it
+        return [partition_url(self.root, k) for k in range(self.k)]
+
+
+class RouterModelConfig(Strict):
+    arch: str = Field("Router-T/4", description=f"router size from the registry: {', '.join(ROUTER_ARCHS)}")
+    num_classes: int = Field(
+        10, ge=1, description="class labels; must equal the experts' (the null class num_classes is shared)"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in ROUTER_ARCHS:
+            raise ValueError(f"unknown router architecture {v!r}; choose one of {', '.join(ROUTER_ARCHS)}")
+        return v
+
+
+class RouterEvalConfig(Strict):
+    every: int = Field(
+        0, ge=0, description="evaluate accuracy vs t every N steps (0 = only when training finishes)"
+    )
+    bins: int = Field(10, ge=2, le=100, description="equal-width bins of t in [0, 1]")
+    samples_per_bin: int = Field(500, ge=1, description="held-out (x_0, eps, t) draws per bin")
+    batch_size: int = Field(500, ge=1, description="router forward batch size during evaluation")
+
+
+class RouterJobConfig(Strict):
+    """One router training job: all partitions -> a classifier of x_t's partition, accuracy vs t."""
+
+    name: str = Field("router", description="job name, used in logs")
+    output: str = Field(
+        "runs/router",
+        description="output directory (local or s3://): checkpoints/, metrics.csv, accuracy_vs_t.*",
+    )
+    data: RouterDataConfig
+    model: RouterModelConfig = RouterModelConfig()
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**ROUTER_TRAIN_DEFAULTS))
+    eval: RouterEvalConfig = RouterEvalConfig()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _router_train_defaults(cls, v: Any) -> Any:
+        return {**ROUTER_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v

@@ -1,0 +1,342 @@
+"""The ensemble of experts behind the one Denoiser interface (DDM, McAllister et al. 2025, sec. 3).
+
+If the data is a mixture of disjoint partitions, the marginal velocity is exactly
+
+    v(x_t, t, y) = sum_k p(k | x_t, t, y) v_k(x_t, t, y),
+
+and the router approximates p(k | x_t, t, y). Strategies decide which experts are evaluated:
+
+* ``full``       every expert, weighted by the router's probabilities (the exact formula);
+* ``top-k``      the ``top_k`` most probable experts, probabilities renormalised over them
+                 (top-1 was best in the paper at 1/K of the compute);
+* ``threshold``  experts with p >= ``threshold`` (always at least the argmax), renormalised;
+* ``oracle``     each row uses the expert of its known partition (``with_partition``): the oracle
+                 evaluation, and the teacher of distillation.
+
+Each selected expert is called once per ``velocity`` with only the rows routed to it, so top-1 costs one
+expert row per sample per step; with an ``executor`` the selected experts run in parallel (the router
+server passes a thread pool because its experts are remote). The router runs once per call, without
+gradients.
+
+Guidance (ARCHITECTURE.md; the paper leaves it open): the conditional and the unconditional pass go
+through the same selected experts, weighted by the router's weights for the conditional pass,
+
+    v = sum_k w_k(x_t, t, y) * guided(v_k(x_t, t, y), v_k(x_t, t, null), scale),
+
+with one batched call [rows; rows with the null label] per selected expert (``Ensemble.guided``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+from ddm.expert.denoiser import Denoiser
+from ddm.expert.guidance import guided
+from ddm.router.model import RouterNet
+
+Strategy = Literal["full", "top-k", "threshold", "oracle"]
+STRATEGIES: tuple[str, ...] = ("full", "top-k", "threshold", "oracle")
+RouterFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, y) -> probs (N, K)
+
+
+def select_weights(
+    probs: torch.Tensor, strategy: str, *, top_k: int = 1, threshold: float = 0.1
+) -> torch.Tensor:
+    """The mixing weights a strategy takes from router probabilities (N, K): the selected experts'
+    probabilities renormalised to sum to 1 per row, zeros elsewhere. Pure; ``oracle`` has no rule here."""
+    if strategy == "full":
+        mask = torch.ones_like(probs, dtype=torch.bool)
+    elif strategy == "top-k":
+        k = min(top_k, probs.shape[1])
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, probs.topk(k, dim=1).indices, True)
+    elif strategy == "threshold":
+        mask = (probs >= threshold).scatter_(1, probs.argmax(dim=1, keepdim=True), True)  # keep the argmax
+    else:
+        raise ValueError(f"strategy {strategy!r} has no selection rule; choose one of full, top-k, threshold")
+    kept = torch.where(mask, probs, torch.zeros_like(probs))  # (N, K)
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
+def _check_scale(scale: float) -> float:
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale < 0
+    ):
+        raise ValueError(
+            f"guidance scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {scale!r}"
+        )
+    return float(scale)
+
+
+class CallCounts:
+    """Per-expert counters: ``rows[k]`` rows evaluated by expert k (a guided pass counts 2 per sample)
+    and ``batches[k]`` calls made to it; ``router`` router calls. Thread-safe (a server shares one
+    ensemble between requests). Expert rows per sample per step = total_rows / (samples * steps)."""
+
+    def __init__(self, num_experts: int):
+        self._lock = threading.Lock()
+        self.rows = [0] * num_experts
+        self.batches = [0] * num_experts
+        self.router = 0
+
+    def add(self, expert: int, rows: int) -> None:
+        with self._lock:
+            self.rows[expert] += rows
+            self.batches[expert] += 1
+
+    def add_router(self) -> None:
+        with self._lock:
+            self.router += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.rows = [0] * len(self.rows)
+            self.batches = [0] * len(self.batches)
+            self.router = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def total_batches(self) -> int:
+        return sum(self.batches)
+
+
+class Ensemble:
+    """Router + experts as one Denoiser: ``velocity(x_t, t, y) -> v``, same shapes in and out.
+
+    experts: Denoisers sharing ``num_classes`` (expert k was trained on partition k).
+    router: a ``RouterNet`` or any callable (x_t, t, y) -> probabilities (N, K); may be None for
+    ``strategy="oracle"``, which routes by given partition labels only.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[Denoiser],
+        router: RouterNet | RouterFn | None,
+        *,
+        strategy: Strategy = "top-k",
+        top_k: int = 1,
+        threshold: float = 0.1,
+        executor: concurrent.futures.Executor | None = None,
+    ):
+        self.experts = list(experts)
+        if not self.experts:
+            raise ValueError("experts: need at least one expert")
+        for i, e in enumerate(self.experts):
+            if not isinstance(e, Denoiser):
+                raise ValueError(
+                    f"experts[{i}] ({type(e).__name__}) does not implement the Denoiser interface "
+                    "(num_classes and velocity(x_t, t, y)); wrap an nn.Module in ModuleDenoiser"
+                )
+        classes = [e.num_classes for e in self.experts]
+        if len(set(classes)) != 1:
+            raise ValueError(
+                "experts: all experts must have the same num_classes (they share the null label), "
+                f"got {classes}"
+            )
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise ValueError(
+                f"executor must be a concurrent.futures.Executor or None, got {type(executor).__name__}"
+            )
+        self.num_classes = classes[0]
+        self.strategy, self.top_k, self.threshold = strategy, top_k, float(threshold)
+        self.executor = executor
+        self.router = self._router_fn(router)
+        self.calls = CallCounts(len(self.experts))
+
+    def _router_fn(self, router: RouterNet | RouterFn | None) -> RouterFn | None:
+        if router is None:
+            if self.strategy != "oracle":
+                raise ValueError(
+                    f"router: strategy {self.strategy!r} needs a router; only 'oracle' works without one"
+                )
+            return None
+        if isinstance(router, RouterNet):
+            if router.num_experts != self.num_experts:
+                raise ValueError(
+                    f"router: the router has {router.num_experts} outputs but there are "
+                    f"{self.num_experts} experts; "
+                    "use the router trained on these experts' partitions"
+                )
+            if router.num_classes != self.num_classes:
+                raise ValueError(
+                    f"router: the router has num_classes {router.num_classes}, "
+                    f"the experts {self.num_classes}; "
+                    "they must agree (the null label is num_classes)"
+                )
+            router.eval()
+            return router.probabilities
+        if not callable(router):
+            raise ValueError(
+                f"router must be a RouterNet or a callable (x_t, t, y) -> (N, K), got {type(router).__name__}"
+            )
+        return router
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    # ------------------------------------------------------------------------------------- routing
+
+    def probabilities(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The router's p(k | x_t, t, y), (N, K) on x_t's device, checked. One router call, no gradients."""
+        if self.router is None:
+            raise ValueError("this ensemble has no router (strategy 'oracle'); use with_partition(k)")
+        with torch.no_grad():
+            probs = self.router(x_t, t, y)
+        self.calls.add_router()
+        n, k = x_t.shape[0], self.num_experts
+        if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (n, k):
+            shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise ValueError(f"router output must have shape (N, K) = ({n}, {k}), got {shape}")
+        if not torch.isfinite(probs).all() or (probs < 0).any() or (n and (probs.sum(1) <= 0).any()):
+            raise ValueError(
+                "router output must be finite, non-negative probabilities with a positive sum per row"
+            )
+        return probs.to(x_t.device)
+
+    def weights(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N, K) mixing weights: the strategy's selected experts, renormalised; zeros for the others."""
+        if self.strategy == "oracle":
+            raise ValueError(
+                "strategy 'oracle' routes by known partition labels: "
+                "call ensemble.with_partition(k) with k (N,)"
+            )
+        return select_weights(
+            self.probabilities(x_t, t, y), self.strategy, top_k=self.top_k, threshold=self.threshold
+        )
+
+    # ------------------------------------------------------------------------------------- velocity
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.mix(x_t, t, y, self.weights(x_t, t, y))
+
+    def guided(self, scale: float) -> Denoiser:
+        """A Denoiser applying CFG through the ensemble (module docstring); samplers use it directly."""
+        return GuidedEnsemble(self, _check_scale(scale))
+
+    def with_partition(self, k: torch.Tensor) -> PartitionDenoiser:
+        """The oracle: row i uses expert k[i] alone. k (N,) integer partition labels."""
+        return PartitionDenoiser(self, k)
+
+    def mix(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """sum_k weights[:, k] * v_k (guided by ``scale``), calling each expert with a nonzero weight once,
+        on its rows only. Results combine in expert order, so serial and parallel runs agree exactly."""
+        n = x_t.shape[0]
+        if tuple(weights.shape) != (n, self.num_experts):
+            raise ValueError(
+                f"weights must have shape (N, K) = ({n}, {self.num_experts}), got {tuple(weights.shape)}"
+            )
+        if tuple(t.shape) != (n,) or tuple(y.shape) != (n,):
+            raise ValueError(
+                f"t and y must have shape (N,) = ({n},), got {tuple(t.shape)} and {tuple(y.shape)}"
+            )
+        weights = weights.to(x_t.device)
+        selected = [
+            (k, rows) for k in range(self.num_experts) if (rows := weights[:, k].nonzero().squeeze(1)).numel()
+        ]
+
+        def call(k: int, rows: torch.Tensor) -> torch.Tensor:
+            return self._expert_velocity(k, x_t[rows], t[rows], y[rows], scale)
+
+        if self.executor is not None and len(selected) > 1:
+            futures = [self.executor.submit(call, k, rows) for k, rows in selected]
+            concurrent.futures.wait(futures)  # all finish before any error surfaces
+            results = [f.result() for f in futures]
+        else:
+            results = [call(k, rows) for k, rows in selected]
+        out = torch.zeros_like(x_t)  # (N, C, H, W)
+        for (k, rows), v_k in zip(selected, results):
+            want = (rows.numel(), *x_t.shape[1:])
+            if tuple(v_k.shape) != want:
+                raise ValueError(f"experts[{k}].velocity returned shape {tuple(v_k.shape)} for input {want}")
+            w_k = weights[rows, k].to(out.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))  # (n_k, 1, 1, 1)
+            out.index_add_(0, rows, w_k * v_k.to(out.dtype))
+        return out
+
+    def _expert_velocity(
+        self, k: int, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Expert k on its rows: conditional only (scale 1), unconditional only (scale 0), else one
+        batched call of [rows; rows with the null label]."""
+        expert = self.experts[k]
+        if scale == 1.0:
+            self.calls.add(k, x_t.shape[0])
+            return expert.velocity(x_t, t, y)
+        y_null = torch.full_like(y, self.null_label)  # (n,)
+        if scale == 0.0:
+            self.calls.add(k, x_t.shape[0])
+            return expert.velocity(x_t, t, y_null)
+        self.calls.add(k, 2 * x_t.shape[0])
+        v = expert.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_null]))  # (2n, C, H, W)
+        if v.shape[0] != 2 * x_t.shape[0]:
+            raise ValueError(f"experts[{k}].velocity returned {v.shape[0]} rows for {2 * x_t.shape[0]}")
+        v_c, v_u = v.chunk(2)  # (n, C, H, W) each
+        return guided(v_c, v_u, scale)
+
+
+class GuidedEnsemble:
+    """Ensemble CFG: the router's conditional weights, both passes through the same experts."""
+
+    def __init__(self, ensemble: Ensemble, scale: float):
+        self.ensemble, self.scale = ensemble, scale
+        self.num_classes = ensemble.num_classes
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weights = self.ensemble.weights(x_t, t, y)  # (N, K), from the conditional labels
+        return self.ensemble.mix(x_t, t, y, weights, scale=self.scale)
+
+
+class PartitionDenoiser:
+    """The oracle: row i's velocity is expert k[i]'s (optionally guided). A Denoiser for batches of the
+    same N rows as k, e.g. sampling with a fixed expert per sample, or distillation's teacher."""
+
+    def __init__(self, ensemble: Ensemble, k: torch.Tensor, scale: float = 1.0):
+        if not isinstance(k, torch.Tensor) or k.ndim != 1 or k.is_floating_point() or k.dtype == torch.bool:
+            raise ValueError(f"k must be a 1-D integer tensor of partition labels (N,), got {k!r}")
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= ensemble.num_experts):
+            raise ValueError(
+                f"k (partition labels) must lie in [0, {ensemble.num_experts}), "
+                f"got [{int(k.min())}, {int(k.max())}]"
+            )
+        self.ensemble, self.k, self.scale = ensemble, k.long(), scale
+        self.num_classes = ensemble.num_classes
+
+    def guided(self, scale: float) -> PartitionDenoiser:
+        return PartitionDenoiser(self.ensemble, self.k, _check_scale(scale))
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x_t.shape[0] != self.k.shape[0]:
+            raise ValueError(f"x_t has {x_t.shape[0]} rows but k (partition labels) has {self.k.shape[0]}")
+        weights = torch.nn.functional.one_hot(self.k.to(x_t.device), self.ensemble.num_experts).to(x_t.dtype)
+        return self.ensemble.mix(x_t, t, y, weights, scale=self.scale)
