@@ -99,3 +99,21 @@ def expert_trainer(config: str, *, name: str, image: str, python: str = "python"
     """
     return python_job("ddm.expert.train", "--config", config, name=name, image=image, python=python, j=j, cpu=cpu,
                       gpu=gpu, memMB=memMB, env=env)  # fmt: skip
+
+
+def router_trainer(config: str, *, name: str, image: str, python: str = "python", cpu: int = 1, gpu: int = 0,
+                   memMB: int = 4096, env: dict[str, str] | None = None) -> specs.AppDef:  # fmt: skip
+    """Train the router on every partition: ``python -m ddm.router.train --config CONFIG`` (resumes by default).
+
+    Args:
+        config: URL of the router's job config (TOML on the run root)
+        name: job name, e.g. ``demo-router``
+        image: container image, or the working directory for local_cwd
+        python: the python executable inside the image
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        env: extra environment variables
+    """
+    return python_job("ddm.router.train", "--config", config, name=name, image=image, python=python, cpu=cpu,
+                      gpu=gpu, memMB=memMB, env=env)  # fmt: skip

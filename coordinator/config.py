@@ -9,9 +9,10 @@ from __future__ import annotations
 from importlib import resources
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ddm.expert.config import DataConfig, ModelConfig, SampleConfig, Strict, TrainConfig, load_config, parse_config, load_toml
+from ddm.expert.config import DataConfig, ModelConfig, SampleConfig, Strict, TrainConfig, load_config, load_toml, parse_config
+from ddm.router.config import ROUTER_TRAIN_DEFAULTS, RouterEvalConfig, RouterModelConfig
 
 
 class CurateConfig(Strict):
@@ -55,12 +56,44 @@ class ExpertsConfig(Strict):
     )
 
 
+class RouterStageConfig(Strict):
+    """The router job of a run: trained on every partition to predict p(k | x_t, t, c)."""
+
+    enabled: bool = Field(True, description="train a router (experts mode); the ensemble strategies need it")
+    island: str | None = Field(None, description="island to train on (default: the islands file's default island)")
+    model: RouterModelConfig = RouterModelConfig()
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**ROUTER_TRAIN_DEFAULTS), description="router training (router defaults: uniform t, label dropout 0.2)")
+    eval: RouterEvalConfig = RouterEvalConfig()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _router_defaults(cls, v: object) -> object:
+        return {**ROUTER_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
+
+
+EVAL_MODELS = ("top-1", "top-2", "full", "threshold", "mixture")
+
+
 class EvalConfig(Strict):
     enabled: bool = Field(True, description="evaluate at the end of the run")
     num_samples: int = Field(1000, ge=10, description="generated images per evaluation")
     features: str = Field("efficientnet-lite0", description="feature space for FD/KID/PR: 'efficientnet-lite0', 'pixels' or 'torchscript:/local/path.pt'")
     classifier: bool = Field(True, description="class accuracy with the in-repo classifier (trained once per dataset, then cached)")
     real_samples: int = Field(10_000, ge=10, description="held-out real images the samples are compared with")
+    models: list[str] = Field(
+        ["top-1"],
+        description=f"experts mode: what to evaluate, any of {', '.join(EVAL_MODELS)} (routed strategies need the router; "
+        "'mixture' samples class c from expert k with probability n_kc/n_c, no router)",
+    )
+    threshold: float = Field(0.1, gt=0, le=1, description="router probability cut-off of the 'threshold' strategy")
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in EVAL_MODELS]
+        if bad:
+            raise ValueError(f"unknown {bad}; choose from {', '.join(EVAL_MODELS)}")
+        return v
     sample: SampleConfig = SampleConfig()
 
 
@@ -75,6 +108,7 @@ class RunConfig(Strict):
     curate: CurateConfig = CurateConfig()
     partition: PartitionConfig = PartitionConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    router: RouterStageConfig = RouterStageConfig()
     eval: EvalConfig = EvalConfig()
 
 

@@ -1,10 +1,11 @@
 """The ``eval`` stage of ``ddm run``: FD, KID, precision/recall and class accuracy of what the run trained.
 
 - monolith mode: the monolith, sampled with the run's guidance and sampler.
-- experts mode: the *partition mixture* — every sample of class c is drawn from expert k with
-  probability n_{k,c} / n_c (the share of class c that partition k holds). With perfect experts this is
-  exactly the data distribution, Σ_k p(k|c) p_k(x|c) = p(x|c), so it measures the experts themselves,
-  without a router; the router stage adds the routed ensemble's strategies on top.
+- experts mode: each of ``eval.models``: the routed ensemble (top-1, top-2, full, threshold: the router's
+  p(k | x_t, t, c) picks and weighs experts every step) and the *partition mixture* — every sample of
+  class c is drawn from expert k with probability n_{k,c} / n_c (the share of class c that partition k
+  holds). With perfect experts the mixture is exactly the data distribution, Σ_k p(k|c) p_k(x|c) = p(x|c),
+  so it measures the experts themselves, without a router.
 
 Everything lands in ``{root}/eval/NAME/`` (samples.png, metrics.json) and a summary in the manifest.
 """
@@ -89,7 +90,18 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
     return result
 
 
-def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], *, progress: bool, say=print) -> dict[str, Any]:
+def routed_ensemble(experts: list, router_url: str, model: str, threshold: float):
+    """The router-weighted ensemble for an eval model name: top-1, top-2, full or threshold."""
+    from ddm.router.ensemble import Ensemble
+    from ddm.router.model import load_router
+
+    router = load_router(router_url)
+    if model.startswith("top-"):
+        return Ensemble(experts, router, strategy="top-k", top_k=int(model[4:]))
+    return Ensemble(experts, router, strategy=model, threshold=threshold)
+
+
+def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None, *, progress: bool, say=print) -> dict[str, Any]:
     from ddm.expert.classifier import get_classifier
     from ddm.expert.features import build_features
 
@@ -107,9 +119,15 @@ def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], *, progress: bool, say
         out = storage.join(cfg.root, "eval", "monolith")
         results["monolith"] = summary(evaluate(experts[0], out_dir=out, **common))
     else:
-        report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
-        out = storage.join(cfg.root, "eval", "partition-mixture")
-        results["partition-mixture"] = summary(evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out, **common))
+        for model in ev.models:
+            out = storage.join(cfg.root, "eval", model)
+            if model == "mixture":
+                report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
+                results[model] = summary(evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out, **common))
+                continue
+            if router_url is None:
+                raise ValueError(f"eval.models asks for {model!r}, which needs the router; enable router or use 'mixture'")
+            results[model] = summary(evaluate(routed_ensemble(experts, router_url, model, ev.threshold), out_dir=out, **common))
     for name, r in results.items():
         say(
             f"[eval] {name}: FD {r['fd']:.2f}  KID {r['kid_mean']:.4f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "

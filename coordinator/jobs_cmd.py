@@ -16,10 +16,10 @@ def run_cancel(args: argparse.Namespace) -> int:
 
     from ddm.coordinator.launcher import cancel_jobs
     from ddm.coordinator.manifest import Manifest
-    from ddm.expert import storage
+    from ddm.coordinator.pipeline import job_output
 
     manifest = Manifest.load(args.root)
-    outputs = {name: storage.join(args.root, "experts", name) for name in manifest.data["jobs"]}
+    outputs = {name: job_output(args.root, name) for name in manifest.data["jobs"]}
     with get_runner() as runner:
         names = cancel_jobs(manifest, runner, outputs)
     print(f"cancelled: {', '.join(names)}" if names else "no running jobs")

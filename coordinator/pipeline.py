@@ -1,4 +1,4 @@
-"""The stages of ``ddm run``: curate -> partition -> experts -> eval (router and distill as they land).
+"""The stages of ``ddm run``: curate -> partition -> experts -> router -> eval (distill as it lands).
 
 Each stage reads and writes only under the run root and records itself in the manifest; a stage that
 is done is skipped on a rerun, so the coordinator can be killed at any point and run again.
@@ -10,6 +10,7 @@ Run root layout::
     clusters/clustering.*           clusters/report.json clusters/samples.png
     partitions/expert-K/index.json + shard-*.safetensors
     experts/expert-K/job.toml  checkpoints/  metrics.csv  loss.png  heartbeat.json
+    router/job.toml  checkpoints/  accuracy_vs_t.json|png  metrics.csv
     eval/NAME/samples.png  metrics.json
     logs/                            TorchX local scheduler logs
 """
@@ -35,7 +36,7 @@ from ddm.expert.data import ImageDataset, build_dataset
 
 log = logging.getLogger("ddm.run")
 
-STAGES = ("curate", "partition", "experts", "eval")
+STAGES = ("curate", "partition", "experts", "router", "eval")
 
 
 class RunFailed(RuntimeError):
@@ -47,19 +48,31 @@ def expert_names(cfg: RunConfig) -> list[str]:
 
 
 def expert_output(cfg: RunConfig, name: str) -> str:
-    return storage.join(cfg.root, "experts", name)
+    return job_output(cfg.root, name)
 
 
-def expert_is_complete(cfg: RunConfig, name: str) -> bool:
-    """An expert is complete when its newest checkpoint is at the configured number of steps."""
-    ckpt_dir = storage.join(expert_output(cfg, name), "checkpoints")
-    pointer = storage.join(ckpt_dir, "latest.json")
+def router_output(cfg: RunConfig) -> str:
+    return job_output(cfg.root, "router")
+
+
+def job_output(root: str, name: str) -> str:
+    """Where a job of the run writes (checkpoints, heartbeat): ``router/`` or ``experts/NAME/``."""
+    return storage.join(root, "router") if name == "router" else storage.join(root, "experts", name)
+
+
+def trained_to(output: str, steps: int) -> bool:
+    """A training job is complete when its newest checkpoint is at the configured number of steps."""
+    pointer = storage.join(output, "checkpoints", "latest.json")
     if not storage.exists(pointer):
         return False
     try:
-        return int(storage.read_json(pointer)["step"]) >= cfg.experts.train.steps
+        return int(storage.read_json(pointer)["step"]) >= steps
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def expert_is_complete(cfg: RunConfig, name: str) -> bool:
+    return trained_to(expert_output(cfg, name), cfg.experts.train.steps)
 
 
 @dataclass
@@ -169,43 +182,77 @@ class Pipeline:
             data = DataConfig(source="shards", path=part, image_size=cfg.data.image_size, channels=cfg.data.channels)
         return ExpertJobConfig(name=name, output=expert_output(cfg, name), data=data, model=cfg.experts.model, train=cfg.experts.train)
 
-    def stage_experts(self) -> dict[str, Any]:
+    def _job(self, name: str, job_cfg: Any, output: str, island_name: str, component: Callable, complete: Callable[[], bool], **resources: Any):
+        """Write the job's config next to its output and describe it for the launcher."""
+        from ddm.coordinator.launcher import JobSpec
+
+        config_url = storage.join(output, "job.toml")
+        storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
+        island = self.islands.island[island_name]
+        local = island.scheduler.startswith("local")
+        app = component(
+            _absolute(config_url) if local else config_url,
+            name=f"{self.cfg.name}-{name}",
+            image=_cwd() if island.scheduler == "local_cwd" else (island.image or ""),
+            python=sys.executable if local else "python",
+            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env=island.env, **resources,
+        )  # fmt: skip
+        return JobSpec(name=name, island=island_name, app=app, output=output, is_complete=complete)
+
+    def _launch(self, jobs: list, max_attempts: int) -> None:
+        """Run jobs to completion on their islands; raise RunFailed naming every job that failed."""
         from torchx.runner import get_runner
 
-        from ddm.coordinator.launcher import JobSpec, Launcher
+        from ddm.coordinator.launcher import Launcher
 
-        names = expert_names(self.cfg)
-        self.islands.check_experts(len(names))
-        jobs = []
-        for k, name in enumerate(names):
-            job_cfg = self.expert_job(name)
-            config_url = storage.join(job_cfg.output, "job.toml")
-            storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
-            island_name = self.islands.island_for(k)
-            island = self.islands.island[island_name]
-            local = island.scheduler.startswith("local")
-            app = components.expert_trainer(
-                _absolute(config_url) if local else config_url,
-                name=f"{self.cfg.name}-{name}",
-                image=_cwd() if island.scheduler == "local_cwd" else (island.image or ""),
-                python=sys.executable if local else "python",
-                j=island.j, cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env=island.env,
-            )  # fmt: skip
-            jobs.append(JobSpec(name=name, island=island_name, app=app, output=job_cfg.output,
-                                is_complete=lambda n=name: expert_is_complete(self.cfg, n)))  # fmt: skip
         log_dir = _absolute(storage.join(self.cfg.root, "logs")) if "://" not in self.cfg.root else None
         with get_runner() as runner:
             launcher = Launcher(
                 self.manifest, self.islands, runner,
-                max_attempts=self.cfg.experts.max_attempts, poll_seconds=self.cfg.experts.poll_seconds,
+                max_attempts=max_attempts, poll_seconds=self.cfg.experts.poll_seconds,
                 lease_seconds=self.cfg.experts.lease_seconds, log_dir=log_dir, on_progress=self._job_progress,
             )  # fmt: skip
             outcomes = launcher.run(jobs)
         failed = {n: o for n, o in outcomes.items() if o.state != SUCCEEDED}
         if failed:
             lines = [f"  {n}: failed after {o.attempts} attempt(s): {(o.error or '').strip()[:2000]}" for n, o in failed.items()]
-            raise RunFailed("expert jobs failed (the others finished; fix the cause and run again to retry):\n" + "\n".join(lines))
+            raise RunFailed("jobs failed (the others finished; fix the cause and run again to retry):\n" + "\n".join(lines))
+
+    def stage_experts(self) -> dict[str, Any]:
+        names = expert_names(self.cfg)
+        self.islands.check_experts(len(names))
+        jobs = []
+        for k, name in enumerate(names):
+            job_cfg = self.expert_job(name)
+            island = self.islands.island[self.islands.island_for(k)]
+            jobs.append(self._job(name, job_cfg, job_cfg.output, self.islands.island_for(k), components.expert_trainer,
+                                  lambda n=name: expert_is_complete(self.cfg, n), j=island.j))  # fmt: skip
+        self._launch(jobs, self.cfg.experts.max_attempts)
         return {"experts": names}
+
+    def router_job(self) -> Any:
+        from ddm.router.config import RouterDataConfig, RouterJobConfig
+
+        r = self.cfg.router
+        return RouterJobConfig(
+            name="router", output=router_output(self.cfg), data=RouterDataConfig(root=self.cfg.root, k=self.cfg.partition.k),
+            model=r.model, train=r.train, eval=r.eval,
+        )  # fmt: skip
+
+    def stage_router(self) -> dict[str, Any]:
+        if self.cfg.mode == "monolith" or not self.cfg.router.enabled:
+            return {"skipped": "monolith mode" if self.cfg.mode == "monolith" else "router.enabled = false"}
+        if self.cfg.partition.k < 2:
+            return {"skipped": "one partition: nothing to route"}
+        island = self.cfg.router.island or self.islands.default
+        if island not in self.islands.island:
+            raise ValueError(f"router.island {island!r} is not defined in the islands file")
+        steps = self.cfg.router.train.steps
+        job = self._job("router", self.router_job(), router_output(self.cfg), island, components.router_trainer,
+                        lambda: trained_to(router_output(self.cfg), steps))  # fmt: skip
+        self._launch([job], self.cfg.experts.max_attempts)
+        acc_url = storage.join(router_output(self.cfg), "accuracy_vs_t.json")
+        return {"accuracy_vs_t": acc_url if storage.exists(acc_url) else None}
 
     def stage_eval(self) -> dict[str, Any]:
         if not self.cfg.eval.enabled:
@@ -213,20 +260,23 @@ class Pipeline:
         from ddm.coordinator.eval_stage import run_eval
 
         dirs = {n: expert_output(self.cfg, n) for n in expert_names(self.cfg)}
-        return run_eval(self.cfg, dirs, progress=self.progress, say=self.say)
+        router = None
+        if self.cfg.mode == "experts" and self.manifest.stage("router").get("skipped") is None:
+            router = checkpoint.latest(storage.join(router_output(self.cfg), "checkpoints"))
+        return run_eval(self.cfg, dirs, router, progress=self.progress, say=self.say)
 
     def _job_progress(self, states: dict[str, str]) -> None:
         from ddm.expert import heartbeat
 
         parts = []
         for name, state in states.items():
-            beat = heartbeat.read(expert_output(self.cfg, name)) if state in ("SUBMITTED", "RUNNING") else None
+            beat = heartbeat.read(job_output(self.cfg.root, name)) if state in ("SUBMITTED", "RUNNING") else None
             step = f" {beat['step']}/{beat['steps']}" if beat else ""
             parts.append(f"{name}={state}{step}")
         line = "  ".join(parts)
         if line != getattr(self, "_last_line", None):
             self._last_line = line
-            self.say(f"[experts] {line}")
+            self.say(f"[jobs] {line}")
 
 
 def latest_checkpoints(cfg: RunConfig) -> dict[str, str | None]:

@@ -20,6 +20,7 @@ def _age(ts: float | None) -> str:
 
 def print_status(root: str) -> None:
     from ddm.coordinator.manifest import Manifest
+    from ddm.coordinator.pipeline import job_output
     from ddm.expert import checkpoint, heartbeat, storage
 
     m = Manifest.load(root)
@@ -34,7 +35,7 @@ def print_status(root: str) -> None:
     if m.data["jobs"]:
         print(f"\n{'job':<12}{'state':<11}{'island':<10}{'att':>4}{'size':>8}{'step':>13}  {'heartbeat':<10} latest checkpoint")
     for name, job in m.data["jobs"].items():
-        out = storage.join(root, "experts", name)
+        out = job_output(root, name)
         beat = heartbeat.read(out)
         latest = checkpoint.latest(storage.join(out, "checkpoints"))
         k = int(name.rsplit("-", 1)[1]) if name.startswith("expert-") else None

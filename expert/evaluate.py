@@ -34,7 +34,7 @@ from ddm.expert.config import SampleConfig
 from ddm.expert.data import ImageDataset
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.features import FeatureExtractor
-from ddm.expert.guidance import CFGDenoiser
+from ddm.expert.guidance import with_guidance
 from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
@@ -101,7 +101,7 @@ def generate(
     deterministic samplers.
     """
     noise = torch.randn((len(y), *image_shape), generator=generator)  # (N, C, H, W)
-    guided = CFGDenoiser(denoiser, sample_cfg.guidance)
+    guided = with_guidance(denoiser, sample_cfg.guidance)
     out = []
     with tqdm(total=len(y), disable=not progress, desc="sampling", unit="img") as bar:
         for start in range(0, len(y), batch_size):
@@ -220,14 +220,20 @@ def evaluate(
 
     # 1. samples
     y = balanced_labels(num_samples, real.num_classes)  # (N,)
-    counter = CountingDenoiser(denoiser)
+    # Rows through the model(s): an ensemble counts its experts' rows itself (it guides itself, so it
+    # cannot sit inside a counting wrapper); anything else is counted from outside.
+    ensemble_calls = getattr(denoiser, "calls", None)
+    counter = None if ensemble_calls is not None else CountingDenoiser(denoiser)
+    rows0, batches0 = (ensemble_calls.total_rows, ensemble_calls.total_batches) if ensemble_calls is not None else (0, 0)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    x = generate(counter, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size, progress=progress)
+    x = generate(counter or denoiser, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size, progress=progress)
     sampling_seconds = time.perf_counter() - t0
+    rows = counter.rows if counter is not None else ensemble_calls.total_rows - rows0
+    batches = counter.calls if counter is not None else ensemble_calls.total_batches - batches0
     return score(
         to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,
-        sampling_seconds=sampling_seconds, denoiser_rows=counter.rows, denoiser_batches=counter.calls,
+        sampling_seconds=sampling_seconds, denoiser_rows=rows, denoiser_batches=batches,
         out_dir=out_dir, cache_dir=cache_dir, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, pr_k=pr_k,
         started=t_start,
     )  # fmt: skip

@@ -59,3 +59,13 @@ class CFGDenoiser:
         )  # (2N, C, H, W)
         v_c, v_u = v.chunk(2)  # (N, C, H, W) each
         return guided(v_c, v_u, self.scale)
+
+
+def with_guidance(denoiser: Denoiser, scale: float) -> Denoiser:
+    """The guided version of any denoiser.
+
+    A denoiser that guides itself (it has ``guided(scale)``: the ensemble, which must send conditional
+    and unconditional rows through the same selected experts) does so; anything else gets the CFG wrapper.
+    """
+    guide = getattr(denoiser, "guided", None)
+    return guide(scale) if callable(guide) else CFGDenoiser(denoiser, scale)

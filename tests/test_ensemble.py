@@ -181,6 +181,17 @@ def test_guided_ensemble_plugs_into_the_sampler() -> None:
     assert ens.calls.total_rows == 9 * 8 * 2  # top-1 under CFG: two expert rows per sample per call
 
 
+def test_with_guidance_lets_the_ensemble_guide_itself() -> None:
+    """Wrapping the ensemble in the generic CFG wrapper would route the null rows on their own (the
+    router would see the null label); with_guidance must pick the ensemble's own guidance instead."""
+    from ddm.expert.guidance import CFGDenoiser, with_guidance
+
+    ens, experts, _ = toy_ensemble("top-k", top_k=1)
+    x, t, y = toy_inputs(16)
+    torch.testing.assert_close(with_guidance(ens, 3.0).velocity(x, t, y), ens.guided(3.0).velocity(x, t, y), rtol=0, atol=0)
+    assert isinstance(with_guidance(experts[0], 3.0), CFGDenoiser)
+
+
 # ------------------------------------------------------------------------------------ strategy mechanics
 
 

@@ -50,8 +50,23 @@ checkpoint_every = 10
 log_every = 5
 num_threads = 1
 
+[router]
+enabled = {eval}
+
+[router.model]
+arch = "Router-XS/4"
+
+[router.train]
+steps = 20
+batch_size = 32
+checkpoint_every = 10
+
+[router.eval]
+samples_per_bin = 20
+
 [eval]
 enabled = {eval}
+models = ["top-1", "mixture"]
 features = "pixels"
 classifier = false
 num_samples = 40
@@ -79,7 +94,7 @@ def manifest(root: Path) -> dict:
 
 def check_finished_run(root: Path, steps: int, kept: int | None = None):
     m = manifest(root)
-    assert [m["stages"][s]["state"] for s in ("curate", "partition", "experts", "eval")] == ["done"] * 4
+    assert [m["stages"][s]["state"] for s in ("curate", "partition", "experts", "router", "eval")] == ["done"] * 5
     counts = []
     for k in range(2):
         name = f"expert-{k}"
@@ -102,10 +117,15 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     assert p.returncode == 0, out
     m = check_finished_run(root, 20)
     assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2))
-    metrics = json.loads((root / "eval" / "partition-mixture" / "metrics.json").read_text())
+    metrics = json.loads((root / "eval" / "mixture" / "metrics.json").read_text())
     assert metrics["num_samples"] == 40 and metrics["fd"] > 0 and sum(metrics["extra"]["samples_per_expert"]) == 40
     assert metrics["denoiser_calls_per_sample"] == 2 * 4  # guided: a conditional and an unconditional row per step
-    assert (root / "eval" / "partition-mixture" / "samples.png").exists()
+    assert (root / "eval" / "mixture" / "samples.png").exists()
+    # The router trained as its own job; top-1 routing calls one expert per sample per step (x2 for guidance).
+    assert m["jobs"]["router"]["state"] == "SUCCEEDED"
+    assert checkpoint.load(str(root / "router" / "checkpoints")).meta["kind"] == "router"
+    top1 = json.loads((root / "eval" / "top-1" / "metrics.json").read_text())
+    assert top1["denoiser_calls_per_sample"] == 2 * 4 and np.isfinite(top1["fd"])
     # Every expert ran as its own TorchX job with its own log directory.
     handles = {m["jobs"][f"expert-{k}"]["handle"] for k in range(2)}
     assert len(handles) == 2 and all(h.startswith("local_cwd://") for h in handles)
@@ -113,7 +133,7 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     again = ddm("run", str(cfg))
     out2, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out2
-    assert out2.count("already done") == 4
+    assert out2.count("already done") == 5
     assert manifest(root)["jobs"] == m["jobs"]  # nothing launched again
 
     status = subprocess.run([sys.executable, "-m", "ddm", "status", str(root)], capture_output=True, text=True)
