@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ddm.expert import storage
+    from ddm.coordinator.eval_stage import machine_cache
     from ddm.expert.classifier import get_classifier
     from ddm.expert.config import DataConfig, SampleConfig
     from ddm.expert.data import build_dataset
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     sample_cfg = SampleConfig(steps=args.steps, sampler=args.sampler, guidance=args.guidance, time_shift=args.time_shift)
     classifier = None
     if not args.no_classifier:
-        classifier = get_classifier(DataConfig(source="fashion-mnist", path=args.data), storage.join(args.out, "cache"))
+        classifier = get_classifier(DataConfig(source="fashion-mnist", path=args.data), machine_cache(), progress=True)
     result = evaluate(
         denoiser, real=real, num_samples=args.num_samples, sample_cfg=sample_cfg,
         features=build_features(args.features, progress=True), classifier=classifier,

@@ -21,7 +21,6 @@ import torch
 
 from ddm.coordinator.config import RunConfig
 from ddm.expert import checkpoint, storage
-from ddm.expert.config import DataConfig
 from ddm.expert.data import ImageDataset, build_dataset
 from ddm.expert.evaluate import EvalResult, balanced_labels, evaluate, generate, score
 from ddm.expert.images import to_uint8
@@ -40,11 +39,14 @@ def reference_set(cfg: RunConfig, limit: int = 10_000) -> ImageDataset:
     return data.subset(pick)
 
 
-def classifier_cache(cfg: RunConfig) -> str:
-    """Classifiers are keyed by dataset identity, so one cache serves every run on this machine."""
-    if "://" in cfg.root:
-        return storage.join(cfg.root, "eval", "classifier")
+def machine_cache() -> str:
+    """``$DDM_CACHE`` or ``~/.cache/ddm``: classifiers are keyed by dataset identity, so one cache
+    serves every run and every ``ddm eval`` on this machine."""
     return os.environ.get("DDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddm"))
+
+
+def classifier_cache(cfg: RunConfig) -> str:
+    return storage.join(cfg.root, "eval", "classifier") if "://" in cfg.root else machine_cache()
 
 
 def summary(result: EvalResult) -> dict[str, Any]:

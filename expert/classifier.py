@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ddm.expert import checkpoint, storage
 from ddm.expert.config import DataConfig
 from ddm.expert.data import ImageDataset, build_dataset
 from ddm.expert.images import to_model_range
+from ddm.expert.progress import progress_bar
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -173,7 +173,7 @@ def train_classifier(
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
         start_time = time.time()
         model.train()
-        with tqdm(total=total, disable=not progress, desc="classifier", unit="step") as bar:
+        with progress_bar(total=total, disable=not progress, desc="classifier", unit="step") as bar:
             for _ in range(cfg.epochs):
                 order = torch.randperm(len(train), generator=gen)
                 for i in range(steps_per_epoch):

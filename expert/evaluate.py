@@ -26,7 +26,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load_numpy
 from safetensors.numpy import save as st_save_numpy
-from tqdm import tqdm
 
 from ddm.expert import storage
 from ddm.expert.classifier import Classifier
@@ -38,6 +37,7 @@ from ddm.expert.guidance import with_guidance
 from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
+from ddm.expert.progress import progress_bar
 
 __all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference", "score"]
 
@@ -103,7 +103,7 @@ def generate(
     noise = torch.randn((len(y), *image_shape), generator=generator)  # (N, C, H, W)
     guided = with_guidance(denoiser, sample_cfg.guidance)
     out = []
-    with tqdm(total=len(y), disable=not progress, desc="sampling", unit="img") as bar:
+    with progress_bar(total=len(y), disable=not progress, desc="sampling", unit="img") as bar:
         for start in range(0, len(y), batch_size):
             x = sample(
                 guided,

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from ddm.expert.progress import progress_bar
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -112,7 +113,7 @@ def _batched(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     out: list[np.ndarray] = []
-    with torch.inference_mode(), tqdm(total=len(images), disable=not progress, desc=desc, unit="img") as bar:
+    with torch.inference_mode(), progress_bar(total=len(images), disable=not progress, desc=desc, unit="img") as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size].to(device)
             out.append(fn(chunk).to("cpu", torch.float64).numpy())

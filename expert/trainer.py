@@ -25,7 +25,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from ddm.expert.ema import EMA
 from ddm.expert.heartbeat import Heartbeat
 from ddm.expert.metrics_log import MetricsLog
 from ddm.expert.model import DiT, DiTConfig, dit_config
+from ddm.expert.progress import progress_bar
 
 
 @dataclass
@@ -505,16 +505,7 @@ def _train(
 
     bar = None
     if progress and d.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=tc.steps,
-            initial=start_step,
-            desc=job.name,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-        )
+        bar = progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step")
 
     stats = StepStats(d, tc.batch_size)
     ckpt_url: str | None = None

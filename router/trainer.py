@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from ddm.expert.trainer import (
 )
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterConfig, RouterNet, router_config
+from ddm.expert.progress import progress_bar
 
 ACCURACY_JSON = "accuracy_vs_t.json"
 ACCURACY_PNG = "accuracy_vs_t.png"
@@ -354,10 +354,7 @@ def _train(
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start_step, desc=job.name, unit="step", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+        bar = progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step")
     stats = StepStats(d, tc.batch_size)
     ckpt_url: str | None = None
     report: dict[str, Any] | None = None
