@@ -20,61 +20,7 @@ from ddm.expert.shards import read_index
 
 pytestmark = pytest.mark.slow
 
-TINY = """
-name = "tiny"
-root = "{root}"
-
-[data]
-limit = 600
-
-[partition]
-k = 2
-fine_k = 16
-sample_size = 600
-niter = 10
-encoder = "pixels"
-tolerance = 0.1
-
-[experts]
-poll_seconds = 0.3
-lease_seconds = 30
-
-[experts.model]
-arch = "DiT-T/4"
-
-[experts.train]
-steps = {steps}
-batch_size = 16
-warmup_steps = 5
-checkpoint_every = 10
-log_every = 5
-num_threads = 1
-
-[router]
-enabled = {eval}
-
-[router.model]
-arch = "Router-XS/4"
-
-[router.train]
-steps = 20
-batch_size = 32
-checkpoint_every = 10
-
-[router.eval]
-samples_per_bin = 20
-
-[eval]
-enabled = {eval}
-models = ["top-1", "mixture"]
-features = "pixels"
-classifier = false
-num_samples = 40
-real_samples = 200
-
-[eval.sample]
-steps = 4
-"""
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"  # the shipped smoke-test config
 
 
 def ddm(*args, **kw):
@@ -82,9 +28,15 @@ def ddm(*args, **kw):
 
 
 def write_config(tmp_path, steps, eval=False):
+    """configs/tiny.toml with this test's root and budget, as a config file of its own."""
     root = tmp_path / "run"
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY.format(root=root, steps=steps, eval="true" if eval else "false"))
+    text = TINY.read_text().replace('root = "runs/tiny"', f'root = "{root}"')
+    text = text.replace("steps = 30\n", f"steps = {steps}\n").replace("poll_seconds = 0.5", "poll_seconds = 0.3\nlease_seconds = 30")
+    flag = "true" if eval else "false"
+    text = text.replace("[router.model]", f"[router]\nenabled = {flag}\n\n[router.model]")
+    text = text.replace("[eval]\n", f"[eval]\nenabled = {flag}\n")
+    cfg.write_text(text)
     return cfg, root
 
 
