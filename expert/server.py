@@ -1,0 +1,313 @@
+"""The expert gRPC server: one expert checkpoint behind ``ddm.v1.Expert`` with dynamic batching.
+
+The checkpoint is loaded by itself (``expert.load``: the DiT config is in its metadata). While it loads
+the port is already open: health reports NOT_SERVING and Predict/Info answer UNAVAILABLE, so an
+orchestrator can tell "starting" from "gone". Then:
+
+* Predict validates every field (INVALID_ARGUMENT naming it), queues the rows on a
+  :class:`~ddm.expert.batching.DynamicBatcher` (RESOURCE_EXHAUSTED when too many are pending), waits
+  no longer than the caller's deadline (a request whose deadline passed is dropped before compute:
+  DEADLINE_EXCEEDED) and returns its own rows of the batched forward.
+* Message limits come from ``max_batch`` x the size of one row, with headroom.
+* Optional TLS (mutual with a client CA) and a bearer token (UNAUTHENTICATED without it).
+* Prometheus metrics on an optional HTTP port: requests by code, rows, batch sizes, latency, queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ddm.expert import checkpoint, storage
+from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
+from ddm.expert.load import load_model
+from ddm.proto import rpc
+from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
+from ddm.proto.tensors import FLOATS, INTEGERS, TensorError, from_proto, to_proto
+
+log = logging.getLogger(__name__)
+SERVICE = "ddm.v1.Expert"
+
+
+class ExpertMetrics:
+    """Prometheus metrics of one server, in its own registry (several servers may share a process)."""
+
+    def __init__(self, name: str):
+        self.registry = CollectorRegistry()
+        labels = dict(labelnames=["expert"], registry=self.registry)
+        self.requests = Counter("ddm_expert_requests", "Predict calls by status code", ["expert", "code"], registry=self.registry)
+        self.rows = Counter("ddm_expert_rows", "rows computed", **labels)
+        self.batches = Counter("ddm_expert_batches", "forward passes", **labels)
+        self.batch_rows = Histogram(
+            "ddm_expert_batch_rows", "rows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), **labels
+        )
+        self.forward_seconds = Histogram("ddm_expert_forward_seconds", "time of one batched forward", **labels)
+        self.latency = Histogram("ddm_expert_request_seconds", "Predict latency on the server", **labels)
+        self.pending = Gauge("ddm_expert_pending_requests", "requests queued or being gathered", **labels)
+        self.name = name
+
+    def on_batch(self, rows: int, requests: int, seconds: float) -> None:
+        self.rows.labels(self.name).inc(rows)
+        self.batches.labels(self.name).inc()
+        self.batch_rows.labels(self.name).observe(rows)
+        self.forward_seconds.labels(self.name).observe(seconds)
+
+    def on_request(self, code: grpc.StatusCode, seconds: float, pending: int) -> None:
+        self.requests.labels(self.name, code.name).inc()
+        self.latency.labels(self.name).observe(seconds)
+        self.pending.labels(self.name).set(pending)
+
+
+def _row_bytes(image_shape: tuple[int, int, int]) -> int:
+    """Bytes one row takes in a Predict request: x_t in fp32, plus t (fp32) and y (int64)."""
+    c, h, w = image_shape
+    return c * h * w * 4 + 4 + 8
+
+
+def expert_index_from_name(name: str) -> int:
+    """``"expert-3"`` -> 3; -1 for anything else (a monolith)."""
+    m = re.fullmatch(r"expert-(\d+)", name)
+    return int(m.group(1)) if m else -1
+
+
+class ExpertServer:
+    """Serves one expert checkpoint. ``start()`` opens the port at once and loads in the background."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        address: str = "127.0.0.1:0",
+        max_batch: int = 64,
+        max_delay: float = 0.002,
+        max_queue: int = 128,
+        num_threads: int | None = None,
+        tls: rpc.ServerTLS | None = None,
+        token: str | None = None,
+        metrics_port: int | None = None,
+        name: str | None = None,
+        expert_index: int | None = None,
+        ema: bool = True,
+    ):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.checkpoint = checkpoint
+        self.address = address
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.max_queue = max_queue
+        self.num_threads = num_threads
+        self.tls = tls
+        self.metrics_port = metrics_port
+        self.ema = ema
+        self._name = name
+        self._expert_index = expert_index
+        self._token = token
+        self.port: int | None = None
+        self.max_message = 0  # bytes, decided in start()
+        self.metrics: ExpertMetrics | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.info: pb.ExpertInfo | None = None
+        self.load_error: BaseException | None = None
+        self._ready = threading.Event()
+        self._loaded = threading.Event()  # set when loading ended, successfully or not
+        self._server: grpc.Server | None = None
+        self._health: Any = None
+        self._http: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self, *, wait: bool = True, timeout: float | None = None) -> ExpertServer:
+        """Open the port, start loading; with ``wait`` block until loaded (raising the load error)."""
+        self.max_message = self._message_limit_guess()
+        slots = self.max_queue + 8  # every pending request holds a handler thread; 8 for Info/health
+        interceptors = [rpc.TokenAuthInterceptor(self._token)] if self._token else []
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="expert-rpc"),
+            interceptors=interceptors,
+            options=rpc.server_options(self.max_message),
+            maximum_concurrent_rpcs=slots,
+        )
+        pb_grpc.add_ExpertServicer_to_server(_ExpertServicer(self), self._server)
+        self._health = rpc.add_health_and_reflection(self._server, [SERVICE])
+        self.port = rpc.bind(self._server, self.address, self.tls)
+        self._server.start()
+        threading.Thread(target=self._load, name="expert-load", daemon=True).start()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def target(self) -> str:
+        """``host:port`` clients should dial (the bound port, even when asked for port 0)."""
+        host = self.address.rsplit(":", 1)[0]
+        return f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.port}"
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """True once loading has ended, successfully or not (then see ``load_error``)."""
+        return self._loaded.wait(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self._loaded.wait(timeout):
+            raise TimeoutError(f"expert {self.checkpoint} not loaded after {timeout} s")
+        if self.load_error is not None:
+            raise self.load_error
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls, let running ones finish within ``grace`` seconds, stop the worker."""
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.close()
+        if self._http is not None:
+            self._http[0].shutdown()
+            self._http = None
+
+    def wait_for_termination(self) -> None:
+        assert self._server is not None, "start() first"
+        self._server.wait_for_termination()
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    def _message_limit_guess(self) -> int:
+        """Message limit from max_batch x one row, decided before the weights load (the port opens first).
+
+        The row size comes from the checkpoint's JSON sidecar (cheap to read); without one, from the
+        largest image an expert plausibly serves (3 x 256 x 256). ``_load`` checks the real size fits.
+        """
+        shape = (3, 256, 256)
+        try:
+            url = self.checkpoint if self.checkpoint.endswith(".safetensors") else checkpoint.latest(self.checkpoint)
+            model = storage.read_json(url.removesuffix(".safetensors") + ".json")["model"] if url else None
+            if model:
+                shape = (int(model["in_channels"]), int(model["image_size"]), int(model["image_size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # the real load below reports a bad checkpoint properly
+        return rpc.message_limit(self.max_batch, _row_bytes(shape))
+
+    def _load_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+        return load_model(self.checkpoint, ema=self.ema)
+
+    def _load(self) -> None:
+        try:
+            if self.num_threads is not None:
+                torch.set_num_threads(self.num_threads)
+            model, meta = self._load_model()
+            cfg = model.config
+            name = self._name or str(meta.get("name") or "expert")
+            self.info = pb.ExpertInfo(
+                name=name,
+                expert_index=self._expert_index if self._expert_index is not None else expert_index_from_name(name),
+                num_classes=model.num_classes,
+                image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
+                arch=str(meta.get("arch") or ""),
+                step=int(meta.get("step", 0)),
+                checkpoint=str(meta.get("url", self.checkpoint)),
+                max_batch=self.max_batch,
+            )
+            row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
+            if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:
+                raise ValueError(
+                    f"max_batch {self.max_batch} x {tuple(self.info.image_shape)} images exceed the server's "
+                    "message limit; lower --max-batch"
+                )
+            self.metrics = ExpertMetrics(name)
+
+            @torch.inference_mode()
+            def forward(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return model(x_t, t, y).float()
+
+            self.batcher = DynamicBatcher(
+                forward,
+                max_batch=self.max_batch,
+                max_delay=self.max_delay,
+                max_queue=self.max_queue,
+                on_batch=self.metrics.on_batch,
+                name=f"{name}-batcher",
+            )
+            if self.metrics_port is not None:
+                self._http = start_http_server(self.metrics_port, registry=self.metrics.registry)
+            self._ready.set()
+            rpc.set_serving(self._health, [SERVICE], True)
+            log.info("expert %s (%s, step %d) serving on port %s", name, self.info.arch, self.info.step, self.port)
+        except BaseException as e:  # reported by wait_ready and by UNAVAILABLE answers
+            self.load_error = e
+            log.error("expert server could not load %s: %s", self.checkpoint, e)
+        finally:
+            self._loaded.set()
+
+
+class _ExpertServicer(pb_grpc.ExpertServicer):
+    def __init__(self, server: ExpertServer):
+        self.s = server
+
+    def _require_ready(self, context: grpc.ServicerContext) -> None:
+        if not self.s.ready:
+            why = f"failed to load ({self.s.load_error})" if self.s.load_error else "still loading"
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"expert {self.s.checkpoint} is {why}")
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ExpertInfo:
+        self._require_ready(context)
+        return self.s.info
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        self._require_ready(context)
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            x_t, t, y = self._decode(request)
+            remaining = rpc.remaining_time(context)  # None without a deadline
+            deadline = None if remaining is None else time.monotonic() + remaining
+            req = self.s.batcher.submit(x_t, t, y, deadline=deadline)
+            context.add_callback(req.cancel)  # client cancelled: the worker skips it
+            v = self.s.batcher.wait(req, remaining)
+            return pb.PredictResponse(v=to_proto(v))
+        except TensorError as e:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except QueueFull as e:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"expert {self.s.info.name} is overloaded: {e}"
+        except Expired as e:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"expert {self.s.info.name}: {e}"
+        except Exception as e:  # a failed forward: a server bug, not the caller's
+            log.exception("Predict failed")
+            code, message = grpc.StatusCode.INTERNAL, f"expert {self.s.info.name}: forward failed: {e}"
+        finally:
+            self.s.metrics.on_request(code, time.perf_counter() - start, self.s.batcher.pending)
+        context.abort(code, message)
+
+    def _decode(self, request: pb.PredictRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated (x_t, t, y) as float32/float32/int64; TensorError names the bad field."""
+        info = self.s.info
+        c, h, w = info.image_shape
+        x_t = from_proto(request.x_t, "x_t", dtypes=FLOATS, shape=(None, c, h, w))  # (N, C, H, W)
+        n = x_t.shape[0]
+        if not 1 <= n <= info.max_batch:
+            raise TensorError("x_t", f"{n} rows; send 1..{info.max_batch} (ExpertInfo.max_batch) per request")
+        t = from_proto(request.t, "t", dtypes=FLOATS, shape=(n,)).float()  # (N,)
+        if bool((t < 0).any() or (t > 1).any()):
+            raise TensorError("t", f"times must lie in [0, 1], got range [{float(t.min())}, {float(t.max())}]")
+        y = from_proto(request.y, "y", dtypes=INTEGERS, shape=(n,)).long()  # (N,)
+        if bool((y < 0).any() or (y > info.num_classes).any()):
+            raise TensorError(
+                "y",
+                f"labels must lie in [0, {info.num_classes}] ({info.num_classes} = unconditional), "
+                f"got range [{int(y.min())}, {int(y.max())}]",
+            )
+        return x_t.float(), t, y

@@ -1,0 +1,191 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("x_t", "t", "y")
+    X_T_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x_t: Tensor
+    t: Tensor
+    y: Tensor
+    def __init__(self, x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("v",)
+    V_FIELD_NUMBER: _ClassVar[int]
+    v: Tensor
+    def __init__(self, v: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertInfo(_message.Message):
+    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expert_index: int
+    num_classes: int
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    arch: str
+    step: int
+    checkpoint: str
+    max_batch: int
+    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float")
+    N_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TIME_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    CHURN_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FLOAT_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    guidance: float
+    steps: int
+    sampler: str
+    strategy: str
+    top_k: int
+    threshold: float
+    seed: int
+    time_shift: float
+    churn: float
+    allow_degraded: bool
+    include_float: bool
+    def __init__(self, n: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., strategy: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., seed: _Optional[int] = ..., time_shift: _Optional[float] = ..., churn: _Optional[float] = ..., allow_degraded: _Optional[bool] = ..., include_float: _Optional[bool] = ...) -> None: ...
+
+class SampleEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    result: Result
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("step", "total", "t")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total: int
+    t: float
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., t: _Optional[float] = ...) -> None: ...
+
+class ExpertCalls(_message.Message):
+    __slots__ = ("name", "calls", "rows")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    calls: int
+    rows: int
+    def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("images", "labels", "expert_calls", "seconds", "degraded_experts", "seed", "samples")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    images: Tensor
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    expert_calls: _containers.RepeatedCompositeFieldContainer[ExpertCalls]
+    seconds: float
+    degraded_experts: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    samples: Tensor
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., expert_calls: _Optional[_Iterable[_Union[ExpertCalls, _Mapping]]] = ..., seconds: _Optional[float] = ..., degraded_experts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ListExpertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertStatus(_message.Message):
+    __slots__ = ("name", "address", "healthy", "info", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    healthy: bool
+    info: ExpertInfo
+    error: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., info: _Optional[_Union[ExpertInfo, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListExpertsResponse(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertStatus]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ...) -> None: ...
+
+class RouterInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouterInfo(_message.Message):
+    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready")
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    num_classes: int
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_experts: int
+    strategies: _containers.RepeatedScalarFieldContainer[str]
+    samplers: _containers.RepeatedScalarFieldContainer[str]
+    max_n: int
+    max_steps: int
+    default_strategy: str
+    default_top_k: int
+    default_steps: int
+    default_guidance: float
+    checkpoint: str
+    ready: bool
+    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,230 @@
+"""An expert server behind the Denoiser interface: the router's ensemble calls it like a local model.
+
+``RemoteExpert(address)`` connects (Info, waiting for the server to come up), then ``velocity`` is a
+Predict call. Requests larger than the server's ``max_batch`` are split and sent concurrently (the
+server batches them again). Per router request, :meth:`RemoteExpert.scoped` gives a view bound to a
+:class:`CallScope`: every call's deadline is the caller's remaining time, and cancelling the scope
+(the router's client went away) cancels the calls in flight. Failures raise :class:`ExpertFailure`
+naming the expert, which the router turns into a status code.
+
+Coalescing (``coalesce=True``, what the router server uses): concurrent velocity calls from many router
+requests are merged into one Predict per expert (a :class:`~ddm.expert.batching.DynamicBatcher` on
+the client side, no added delay: it takes whatever queued while the previous Predict was in flight).
+With 32 clients sampling at once the router then sends a few large Predicts per step instead of 32
+small ones, so per-call overhead on both ends stops dominating and the expert's own batcher sees big
+batches. A request that leaves (deadline, cancellation) stops waiting at once; the shared call goes on
+for the others. Requests larger than the server's ``max_batch`` bypass it and are sent in chunks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import torch
+
+from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
+from ddm.proto import rpc
+from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.router.client import ExpertClient
+
+
+class ExpertFailure(RuntimeError):
+    """A Predict/Info call to an expert failed; names the expert and carries the gRPC status code."""
+
+    def __init__(self, name: str, address: str, code: grpc.StatusCode, details: str):
+        self.name, self.address, self.code, self.details = name, address, code, details
+        super().__init__(f"expert {name} at {address}: {code.name}: {details}")
+
+
+class Cancelled(RuntimeError):
+    """The request the expert call was made for was cancelled (its client went away)."""
+
+
+class CallScope:
+    """Deadline and cancellation shared by every expert call made for one router request."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline  # time.monotonic() value, None = no deadline
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: set[grpc.Future] = set()
+
+    @classmethod
+    def from_timeout(cls, seconds: float | None) -> CallScope:
+        return cls(None if seconds is None else time.monotonic() + seconds)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        with self._lock:
+            inflight = list(self._inflight)
+        for future in inflight:
+            future.cancel()
+
+    def _track(self, future: grpc.Future) -> None:
+        with self._lock:
+            self._inflight.add(future)
+        if self.cancelled:
+            future.cancel()
+
+    def _untrack(self, future: grpc.Future) -> None:
+        with self._lock:
+            self._inflight.discard(future)
+
+
+class RemoteExpert:
+    """Denoiser over gRPC. Attributes after :meth:`connect`: ``info``, ``name``, ``num_classes``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: rpc.ClientTLS | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+        connect_timeout: float | None = 30.0,
+        max_message: int = 256 * rpc.MiB,
+        name: str | None = None,
+        coalesce: bool = False,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self.client = ExpertClient(address, tls=tls, token=token, timeout=timeout, max_message=max_message)
+        self.info: pb.ExpertInfo | None = None
+        self.coalesce = coalesce
+        self.batcher: DynamicBatcher | None = None  # coalesces concurrent calls, after connect()
+        self._name = name
+        if connect_timeout is not None:
+            self.connect(connect_timeout)
+
+    def connect(self, timeout: float) -> pb.ExpertInfo:
+        """Fetch Info, waiting up to ``timeout`` s for the server to be up; raises ExpertFailure."""
+        try:
+            self.info = self.client.info(timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise ExpertFailure(self.name, self.address, e.code(), e.details() or "") from None
+        if self.coalesce and self.batcher is None:
+            self.batcher = DynamicBatcher(
+                self._coalesced_call, max_batch=max(1, self.info.max_batch), max_delay=0.0, max_queue=4096,
+                name=f"to-{self.info.name}",
+            )
+        return self.info
+
+    @property
+    def name(self) -> str:
+        return self._name or (self.info.name if self.info is not None else self.address)
+
+    @property
+    def num_classes(self) -> int:
+        return self._require_info().num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self._require_info().image_shape
+        return (c, h, w)
+
+    def _require_info(self) -> pb.ExpertInfo:
+        if self.info is None:
+            raise RuntimeError(f"expert {self.address} not connected; call connect() first")
+        return self.info
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """v (N, C, H, W) with this expert's own timeout as the deadline."""
+        return self.predict(x_t, t, y, CallScope.from_timeout(self.timeout))
+
+    def scoped(self, scope: CallScope) -> ScopedExpert:
+        """A view whose calls obey ``scope`` (one router request's deadline and cancellation)."""
+        return ScopedExpert(self, scope)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scope: CallScope) -> torch.Tensor:
+        """v (N, C, H, W) within ``scope``: coalesced with other callers, or sent directly in chunks."""
+        info = self._require_info()
+        if scope.cancelled:
+            raise Cancelled(f"request cancelled before calling expert {self.name}")
+        remaining = scope.remaining()
+        timeout = self.timeout if remaining is None else min(self.timeout, remaining)
+        if timeout <= 0:
+            raise ExpertFailure(self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for the call")
+        if self.batcher is None or x_t.shape[0] > info.max_batch:
+            return self._call(x_t, t, y, timeout, scope)
+        try:
+            req = self.batcher.submit(x_t, t, y, deadline=scope.deadline)
+        except QueueFull as e:
+            raise ExpertFailure(self.name, self.address, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        while not req.done.wait(0.05):  # wake up now and then to notice a cancelled request
+            if scope.cancelled:
+                req.cancel()
+                raise Cancelled(f"request cancelled while waiting for expert {self.name}")
+            if scope.deadline is not None and time.monotonic() >= scope.deadline:
+                req.cancel()
+                raise ExpertFailure(self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+        if isinstance(req.error, Expired):
+            if scope.cancelled:
+                raise Cancelled(f"request cancelled while waiting for expert {self.name}")
+            raise ExpertFailure(self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _coalesced_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One Predict for the rows of several callers (runs on the batcher's thread)."""
+        return self._call(x_t, t, y, self.timeout, None)
+
+    def _call(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, timeout: float, scope: CallScope | None
+    ) -> torch.Tensor:
+        """Predict in chunks of at most ``max_batch`` rows, all in flight at once; (N, C, H, W)."""
+        step = max(1, self._require_info().max_batch)
+        chunks = [(x_t[i : i + step], t[i : i + step], y[i : i + step]) for i in range(0, x_t.shape[0], step)]
+        futures = []
+        for cx, ct, cy in chunks:
+            future = self.client.stub.Predict.future(
+                ExpertClient.request(cx, ct, cy), timeout=timeout, metadata=self.client.metadata
+            )
+            if scope is not None:
+                scope._track(future)
+            futures.append(future)
+        try:
+            parts = [ExpertClient.velocity_of(f.result(), cx) for f, (cx, _, _) in zip(futures, chunks)]
+        except grpc.FutureCancelledError:
+            raise Cancelled(f"request cancelled while expert {self.name} was computing") from None
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and scope is not None and scope.cancelled:
+                raise Cancelled(f"request cancelled while expert {self.name} was computing") from None
+            raise ExpertFailure(self.name, self.address, e.code(), e.details() or "") from None
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for finished calls; stops the rest after a failure
+                if scope is not None:
+                    scope._untrack(future)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def health(self, *, timeout: float = 1.0) -> tuple[bool, str]:
+        return self.client.health(timeout=timeout)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.client.close()
+
+
+class ScopedExpert:
+    """A RemoteExpert seen through one request's :class:`CallScope` (a Denoiser)."""
+
+    def __init__(self, remote: RemoteExpert, scope: CallScope):
+        self.remote = remote
+        self.scope = scope
+        self.num_classes = remote.num_classes
+        self.name = remote.name
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.remote.predict(x_t, t, y, self.scope)

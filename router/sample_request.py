@@ -1,0 +1,112 @@
+"""A Sample request, validated: defaults for unset fields, limits, and one error per bad field.
+
+Kept apart from the server so the rules read in one place and test without a network: every check
+raises :class:`BadRequest` naming the protobuf field, which the server returns as INVALID_ARGUMENT.
+``initial_noise`` is the one definition of a request's starting noise, so an in-process run with the
+same seed reproduces a served one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ddm.expert.sampling import SAMPLERS
+from ddm.proto.ddm.v1 import ddm_pb2 as pb
+
+SERVED_STRATEGIES: tuple[str, ...] = ("top-k", "full", "threshold")  # "oracle" needs partition labels
+
+
+class BadRequest(ValueError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class SampleDefaults:
+    """What unset SampleRequest fields mean, and the limits of one request."""
+
+    guidance: float = 3.0
+    steps: int = 32
+    sampler: str = "euler"
+    strategy: str = "top-k"
+    top_k: int = 1
+    threshold: float = 0.1
+    time_shift: float = 1.0
+    churn: float = 0.5
+    max_n: int = 256
+    max_steps: int = 1000
+    max_guidance: float = 100.0
+    max_seconds: float = 600.0  # deadline of a call whose client sets none
+
+
+@dataclass
+class SampleParams:
+    n: int
+    labels: torch.Tensor  # (n,) long
+    guidance: float
+    steps: int
+    sampler: str
+    strategy: str
+    top_k: int
+    threshold: float
+    seed: int
+    time_shift: float
+    churn: float
+
+
+def parse_request(req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int, num_experts: int) -> SampleParams:
+    """Validated parameters with defaults filled in; :class:`BadRequest` names the offending field."""
+
+    def opt(name: str, default: Any) -> Any:
+        return getattr(req, name) if req.HasField(name) else default
+
+    if not 1 <= req.n <= d.max_n:
+        raise BadRequest("n", f"{req.n} images; ask for 1..{d.max_n}")
+    labels = list(req.labels)
+    if labels and len(labels) != req.n:
+        raise BadRequest("labels", f"{len(labels)} labels for n = {req.n}; send none (classes cycled) or exactly n")
+    bad = [v for v in labels if not 0 <= v <= num_classes]
+    if bad:
+        raise BadRequest("labels", f"{bad[:5]} out of range; classes are 0..{num_classes - 1}, {num_classes} = unconditional")
+    y = torch.tensor(labels, dtype=torch.long) if labels else torch.arange(req.n) % num_classes
+    guidance = float(opt("guidance", d.guidance))
+    if not (math.isfinite(guidance) and 0 <= guidance <= d.max_guidance):
+        raise BadRequest("guidance", f"{guidance} out of range; use 0..{d.max_guidance} (1 = none)")
+    steps = int(opt("steps", d.steps))
+    if not 1 <= steps <= d.max_steps:
+        raise BadRequest("steps", f"{steps} out of range; use 1..{d.max_steps}")
+    sampler = opt("sampler", d.sampler)
+    if sampler not in SAMPLERS:
+        raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    strategy = opt("strategy", d.strategy)
+    if strategy not in SERVED_STRATEGIES:
+        hint = " ('oracle' needs ground-truth partition labels: evaluation only)" if strategy == "oracle" else ""
+        raise BadRequest("strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(SERVED_STRATEGIES)}")
+    top_k = int(opt("top_k", d.top_k))
+    if not 1 <= top_k <= num_experts:
+        raise BadRequest("top_k", f"{top_k} out of range; there are {num_experts} experts")
+    threshold = float(opt("threshold", d.threshold))
+    if not (math.isfinite(threshold) and 0 < threshold <= 1):
+        raise BadRequest("threshold", f"{threshold} out of range; use a probability in (0, 1]")
+    time_shift = float(opt("time_shift", d.time_shift))
+    if not (math.isfinite(time_shift) and 0 < time_shift <= 100):
+        raise BadRequest("time_shift", f"{time_shift} out of range; use (0, 100] (1 = none)")
+    churn = float(opt("churn", d.churn))
+    if not (math.isfinite(churn) and 0 <= churn <= 1):
+        raise BadRequest("churn", f"{churn} out of range; use [0, 1]")
+    seed = int(opt("seed", secrets.randbits(63)))
+    return SampleParams(req.n, y, guidance, steps, sampler, strategy, top_k, threshold, seed, time_shift, churn)
+
+
+def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The noise a request with ``seed`` starts from, and the generator the stochastic sampler goes on
+    with. One definition, so an in-process run with the same seed reproduces a served one exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen), gen  # (n, C, H, W)

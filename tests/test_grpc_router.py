@@ -1,0 +1,253 @@
+"""The router server end to end on 127.0.0.1: two expert servers + a router; Sample streams progress
+then images identical to the in-process Ensemble with the same seed; bad requests are INVALID_ARGUMENT
+naming the field; expert health, a lost expert, client cancellation and deadlines behave."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from ddm.expert import flow
+from ddm.expert.images import to_uint8
+from ddm.expert.load import load_denoiser
+from ddm.expert.sampling import sample
+from ddm.expert.server import ExpertServer
+from ddm.proto import rpc
+from ddm.router.client import RouterClient
+from ddm.router.ensemble import Ensemble
+from ddm.router.model import load_router
+from ddm.router.remote import ExpertFailure
+from ddm.router.server import RouterServer, initial_noise
+
+from grpc_fixtures import expert_checkpoint, router_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    for k in range(2):
+        expert_checkpoint(root, k)
+    router_checkpoint(root, 2)
+    return root
+
+
+def _experts(root: Path, **kwargs) -> list[ExpertServer]:
+    return [ExpertServer(str(root / f"experts/expert-{k}/checkpoints"), **kwargs).start(timeout=30) for k in range(2)]
+
+
+@pytest.fixture(scope="module")
+def stack(run_root: Path) -> Iterator[tuple[RouterServer, list[ExpertServer]]]:
+    experts = _experts(run_root)
+    router = RouterServer(str(run_root / "router/checkpoints"), [e.target for e in experts]).start(timeout=30)
+    yield router, experts
+    router.stop(0)
+    for e in experts:
+        e.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client(stack: tuple[RouterServer, list[ExpertServer]]) -> Iterator[RouterClient]:
+    with RouterClient(stack[0].target) as c:
+        yield c
+
+
+def _in_process(root: Path, n: int, y: torch.Tensor, seed: int, *, guidance: float, steps: int, sampler: str, **strategy):
+    experts = [load_denoiser(str(root / f"experts/expert-{k}/checkpoints")) for k in range(2)]
+    ensemble = Ensemble(experts, load_router(str(root / "router/checkpoints")), **strategy)
+    noise, gen = initial_noise(n, (1, 8, 8), seed)
+    x = sample(ensemble.guided(guidance), noise, y, steps=steps, sampler=sampler, generator=gen)
+    return x, ensemble.calls
+
+
+@pytest.mark.parametrize(
+    "strategy, sampler, guidance",
+    [
+        (dict(strategy="top-k", top_k=1), "euler", 3.0),
+        (dict(strategy="full"), "heun", 1.0),
+        (dict(strategy="threshold", threshold=0.3), "stochastic", 2.5),
+        (dict(strategy="top-k", top_k=2), "euler", 0.0),
+    ],
+)
+def test_sample_matches_the_in_process_ensemble(client: RouterClient, run_root: Path, strategy: dict, sampler: str, guidance: float) -> None:
+    progress: list[tuple[int, int, float]] = []
+    y = torch.tensor([0, 1, 2, 3, 1, 0])  # 3 = unconditional
+    images, info = client.sample(
+        6, y, guidance=guidance, steps=4, sampler=sampler, seed=11, include_float=True,
+        on_progress=lambda *p: progress.append(p), **strategy,
+    )  # fmt: skip
+    want, calls = _in_process(run_root, 6, y, 11, guidance=guidance, steps=4, sampler=sampler, **strategy)
+    assert progress == [(i + 1, 4, pytest.approx(t)) for i, t in enumerate(flow.time_grid(4).tolist()[1:])]
+    assert images.dtype == torch.uint8 and images.shape == (6, 1, 8, 8)
+    torch.testing.assert_close(info.samples, want, atol=1e-5, rtol=1e-5)
+    assert (images.int() - to_uint8(want).int()).abs().max() <= 1  # float rounding may flip a level
+    assert torch.equal(info.labels, y) and info.seed == 11 and info.degraded_experts == []
+    assert info.expert_rows == {"expert-0": calls.rows[0], "expert-1": calls.rows[1]}
+    assert info.expert_calls == {"expert-0": calls.batches[0], "expert-1": calls.batches[1]}
+    assert min(calls.rows) > 0  # both experts took part
+
+
+def test_defaults_info_and_random_seed(client: RouterClient, stack: tuple[RouterServer, list[ExpertServer]]) -> None:
+    info = client.info()
+    assert (info.num_classes, list(info.image_shape), info.num_experts) == (3, [1, 8, 8], 2)
+    assert info.default_strategy == "top-k" and info.default_top_k == 1 and info.ready
+    assert list(info.strategies) == ["top-k", "full", "threshold"]
+    images, a = client.sample(4, steps=2)
+    _, b = client.sample(4, steps=2)
+    assert torch.equal(a.labels, torch.tensor([0, 1, 2, 0]))  # classes cycled
+    assert a.seed != b.seed and images.shape == (4, 1, 8, 8)
+    assert sum(a.expert_rows.values()) == 4 * 2 * 2  # top-1, CFG (2 rows per sample), 2 steps
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n=0), "n: 0 images; ask for 1..256"),
+        (dict(n=257), "n: 257 images"),
+        (dict(n=3, labels=[0, 1]), "labels: 2 labels for n = 3"),
+        (dict(n=2, labels=[0, 4]), "labels: [4] out of range"),
+        (dict(n=1, guidance=-1.0), "guidance: -1.0 out of range"),
+        (dict(n=1, guidance=float("nan")), "guidance: nan out of range"),
+        (dict(n=1, steps=0), "steps: 0 out of range"),
+        (dict(n=1, steps=1001), "steps: 1001 out of range"),
+        (dict(n=1, sampler="ddim"), "sampler: unknown sampler 'ddim'"),
+        (dict(n=1, strategy="random"), "strategy: unknown strategy 'random'"),
+        (dict(n=1, strategy="oracle"), "strategy: unknown strategy 'oracle' ('oracle' needs ground-truth"),
+        (dict(n=1, top_k=3), "top_k: 3 out of range; there are 2 experts"),
+        (dict(n=1, threshold=0.0), "threshold: 0.0 out of range"),
+        (dict(n=1, time_shift=0.0), "time_shift: 0.0 out of range"),
+        (dict(n=1, churn=1.5), "churn: 1.5 out of range"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_naming_the_field(client: RouterClient, kwargs: dict, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.sample(**kwargs)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(message), info.value.details()
+
+
+def test_health_reflection_and_list_experts(client: RouterClient, stack: tuple[RouterServer, list[ExpertServer]]) -> None:
+    assert client.health() == (True, "")
+    statuses = client.list_experts()
+    assert [(s.name, s.address, s.healthy) for s in statuses] == [
+        ("expert-0", stack[1][0].target, True), ("expert-1", stack[1][1].target, True)
+    ]
+    assert statuses[1].info.expert_index == 1 and statuses[1].info.num_classes == 3
+
+
+@pytest.fixture
+def own_stack(run_root: Path) -> Iterator[tuple[RouterServer, list[ExpertServer]]]:
+    experts = _experts(run_root)
+    router = RouterServer(str(run_root / "router/checkpoints"), [e.target for e in experts], expert_timeout=5).start(timeout=30)
+    yield router, experts
+    router.stop(0)
+    for e in experts:
+        e.stop(0)
+
+
+def test_a_lost_expert_is_unhealthy_and_fails_sampling_with_unavailable_naming_it(own_stack) -> None:
+    router, experts = own_stack
+    with RouterClient(router.target) as client:
+        client.sample(2, steps=2, strategy="full")
+        experts[1].stop(0)
+        statuses = client.list_experts()
+        assert [s.healthy for s in statuses] == [True, False] and "UNAVAILABLE" in statuses[1].error
+        with pytest.raises(grpc.RpcError) as info:
+            client.sample(2, steps=2, strategy="full")
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"expert expert-1 at {experts[1].target}: UNAVAILABLE" in info.value.details()
+    assert router.stats.failed == 1
+
+
+def test_client_cancel_stops_the_routers_work(own_stack) -> None:
+    router, experts = own_stack
+
+    def stop_after_two(step: int, total: int, t: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt  # what Ctrl-C in the client does
+
+    with RouterClient(router.target) as client, pytest.raises(KeyboardInterrupt):
+        client.sample(4, steps=500, strategy="full", on_progress=stop_after_two)
+    deadline = time.monotonic() + 5
+    while router.stats.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert router.stats.cancelled == 1 and router.stats.completed == 0
+    requests = sum(e.batcher.stats.requests for e in experts)
+    time.sleep(0.3)
+    assert sum(e.batcher.stats.requests for e in experts) == requests < 2 * 50  # no more expert work
+
+
+def test_deadline_exceeded_stops_sampling(own_stack) -> None:
+    router, experts = own_stack
+    with RouterClient(router.target) as client, pytest.raises(grpc.RpcError) as info:
+        client.sample(4, steps=1000, strategy="full", timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.3)
+    steps = router.stats.steps
+    time.sleep(0.3)
+    assert router.stats.steps == steps < 1000 and router.stats.completed == 0
+
+
+def test_tokens_between_client_router_and_experts(run_root: Path) -> None:
+    experts = _experts(run_root, token="expert-secret")
+    router = RouterServer(
+        str(run_root / "router/checkpoints"), [e.target for e in experts], token="router-secret", expert_token="expert-secret"
+    ).start(timeout=30)
+    try:
+        with RouterClient(router.target) as anonymous, pytest.raises(grpc.RpcError) as info:
+            anonymous.sample(1, steps=1)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with RouterClient(router.target, token="router-secret") as client:
+            assert client.sample(1, steps=1)[0].shape == (1, 1, 8, 8)
+    finally:
+        router.stop(0)
+        for e in experts:
+            e.stop(0)
+
+
+def test_router_refuses_experts_that_do_not_fit(run_root: Path) -> None:
+    experts = _experts(run_root)
+    try:
+        ckpt = str(run_root / "router/checkpoints")
+        with pytest.raises(ValueError, match="1 expert addresses but the router was trained for 2"):
+            RouterServer(ckpt, [experts[0].target]).start(timeout=30).stop(0)
+        with pytest.raises(ValueError, match=r"--expert #0 .* serves expert-1 .* list the expert addresses in expert order"):
+            RouterServer(ckpt, [experts[1].target, experts[0].target]).start(timeout=30).stop(0)
+        unready = RouterServer(ckpt, ["127.0.0.1:1", experts[1].target], connect_timeout=0.3).start(wait=False)
+        channel = rpc.make_channel(unready.target)
+        with pytest.raises(ExpertFailure, match="expert 127.0.0.1:1 at 127.0.0.1:1: (UNAVAILABLE|DEADLINE_EXCEEDED)"):
+            unready.wait_ready(10)
+        assert rpc.check_health(channel) == (False, "NOT_SERVING")
+        channel.close()
+        unready.stop(0)
+    finally:
+        for e in experts:
+            e.stop(0)
+
+
+def test_concurrent_requests_share_router_passes_and_predict_calls(run_root: Path) -> None:
+    experts = _experts(run_root, max_delay=0.05)  # a Predict takes >= 50 ms: others queue behind it
+    router = RouterServer(str(run_root / "router/checkpoints"), [e.target for e in experts]).start(timeout=30)
+    try:
+        labels = [torch.tensor([i % 3, (i + 1) % 4]) for i in range(6)]
+        with RouterClient(router.target) as client, ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(
+                lambda i: client.sample(2, labels[i], steps=3, seed=i, strategy="full", include_float=True), range(6)
+            ))  # fmt: skip
+        for i, (_, info) in enumerate(results):
+            want, _ = _in_process(run_root, 2, labels[i], i, guidance=3.0, steps=3, sampler="euler", strategy="full")
+            torch.testing.assert_close(info.samples, want, atol=1e-4, rtol=1e-4)  # batching changes float sums only
+        coalesced = [e.batcher.stats for e in router.experts]
+        assert all(s.requests == 6 * 3 for s in coalesced)  # every request's rows reached every expert...
+        assert all(s.batches < s.requests for s in coalesced)  # ...in fewer Predict calls
+        assert sum(e.batcher.stats.requests for e in experts) == sum(s.batches for s in coalesced)
+        assert router.router_batcher.stats.batches < router.router_batcher.stats.requests == 6 * 3
+    finally:
+        router.stop(0)
+        for e in experts:
+            e.stop(0)
