@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         denoiser, real=real, num_samples=args.num_samples, sample_cfg=sample_cfg,
         features=build_features(args.features, progress=True), classifier=classifier,
-        seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
+        seed=args.seed, batch_size=args.batch_size, out_dir=args.out, cache_dir=os.path.join(machine_cache(), "reference"),
     )  # fmt: skip
     print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str))
     return 0

@@ -66,7 +66,8 @@ def mixture_assignment(y: torch.Tensor, class_counts: np.ndarray, seed: int) -> 
 
 
 def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageDataset, num_samples: int, sample_cfg,
-                     features, classifier, seed: int, batch_size: int, out_dir: str, progress: bool) -> EvalResult:  # fmt: skip
+                     features, classifier, seed: int, batch_size: int, out_dir: str, progress: bool,
+                     cache_dir: str | None = None) -> EvalResult:  # fmt: skip
     """Sample the partition mixture one expert at a time, then score the union like any model."""
     started = time.perf_counter()
     y = balanced_labels(num_samples, real.num_classes)  # (N,)
@@ -85,7 +86,8 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
     sampling_seconds = time.perf_counter() - t0
     result = score(
         to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,
-        sampling_seconds=sampling_seconds, denoiser_rows=rows, denoiser_batches=batches, out_dir=out_dir, started=started,
+        sampling_seconds=sampling_seconds, denoiser_rows=rows, denoiser_batches=batches, out_dir=out_dir, cache_dir=cache_dir,
+        started=started,
     )  # fmt: skip
     result.extra["samples_per_expert"] = torch.bincount(owner, minlength=len(experts)).tolist()
     storage.write_json(storage.join(out_dir, "metrics.json"), result.to_dict())
@@ -113,8 +115,9 @@ def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None
     classifier = None
     if ev.classifier and cfg.data.source == "fashion-mnist":
         classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg), progress=progress)
+    reference_cache = storage.join(classifier_cache(cfg), "reference")  # real-set features, keyed by image hash
     common = dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
-                  seed=0, batch_size=250, progress=progress)  # fmt: skip
+                  seed=0, batch_size=250, progress=progress, cache_dir=reference_cache)  # fmt: skip
     results: dict[str, Any] = {}
     experts = [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints"))) for d in expert_dirs.values()]
     if cfg.mode == "monolith":
