@@ -20,14 +20,15 @@ def _age(ts: float | None) -> str:
 
 def print_status(root: str) -> None:
     from ddm.coordinator.manifest import Manifest
-    from ddm.coordinator.pipeline import job_output
+    from ddm.coordinator.pipeline import STAGES, job_output
     from ddm.expert import checkpoint, heartbeat, storage
 
     m = Manifest.load(root)
     cfg = m.data["config"]
     print(f"run {cfg.get('name')} at {root}  (mode {cfg.get('mode')})")
     print(f"{'stage':<12}{'state':<10}{'seconds':>9}  info")
-    for name, st in m.data["stages"].items():
+    stages = m.data["stages"]  # stored with sorted keys: show them in pipeline order
+    for name, st in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else len(STAGES)):
         info = {k: v for k, v in st.items() if k not in ("state", "seconds") and not k.endswith("_at")}
         print(f"{name:<12}{st['state']:<10}{st.get('seconds', ''):>9}  {info if info else ''}")
     sizes_url = storage.join(root, "clusters", "report.json")
