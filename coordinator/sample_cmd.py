@@ -8,8 +8,12 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint file or directory (local or s3://); the newest one in a directory")
-    src.add_argument("--router", metavar="HOST:PORT", help="sample through a router server (ddm serve router) instead")
+    src.add_argument(
+        "--checkpoint", help="checkpoint file or directory (local or s3://); the newest one in a directory"
+    )
+    src.add_argument(
+        "--router", metavar="HOST:PORT", help="sample through a router server (ddm serve router) instead"
+    )
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.add_argument(
         "--labels",
@@ -25,10 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.png", help="output PNG (local or s3://)")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     r = p.add_argument_group("through a router (--router)")
-    r.add_argument("--strategy", choices=["top-k", "full", "threshold"], help="expert selection (default: the router's)")
+    r.add_argument(
+        "--strategy", choices=["top-k", "full", "threshold"], help="expert selection (default: the router's)"
+    )
     r.add_argument("--top-k", type=int, help="experts per sample for top-k (default: the router's)")
     r.add_argument("--threshold", type=float, help="router probability cut-off for the threshold strategy")
-    r.add_argument("--timeout", type=float, default=600.0, help="deadline of the whole call, seconds (default 600)")
+    r.add_argument(
+        "--timeout", type=float, default=600.0, help="deadline of the whole call, seconds (default 600)"
+    )
     r.add_argument("--tls-ca", help="PEM CA of the router's certificate (enables TLS)")
     r.add_argument("--tls-cert", help="PEM client certificate for mutual TLS")
     r.add_argument("--tls-key", help="PEM key of --tls-cert")
@@ -75,12 +83,13 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, *shape, generator=gen)
     guided = CFGDenoiser(denoiser, args.guidance)
-    x0 = sample(guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen)
+    x0 = sample(
+        guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen
+    )
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(to_uint8(x0), args.out, nrow=nrow)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
-
 
 
 def run_remote(args: argparse.Namespace) -> int:
@@ -100,18 +109,32 @@ def run_remote(args: argparse.Namespace) -> int:
     if args.tls_ca or args.tls_cert or args.tls_key:
         tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
     if args.no_ema:
-        print("ddm sample: --no-ema applies to --checkpoint only; `ddm serve expert --no-ema` picks served weights", file=sys.stderr)
+        print(
+            "ddm sample: --no-ema applies to --checkpoint only; "
+            "`ddm serve expert --no-ema` picks the served weights",
+            file=sys.stderr,
+        )
         return 2
-    with RouterClient(args.router, tls=tls, token=read_token(args.token_file), timeout=args.timeout) as client:
+    with RouterClient(
+        args.router, tls=tls, token=read_token(args.token_file), timeout=args.timeout
+    ) as client:
         try:
             info = client.info()
             y = parse_labels(args.labels, args.n, info.num_classes)
             with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
                 images, result = client.sample(
-                    args.n, y, guidance=args.guidance, steps=args.steps, sampler=args.sampler, strategy=args.strategy,
-                    top_k=args.top_k, threshold=args.threshold, seed=args.seed, time_shift=args.time_shift,
+                    args.n,
+                    y,
+                    guidance=args.guidance,
+                    steps=args.steps,
+                    sampler=args.sampler,
+                    strategy=args.strategy,
+                    top_k=args.top_k,
+                    threshold=args.threshold,
+                    seed=args.seed,
+                    time_shift=args.time_shift,
                     on_progress=lambda step, total, t: bar.update(step - bar.n),
-                )  # fmt: skip
+                )
         except grpc.RpcError as e:
             print(f"ddm sample: router {args.router}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -121,5 +144,7 @@ def run_remote(args: argparse.Namespace) -> int:
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(images, args.out, nrow=nrow)
     calls = ", ".join(f"{name} {count}" for name, count in result.expert_calls.items())
-    print(f"wrote {args.n} samples to {args.out} ({result.seconds:.2f} s on the router; expert calls: {calls})")
+    print(
+        f"wrote {args.n} samples to {args.out} ({result.seconds:.2f} s on the router; expert calls: {calls})"
+    )
     return 0

@@ -18,15 +18,26 @@ import threading
 
 
 def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 for local only)")
-    p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port}; 0 = pick a free one)")
+    p.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 for local only)"
+    )
+    p.add_argument(
+        "--port", type=int, default=default_port, help=f"port (default {default_port}; 0 = pick a free one)"
+    )
     p.add_argument("--tls-cert", help="PEM server certificate (enables TLS; needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA of client certificates: require mutual TLS")
-    p.add_argument("--token-file", help="file holding the bearer token clients must send (else $DDM_TOKEN; none: no auth)")
+    p.add_argument(
+        "--token-file",
+        help="file holding the bearer token clients must send (else $DDM_TOKEN; none: no auth)",
+    )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
-    p.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's choice)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds running calls get to finish on shutdown")
+    p.add_argument(
+        "--threads", type=int, help="torch intra-op threads of this process (default: torch's choice)"
+    )
+    p.add_argument(
+        "--grace", type=float, default=10.0, help="seconds running calls get to finish on shutdown"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,31 +45,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = sub.add_parser("expert", help="serve one expert checkpoint (ddm.v1.Expert, dynamic batching)")
     e.add_argument("--checkpoint", required=True, help="expert checkpoint file or directory (local or s3://)")
     e.add_argument("--max-batch", type=int, default=64, help="most rows in one forward pass (default 64)")
-    e.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait to fill a batch, ms (default 2)")
-    e.add_argument("--max-queue", type=int, default=128, help="pending requests before RESOURCE_EXHAUSTED (default 128)")
+    e.add_argument(
+        "--max-delay-ms", type=float, default=2.0, help="longest wait to fill a batch, ms (default 2)"
+    )
+    e.add_argument(
+        "--max-queue", type=int, default=128, help="pending requests before RESOURCE_EXHAUSTED (default 128)"
+    )
     e.add_argument("--name", help="expert name reported by Info (default: from the checkpoint)")
-    e.add_argument("--expert-index", type=int, help="expert index reported by Info (default: from the name expert-K)")
+    e.add_argument(
+        "--expert-index", type=int, help="expert index reported by Info (default: from the name expert-K)"
+    )
     e.add_argument("--no-ema", action="store_true", help="serve the raw weights instead of the EMA weights")
     _add_common(e, 50051)
     r = sub.add_parser("router", help="serve the router + ensemble of remote experts (ddm.v1.Router)")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--router-checkpoint", help="router checkpoint file or directory")
     src.add_argument("--run", help="run root: use ROOT/router/checkpoints")
-    r.add_argument("--expert", action="append", required=True, metavar="ADDR",
-                   help="expert server host:port, once per expert, in expert order (expert-0 first)")
+    r.add_argument(
+        "--expert",
+        action="append",
+        required=True,
+        metavar="ADDR",
+        help="expert server host:port, once per expert, in expert order (expert-0 first)",
+    )
     r.add_argument("--max-concurrent", type=int, default=64, help="Sample calls served at once (default 64)")
-    r.add_argument("--strategy", choices=["top-k", "full", "threshold"], default="top-k", help="default strategy")
+    r.add_argument(
+        "--strategy", choices=["top-k", "full", "threshold"], default="top-k", help="default strategy"
+    )
     r.add_argument("--top-k", type=int, default=1, help="default k for top-k (default 1)")
     r.add_argument("--steps", type=int, default=32, help="default sampler steps (default 32)")
     r.add_argument("--guidance", type=float, default=3.0, help="default guidance scale (default 3)")
     r.add_argument("--max-n", type=int, default=256, help="most images per Sample call (default 256)")
-    r.add_argument("--expert-timeout", type=float, default=60.0, help="deadline of one expert call, s (default 60)")
-    r.add_argument("--connect-timeout", type=float, default=120.0, help="wait for experts at start, s (default 120)")
-    r.add_argument("--expert-tls-ca", help="PEM CA of the expert servers' certificates (enables TLS to experts)")
+    r.add_argument(
+        "--cohort-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others with its schedule to sample with (default 5; 0 = never)",
+    )
+    r.add_argument(
+        "--expert-timeout", type=float, default=60.0, help="deadline of one expert call, s (default 60)"
+    )
+    r.add_argument(
+        "--connect-timeout", type=float, default=120.0, help="wait for experts at start, s (default 120)"
+    )
+    r.add_argument(
+        "--expert-tls-ca", help="PEM CA of the expert servers' certificates (enables TLS to experts)"
+    )
     r.add_argument("--expert-tls-cert", help="PEM client certificate for mutual TLS to experts")
     r.add_argument("--expert-tls-key", help="PEM key of --expert-tls-cert")
-    r.add_argument("--expert-server-name", help="name to verify in the experts' certificates (default: their host)")
-    r.add_argument("--expert-token-file", help="bearer token for the experts (else $DDM_EXPERT_TOKEN, else the router's token)")
+    r.add_argument(
+        "--expert-server-name", help="name to verify in the experts' certificates (default: their host)"
+    )
+    r.add_argument(
+        "--expert-token-file",
+        help="bearer token for the experts (else $DDM_EXPERT_TOKEN, else the router's token)",
+    )
     _add_common(r, 50050)
 
 
@@ -78,10 +119,19 @@ def _build_expert(args: argparse.Namespace, address: str, token: str | None):
     from ddm.expert.server import ExpertServer
 
     return ExpertServer(
-        args.checkpoint, address=address, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
-        max_queue=args.max_queue, num_threads=args.threads, tls=_server_tls(args), token=token,
-        metrics_port=args.metrics_port, name=args.name, expert_index=args.expert_index, ema=not args.no_ema,
-    )  # fmt: skip
+        args.checkpoint,
+        address=address,
+        max_batch=args.max_batch,
+        max_delay=args.max_delay_ms / 1000,
+        max_queue=args.max_queue,
+        num_threads=args.threads,
+        tls=_server_tls(args),
+        token=token,
+        metrics_port=args.metrics_port,
+        name=args.name,
+        expert_index=args.expert_index,
+        ema=not args.no_ema,
+    )
 
 
 def _build_router(args: argparse.Namespace, address: str, token: str | None):
@@ -98,17 +148,31 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
     checkpoint = args.router_checkpoint or storage.join(args.run, "router", "checkpoints")
     expert_tls = None
     if args.expert_tls_ca or args.expert_tls_cert or args.expert_tls_key:
-        expert_tls = ClientTLS(args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key, args.expert_server_name)
-    expert_token = read_token(args.expert_token_file, env="DDM_EXPERT_TOKEN") if args.expert_token_file else None
+        expert_tls = ClientTLS(
+            args.expert_tls_ca, args.expert_tls_cert, args.expert_tls_key, args.expert_server_name
+        )
+    expert_token = (
+        read_token(args.expert_token_file, env="DDM_EXPERT_TOKEN") if args.expert_token_file else None
+    )
     expert_token = expert_token or os.environ.get("DDM_EXPERT_TOKEN") or token
     defaults = SampleDefaults(
         strategy=args.strategy, top_k=args.top_k, steps=args.steps, guidance=args.guidance, max_n=args.max_n
     )
     return RouterServer(
-        checkpoint, args.expert, address=address, tls=_server_tls(args), token=token, expert_tls=expert_tls,
-        expert_token=expert_token, expert_timeout=args.expert_timeout, connect_timeout=args.connect_timeout,
-        max_concurrent=args.max_concurrent, defaults=defaults, metrics_port=args.metrics_port,
-    )  # fmt: skip
+        checkpoint,
+        args.expert,
+        address=address,
+        tls=_server_tls(args),
+        token=token,
+        expert_tls=expert_tls,
+        expert_token=expert_token,
+        expert_timeout=args.expert_timeout,
+        connect_timeout=args.connect_timeout,
+        max_concurrent=args.max_concurrent,
+        defaults=defaults,
+        metrics_port=args.metrics_port,
+        cohort_delay=args.cohort_ms / 1000,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -109,7 +109,9 @@ class DynamicBatcher:
     def pending(self) -> int:
         return self._pending
 
-    def submit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, deadline: float | None) -> Request:
+    def submit(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, deadline: float | None
+    ) -> Request:
         """Queue rows for the next batch; raises :class:`QueueFull` when ``max_queue`` are pending."""
         if x_t.shape[0] > self.max_batch:
             raise ValueError(f"{x_t.shape[0]} rows exceed max_batch {self.max_batch}")

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -44,13 +42,20 @@ class ExpertMetrics:
     def __init__(self, name: str):
         self.registry = CollectorRegistry()
         labels = dict(labelnames=["expert"], registry=self.registry)
-        self.requests = Counter("ddm_expert_requests", "Predict calls by status code", ["expert", "code"], registry=self.registry)
+        self.requests = Counter(
+            "ddm_expert_requests", "Predict calls by status code", ["expert", "code"], registry=self.registry
+        )
         self.rows = Counter("ddm_expert_rows", "rows computed", **labels)
         self.batches = Counter("ddm_expert_batches", "forward passes", **labels)
         self.batch_rows = Histogram(
-            "ddm_expert_batch_rows", "rows per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), **labels
+            "ddm_expert_batch_rows",
+            "rows per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            **labels,
         )
-        self.forward_seconds = Histogram("ddm_expert_forward_seconds", "time of one batched forward", **labels)
+        self.forward_seconds = Histogram(
+            "ddm_expert_forward_seconds", "time of one batched forward", **labels
+        )
         self.latency = Histogram("ddm_expert_request_seconds", "Predict latency on the server", **labels)
         self.pending = Gauge("ddm_expert_pending_requests", "requests queued or being gathered", **labels)
         self.name = name
@@ -79,8 +84,10 @@ def expert_index_from_name(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-class ExpertServer:
+class ExpertServer(rpc.LoadingServer):
     """Serves one expert checkpoint. ``start()`` opens the port at once and loads in the background."""
+
+    SERVICE = SERVICE
 
     def __init__(
         self,
@@ -102,87 +109,40 @@ class ExpertServer:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        super().__init__(address, tls=tls, token=token)
         self.checkpoint = checkpoint
-        self.address = address
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_queue = max_queue
         self.num_threads = num_threads
-        self.tls = tls
         self.metrics_port = metrics_port
         self.ema = ema
         self._name = name
         self._expert_index = expert_index
-        self._token = token
-        self.port: int | None = None
         self.max_message = 0  # bytes, decided in start()
         self.metrics: ExpertMetrics | None = None
         self.batcher: DynamicBatcher | None = None
         self.info: pb.ExpertInfo | None = None
-        self.load_error: BaseException | None = None
-        self._ready = threading.Event()
-        self._loaded = threading.Event()  # set when loading ended, successfully or not
-        self._server: grpc.Server | None = None
-        self._health: Any = None
-        self._http: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self, *, wait: bool = True, timeout: float | None = None) -> ExpertServer:
         """Open the port, start loading; with ``wait`` block until loaded (raising the load error)."""
         self.max_message = self._message_limit_guess()
-        slots = self.max_queue + 8  # every pending request holds a handler thread; 8 for Info/health
-        interceptors = [rpc.TokenAuthInterceptor(self._token)] if self._token else []
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="expert-rpc"),
-            interceptors=interceptors,
-            options=rpc.server_options(self.max_message),
-            maximum_concurrent_rpcs=slots,
+        self._serve(
+            lambda server: pb_grpc.add_ExpertServicer_to_server(_ExpertServicer(self), server),
+            workers=self.max_queue + 8,  # every pending request holds a handler thread; 8 for Info/health
+            max_message=self.max_message,
+            wait=wait,
+            timeout=timeout,
         )
-        pb_grpc.add_ExpertServicer_to_server(_ExpertServicer(self), self._server)
-        self._health = rpc.add_health_and_reflection(self._server, [SERVICE])
-        self.port = rpc.bind(self._server, self.address, self.tls)
-        self._server.start()
-        threading.Thread(target=self._load, name="expert-load", daemon=True).start()
-        if wait:
-            self.wait_ready(timeout)
         return self
-
-    @property
-    def target(self) -> str:
-        """``host:port`` clients should dial (the bound port, even when asked for port 0)."""
-        host = self.address.rsplit(":", 1)[0]
-        return f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.port}"
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """True once loading has ended, successfully or not (then see ``load_error``)."""
-        return self._loaded.wait(timeout)
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        if not self._loaded.wait(timeout):
-            raise TimeoutError(f"expert {self.checkpoint} not loaded after {timeout} s")
-        if self.load_error is not None:
-            raise self.load_error
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, let running ones finish within ``grace`` seconds, stop the worker."""
-        if self._health is not None:
-            self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        super().stop(grace)
         if self.batcher is not None:
             self.batcher.close()
-        if self._http is not None:
-            self._http[0].shutdown()
-            self._http = None
-
-    def wait_for_termination(self) -> None:
-        assert self._server is not None, "start() first"
-        self._server.wait_for_termination()
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -194,7 +154,11 @@ class ExpertServer:
         """
         shape = (3, 256, 256)
         try:
-            url = self.checkpoint if self.checkpoint.endswith(".safetensors") else checkpoint.latest(self.checkpoint)
+            url = (
+                self.checkpoint
+                if self.checkpoint.endswith(".safetensors")
+                else checkpoint.latest(self.checkpoint)
+            )
             model = storage.read_json(url.removesuffix(".safetensors") + ".json")["model"] if url else None
             if model:
                 shape = (int(model["in_channels"]), int(model["image_size"]), int(model["image_size"]))
@@ -206,52 +170,48 @@ class ExpertServer:
         return load_model(self.checkpoint, ema=self.ema)
 
     def _load(self) -> None:
-        try:
-            if self.num_threads is not None:
-                torch.set_num_threads(self.num_threads)
-            model, meta = self._load_model()
-            cfg = model.config
-            name = self._name or str(meta.get("name") or "expert")
-            self.info = pb.ExpertInfo(
-                name=name,
-                expert_index=self._expert_index if self._expert_index is not None else expert_index_from_name(name),
-                num_classes=model.num_classes,
-                image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
-                arch=str(meta.get("arch") or ""),
-                step=int(meta.get("step", 0)),
-                checkpoint=str(meta.get("url", self.checkpoint)),
-                max_batch=self.max_batch,
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        model, meta = self._load_model()
+        cfg = model.config
+        name = self._name or str(meta.get("name") or "expert")
+        self.info = pb.ExpertInfo(
+            name=name,
+            expert_index=self._expert_index
+            if self._expert_index is not None
+            else expert_index_from_name(name),
+            num_classes=model.num_classes,
+            image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
+            arch=str(meta.get("arch") or ""),
+            step=int(meta.get("step", 0)),
+            checkpoint=str(meta.get("url", self.checkpoint)),
+            max_batch=self.max_batch,
+        )
+        row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
+        if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:
+            raise ValueError(
+                f"max_batch {self.max_batch} x {tuple(self.info.image_shape)} images exceed the server's "
+                "message limit; lower --max-batch"
             )
-            row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
-            if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:
-                raise ValueError(
-                    f"max_batch {self.max_batch} x {tuple(self.info.image_shape)} images exceed the server's "
-                    "message limit; lower --max-batch"
-                )
-            self.metrics = ExpertMetrics(name)
+        self.metrics = ExpertMetrics(name)
 
-            @torch.inference_mode()
-            def forward(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                return model(x_t, t, y).float()
+        @torch.inference_mode()
+        def forward(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return model(x_t, t, y).float()
 
-            self.batcher = DynamicBatcher(
-                forward,
-                max_batch=self.max_batch,
-                max_delay=self.max_delay,
-                max_queue=self.max_queue,
-                on_batch=self.metrics.on_batch,
-                name=f"{name}-batcher",
-            )
-            if self.metrics_port is not None:
-                self._http = start_http_server(self.metrics_port, registry=self.metrics.registry)
-            self._ready.set()
-            rpc.set_serving(self._health, [SERVICE], True)
-            log.info("expert %s (%s, step %d) serving on port %s", name, self.info.arch, self.info.step, self.port)
-        except BaseException as e:  # reported by wait_ready and by UNAVAILABLE answers
-            self.load_error = e
-            log.error("expert server could not load %s: %s", self.checkpoint, e)
-        finally:
-            self._loaded.set()
+        self.batcher = DynamicBatcher(
+            forward,
+            max_batch=self.max_batch,
+            max_delay=self.max_delay,
+            max_queue=self.max_queue,
+            on_batch=self.metrics.on_batch,
+            name=f"{name}-batcher",
+        )
+        if self.metrics_port is not None:
+            self._http = start_http_server(self.metrics_port, registry=self.metrics.registry)
+        log.info(
+            "expert %s (%s, step %d) loaded from %s", name, self.info.arch, self.info.step, self.checkpoint
+        )
 
 
 class _ExpertServicer(pb_grpc.ExpertServicer):
@@ -259,9 +219,7 @@ class _ExpertServicer(pb_grpc.ExpertServicer):
         self.s = server
 
     def _require_ready(self, context: grpc.ServicerContext) -> None:
-        if not self.s.ready:
-            why = f"failed to load ({self.s.load_error})" if self.s.load_error else "still loading"
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"expert {self.s.checkpoint} is {why}")
+        self.s.abort_unless_ready(context, f"expert {self.s.checkpoint}")
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.ExpertInfo:
         self._require_ready(context)
@@ -282,7 +240,10 @@ class _ExpertServicer(pb_grpc.ExpertServicer):
         except TensorError as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except QueueFull as e:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"expert {self.s.info.name} is overloaded: {e}"
+            code, message = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"expert {self.s.info.name} is overloaded: {e}",
+            )
         except Expired as e:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"expert {self.s.info.name}: {e}"
         except Exception as e:  # a failed forward: a server bug, not the caller's
@@ -302,7 +263,9 @@ class _ExpertServicer(pb_grpc.ExpertServicer):
             raise TensorError("x_t", f"{n} rows; send 1..{info.max_batch} (ExpertInfo.max_batch) per request")
         t = from_proto(request.t, "t", dtypes=FLOATS, shape=(n,)).float()  # (N,)
         if bool((t < 0).any() or (t > 1).any()):
-            raise TensorError("t", f"times must lie in [0, 1], got range [{float(t.min())}, {float(t.max())}]")
+            raise TensorError(
+                "t", f"times must lie in [0, 1], got range [{float(t.min())}, {float(t.max())}]"
+            )
         y = from_proto(request.y, "y", dtypes=INTEGERS, shape=(n,)).long()  # (N,)
         if bool((y < 0).any() or (y > info.num_classes).any()):
             raise TensorError(

@@ -30,7 +30,7 @@ GENERATED = ("ddm_pb2.py", "ddm_pb2.pyi", "ddm_pb2_grpc.py")
 
 
 def _fix_imports(text: str) -> str:
-    """``from ddm.v1 import ddm_pb2`` -> ``from ddm.proto.ddm.v1 import ddm_pb2`` (and ``import ddm.v1...``)."""
+    """``from ddm.v1 import ddm_pb2`` -> ``from ddm.proto.ddm.v1 import ddm_pb2`` (and plain imports)."""
     text = re.sub(r"^from ddm\.v1 import ", f"from {PYTHON_PREFIX}.ddm.v1 import ", text, flags=re.MULTILINE)
     return re.sub(r"^import ddm\.v1\.", f"import {PYTHON_PREFIX}.ddm.v1.", text, flags=re.MULTILINE)
 
@@ -67,7 +67,9 @@ def generate(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="root to write ddm/v1/* under (default: proto/)")
+    parser.add_argument(
+        "--out", type=Path, default=PROTO_ROOT, help="root to write ddm/v1/* under (default: proto/)"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(f"wrote {path}")

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+log = logging.getLogger(__name__)
 TOKEN_ENV = "DDM_TOKEN"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 MiB = 1 << 20
@@ -98,7 +102,9 @@ class ServerTLS:
         cert, key = _read(self.cert, "TLS certificate"), _read(self.key, "TLS key")
         ca = _read(self.client_ca, "TLS client CA")
         assert cert is not None and key is not None
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,21 @@ def make_channel(
 def bind(server: grpc.Server, address: str, tls: ServerTLS | None = None) -> int:
     """Listen on ``address`` (``host:0`` picks a free port); returns the port. Fails loudly if taken."""
     try:
-        port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        )
     except RuntimeError as e:  # grpc raises RuntimeError when it cannot bind
         raise OSError(f"cannot listen on {address}: {e}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address} (in use or not a local address)")
     return port
+
+
+def dial_target(listen_address: str, port: int | None) -> str:
+    """The ``host:port`` a local client dials for a server listening on ``listen_address`` (a wildcard
+    host becomes 127.0.0.1; the port is the bound one, which differs when port 0 was asked for)."""
+    host = listen_address.rsplit(":", 1)[0]
+    return f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,9 +187,13 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that ends the call with UNAUTHENTICATED."""
 
     def abort(_request: object, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization metadata)"
+        )
 
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    kwargs = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
     if handler.request_streaming:
@@ -197,7 +216,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return "TokenAuthInterceptor(<redacted>)"
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
@@ -248,3 +268,100 @@ def remaining_time(context: grpc.ServicerContext) -> float | None:
     practically infinite time, which would overflow a thread wait)."""
     remaining = context.time_remaining()
     return None if remaining is None or remaining > 1e8 else max(0.0, remaining)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the servers' common life cycle
+
+
+class LoadingServer:
+    """Base of ddm's gRPC servers: the port opens at once (health NOT_SERVING, calls UNAVAILABLE), then
+    the subclass's ``_load()`` runs in the background; SERVING once it returns, ``load_error`` if it
+    raised. So an orchestrator can tell "starting" from "gone", and a slow checkpoint read (object
+    storage) never looks like a dead pod."""
+
+    SERVICE = ""  # the gRPC service name, e.g. "ddm.v1.Expert"
+
+    def __init__(self, address: str, *, tls: ServerTLS | None, token: str | None):
+        self.address, self.tls, self._token = address, tls, token
+        self.port: int | None = None
+        self.load_error: BaseException | None = None
+        self._loaded = threading.Event()  # loading ended, successfully or not
+        self._ready = threading.Event()
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._http: tuple | None = None  # a Prometheus HTTP server, if a subclass starts one
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _serve(
+        self,
+        add_servicer: Callable[[grpc.Server], None],
+        *,
+        workers: int,
+        max_message: int,
+        wait: bool,
+        timeout: float | None,
+    ) -> None:
+        """Open the port with ``workers`` handler threads (also the cap on concurrent calls), load."""
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{self.SERVICE}-rpc"),
+            interceptors=[TokenAuthInterceptor(self._token)] if self._token else [],
+            options=server_options(max_message),
+            maximum_concurrent_rpcs=workers,
+        )
+        add_servicer(self._server)
+        self._health = add_health_and_reflection(self._server, [self.SERVICE])
+        self.port = bind(self._server, self.address, self.tls)
+        self._server.start()
+        threading.Thread(target=self._load_in_background, name=f"{self.SERVICE}-load", daemon=True).start()
+        if wait:
+            self.wait_ready(timeout)
+
+    def _load_in_background(self) -> None:
+        try:
+            self._load()
+            self._ready.set()
+            set_serving(self._health, [self.SERVICE], True)
+            log.info("%s serving on port %s", self.SERVICE, self.port)
+        except BaseException as e:  # reported by wait_ready() and by UNAVAILABLE answers
+            self.load_error = e
+            log.error("%s could not start: %s", self.SERVICE, e)
+        finally:
+            self._loaded.set()
+
+    @property
+    def target(self) -> str:
+        """``host:port`` clients should dial (the bound port, even when asked for port 0)."""
+        return dial_target(self.address, self.port)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """True once loading has ended, successfully or not (then see ``load_error``)."""
+        return self._loaded.wait(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until loaded; raise the load error, or TimeoutError."""
+        if not self._loaded.wait(timeout):
+            raise TimeoutError(f"{self.SERVICE} server on port {self.port} not ready after {timeout} s")
+        if self.load_error is not None:
+            raise self.load_error
+
+    def abort_unless_ready(self, context: grpc.ServicerContext, what: str) -> None:
+        if not self.ready:
+            why = f"failed to start ({self.load_error})" if self.load_error else "still loading"
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{what} is {why}")
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls and let running ones finish within ``grace`` seconds."""
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self._http is not None:
+            self._http[0].shutdown()
+            self._http = None

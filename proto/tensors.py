@@ -84,7 +84,12 @@ def from_proto(
     if shape is not None:
         want = list(shape)
         if len(dims) != len(want) or any(w is not None and d != w for d, w in zip(dims, want)):
-            pretty = "(" + ", ".join("N" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+            pretty = (
+                "("
+                + ", ".join("N" if w is None else str(w) for w in want)
+                + ("," if len(want) == 1 else "")
+                + ")"
+            )
             raise TensorError(field, f"shape {tuple(dims)} does not match the expected {pretty}")
     dtype = DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -95,7 +100,11 @@ def from_proto(
             f"{len(msg.data)} data bytes for shape {tuple(dims)} of {msg.dtype} "
             f"(expected {numel} x {itemsize} = {numel * itemsize})",
         )
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if numel else torch.empty(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+        if numel
+        else torch.empty(0, dtype=torch.uint8)
+    )
     if sys.byteorder == "big" and itemsize > 1:
         raw = raw.reshape(-1, itemsize).flip(1).reshape(-1).contiguous()
     tensor = raw.view(dtype).reshape(dims)

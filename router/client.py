@@ -66,13 +66,18 @@ class ExpertClient(_Client):
         max_message: int = 256 * rpc.MiB,
         channel: grpc.Channel | None = None,
     ):
-        super().__init__(address, tls=tls, token=token, timeout=timeout, max_message=max_message, channel=channel)
+        super().__init__(
+            address, tls=tls, token=token, timeout=timeout, max_message=max_message, channel=channel
+        )
         self.stub = pb_grpc.ExpertStub(self.channel)
 
     def info(self, *, timeout: float | None = None, wait_for_ready: bool = False) -> pb.ExpertInfo:
         """The server's ExpertInfo; ``wait_for_ready`` waits (up to the timeout) for it to come up."""
         return self.stub.Info(
-            pb.InfoRequest(), timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=wait_for_ready
+            pb.InfoRequest(),
+            timeout=timeout or self.timeout,
+            metadata=self.metadata,
+            wait_for_ready=wait_for_ready,
         )
 
     @staticmethod
@@ -92,7 +97,9 @@ class ExpertClient(_Client):
         self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, timeout: float | None = None
     ) -> torch.Tensor:
         """v(x_t, t, y) (N, C, H, W) from the server; N at most ``info().max_batch``."""
-        reply = self.stub.Predict(self.request(x_t, t, y), timeout=timeout or self.timeout, metadata=self.metadata)
+        reply = self.stub.Predict(
+            self.request(x_t, t, y), timeout=timeout or self.timeout, metadata=self.metadata
+        )
         return self.velocity_of(reply, x_t)
 
 
@@ -117,6 +124,7 @@ class SampleInfo:
     degraded_experts: list[str] = field(default_factory=list)
     samples: torch.Tensor | None = None  # (N, C, H, W) float in [-1, 1], with include_float=True
     progress_events: int = 0
+    batched_with: int = 0  # other requests the router sampled in the same batch (counted in expert_calls)
 
 
 class RouterClient(_Client):
@@ -132,7 +140,9 @@ class RouterClient(_Client):
         max_message: int = 512 * rpc.MiB,
         channel: grpc.Channel | None = None,
     ):
-        super().__init__(address, tls=tls, token=token, timeout=timeout, max_message=max_message, channel=channel)
+        super().__init__(
+            address, tls=tls, token=token, timeout=timeout, max_message=max_message, channel=channel
+        )
         self.stub = pb_grpc.RouterStub(self.channel)
 
     def info(self, *, timeout: float = 10.0) -> pb.RouterInfo:
@@ -171,10 +181,19 @@ class RouterClient(_Client):
         """
         request = pb.SampleRequest(n=n, include_float=include_float)
         if labels is not None:
-            request.labels[:] = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+            request.labels[:] = [
+                int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)
+            ]
         for name, value in dict(
-            guidance=guidance, steps=steps, sampler=sampler, strategy=strategy, top_k=top_k,
-            threshold=threshold, seed=seed, time_shift=time_shift, churn=churn,
+            guidance=guidance,
+            steps=steps,
+            sampler=sampler,
+            strategy=strategy,
+            top_k=top_k,
+            threshold=threshold,
+            seed=seed,
+            time_shift=time_shift,
+            churn=churn,
         ).items():
             if value is not None:
                 setattr(request, name, value)
@@ -207,5 +226,6 @@ class RouterClient(_Client):
             degraded_experts=list(result.degraded_experts),
             samples=samples,
             progress_events=events,
+            batched_with=result.batched_with,
         )
         return images, info

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import grpc
 import torch
@@ -113,7 +114,10 @@ class RemoteExpert:
             raise ExpertFailure(self.name, self.address, e.code(), e.details() or "") from None
         if self.coalesce and self.batcher is None:
             self.batcher = DynamicBatcher(
-                self._coalesced_call, max_batch=max(1, self.info.max_batch), max_delay=0.0, max_queue=4096,
+                self._coalesced_call,
+                max_batch=max(1, self.info.max_batch),
+                max_delay=0.0,
+                max_queue=4096,
                 name=f"to-{self.info.name}",
             )
         return self.info
@@ -152,7 +156,9 @@ class RemoteExpert:
         remaining = scope.remaining()
         timeout = self.timeout if remaining is None else min(self.timeout, remaining)
         if timeout <= 0:
-            raise ExpertFailure(self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for the call")
+            raise ExpertFailure(
+                self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for the call"
+            )
         if self.batcher is None or x_t.shape[0] > info.max_batch:
             return self._call(x_t, t, y, timeout, scope)
         try:
@@ -165,7 +171,9 @@ class RemoteExpert:
                 raise Cancelled(f"request cancelled while waiting for expert {self.name}")
             if scope.deadline is not None and time.monotonic() >= scope.deadline:
                 req.cancel()
-                raise ExpertFailure(self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+                raise ExpertFailure(
+                    self.name, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed"
+                )
         if isinstance(req.error, Expired):
             if scope.cancelled:
                 raise Cancelled(f"request cancelled while waiting for expert {self.name}")
@@ -228,3 +236,26 @@ class ScopedExpert:
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.remote.predict(x_t, t, y, self.scope)
+
+
+def check_experts_fit(experts: list[RemoteExpert], router_config: Any) -> None:
+    """Raise ValueError unless the connected experts are the ones the router was trained for: one per
+    router output, in expert order, with the router's classes and image shape."""
+    cfg = router_config
+    if cfg.num_experts != len(experts):
+        raise ValueError(
+            f"--expert: {len(experts)} expert addresses but the router was trained for {cfg.num_experts}; "
+            "give one address per expert, in expert order"
+        )
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    for k, e in enumerate(experts):
+        if e.num_classes != cfg.num_classes or e.image_shape != shape:
+            raise ValueError(
+                f"expert {e.name} at {e.address}: num_classes {e.num_classes}, images {e.image_shape}, "
+                f"but the router has {cfg.num_classes}, {shape}; experts and router must come from one run"
+            )
+        if e.info.expert_index not in (-1, k):
+            raise ValueError(
+                f"--expert #{k} ({e.address}) serves {e.name} (expert index {e.info.expert_index}); "
+                "list the expert addresses in expert order"
+            )

@@ -60,8 +60,26 @@ class SampleParams:
     time_shift: float
     churn: float
 
+    def cohort_key(self) -> tuple | None:
+        """Requests with equal keys can be sampled as one batch (``router.cohort``): same schedule,
+        guidance and routing. None for the stochastic sampler, whose fresh noise per step comes from
+        the request's own generator, so merging would change its numbers."""
+        if self.sampler == "stochastic":
+            return None
+        return (
+            self.steps,
+            self.sampler,
+            self.guidance,
+            self.strategy,
+            self.top_k,
+            self.threshold,
+            self.time_shift,
+        )
 
-def parse_request(req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int, num_experts: int) -> SampleParams:
+
+def parse_request(
+    req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int, num_experts: int
+) -> SampleParams:
     """Validated parameters with defaults filled in; :class:`BadRequest` names the offending field."""
 
     def opt(name: str, default: Any) -> Any:
@@ -71,10 +89,15 @@ def parse_request(req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int,
         raise BadRequest("n", f"{req.n} images; ask for 1..{d.max_n}")
     labels = list(req.labels)
     if labels and len(labels) != req.n:
-        raise BadRequest("labels", f"{len(labels)} labels for n = {req.n}; send none (classes cycled) or exactly n")
+        raise BadRequest(
+            "labels", f"{len(labels)} labels for n = {req.n}; send none (classes cycled) or exactly n"
+        )
     bad = [v for v in labels if not 0 <= v <= num_classes]
     if bad:
-        raise BadRequest("labels", f"{bad[:5]} out of range; classes are 0..{num_classes - 1}, {num_classes} = unconditional")
+        raise BadRequest(
+            "labels",
+            f"{bad[:5]} out of range; classes are 0..{num_classes - 1}, {num_classes} = unconditional",
+        )
     y = torch.tensor(labels, dtype=torch.long) if labels else torch.arange(req.n) % num_classes
     guidance = float(opt("guidance", d.guidance))
     if not (math.isfinite(guidance) and 0 <= guidance <= d.max_guidance):
@@ -87,8 +110,12 @@ def parse_request(req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int,
         raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     strategy = opt("strategy", d.strategy)
     if strategy not in SERVED_STRATEGIES:
-        hint = " ('oracle' needs ground-truth partition labels: evaluation only)" if strategy == "oracle" else ""
-        raise BadRequest("strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(SERVED_STRATEGIES)}")
+        hint = (
+            " ('oracle' needs ground-truth partition labels: evaluation only)" if strategy == "oracle" else ""
+        )
+        raise BadRequest(
+            "strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(SERVED_STRATEGIES)}"
+        )
     top_k = int(opt("top_k", d.top_k))
     if not 1 <= top_k <= num_experts:
         raise BadRequest("top_k", f"{top_k} out of range; there are {num_experts} experts")
@@ -102,7 +129,9 @@ def parse_request(req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int,
     if not (math.isfinite(churn) and 0 <= churn <= 1):
         raise BadRequest("churn", f"{churn} out of range; use [0, 1]")
     seed = int(opt("seed", secrets.randbits(63)))
-    return SampleParams(req.n, y, guidance, steps, sampler, strategy, top_k, threshold, seed, time_shift, churn)
+    return SampleParams(
+        req.n, y, guidance, steps, sampler, strategy, top_k, threshold, seed, time_shift, churn
+    )
 
 
 def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -110,3 +139,21 @@ def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor
     with. One definition, so an in-process run with the same seed reproduces a served one exactly."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=gen), gen  # (n, C, H, W)
+
+
+def router_info(d: SampleDefaults, router_config: Any, **fields: Any) -> pb.RouterInfo:
+    """RouterInfo: what the router serves (strategies, samplers, image format), its defaults and limits."""
+    cfg = router_config
+    return pb.RouterInfo(
+        num_classes=cfg.num_classes,
+        image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
+        strategies=list(SERVED_STRATEGIES),
+        samplers=list(SAMPLERS),
+        max_n=d.max_n,
+        max_steps=d.max_steps,
+        default_strategy=d.strategy,
+        default_top_k=d.top_k,
+        default_steps=d.steps,
+        default_guidance=d.guidance,
+        **fields,
+    )

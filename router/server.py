@@ -1,16 +1,23 @@
 """The router gRPC server: ``ddm.v1.Router`` runs whole sampling jobs through the ensemble of remote experts.
 
 It holds the router network (loaded locally from its checkpoint) and one :class:`RemoteExpert` per
-expert address. ``Sample`` validates the request (INVALID_ARGUMENT naming the field), builds an
-:class:`~ddm.router.ensemble.Ensemble` of this request's scoped experts with a shared thread pool (so
+expert address. ``Sample`` validates the request (INVALID_ARGUMENT naming the field) and joins a
+cohort (``router.cohort``: concurrent requests with the same schedule sampled as one batch). A cohort
+builds an :class:`~ddm.router.ensemble.Ensemble` of scoped remote experts with a shared thread pool (so
 the selected experts compute in parallel on their servers) and guidance, runs ``iter_sample`` and
-streams one Progress per step, then the images as uint8 with the per-expert call counts.
+sends every member one Progress per step, then its own images as uint8 with the expert call counts.
+
+Concurrent work is shared at three levels: requests in a cohort (one sampler step for all), cohorts'
+router passes (one batched forward, a :class:`~ddm.expert.batching.DynamicBatcher` with no added
+delay), and cohorts' calls to one expert (one Predict, ``RemoteExpert(coalesce=True)``), which the
+expert server batches again with other routers' calls. So 32 clients cost the router a few forwards and
+Predicts per step, not 32 of each.
 
 The client's deadline bounds every expert call; a client that goes away (cancel, disconnect) stops
-the sampling at the next step and cancels the expert calls in flight. An expert failing mid-sample
-ends the call with UNAVAILABLE naming it (see :meth:`RouterServer._expert_failed`, the hook for
-degraded sampling). Health and reflection are served; health is SERVING once the router is loaded and
-every expert answered Info.
+the sampling at the next step and stops waiting for (or cancels) its expert calls. An expert failing
+mid-sample ends the call with UNAVAILABLE naming it (see :meth:`RouterServer._expert_failed`, the
+hook for degraded sampling). Health and reflection are served; health is SERVING once the router is
+loaded and every expert answered Info.
 """
 
 from __future__ import annotations
@@ -20,29 +27,27 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
-from ddm.expert.images import to_uint8
-from ddm.expert.sampling import SAMPLERS, iter_sample
+from ddm.expert.sampling import iter_sample
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
-from ddm.proto.tensors import to_proto
+from ddm.router.cohort import CohortScheduler, Member, broadcast, cohort_deadline, member_results, wait_event
 from ddm.router.ensemble import Ensemble
 from ddm.router.model import RouterNet, load_router_checkpoint
-from ddm.router.remote import CallScope, Cancelled, ExpertFailure, RemoteExpert
+from ddm.router.remote import CallScope, Cancelled, ExpertFailure, RemoteExpert, check_experts_fit
 from ddm.router.sample_request import (
-    SERVED_STRATEGIES,
     BadRequest,
     SampleDefaults,
     initial_noise,
     parse_request,
+    router_info,
 )
 
 log = logging.getLogger(__name__)
@@ -53,9 +58,13 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.samples = Counter("ddm_router_sample_requests", "Sample calls by status code", ["code"], registry=r)
+        self.samples = Counter(
+            "ddm_router_sample_requests", "Sample calls by status code", ["code"], registry=r
+        )
         self.images = Counter("ddm_router_images", "images sampled", registry=r)
-        self.expert_calls = Counter("ddm_router_expert_calls", "velocity calls per expert", ["expert"], registry=r)
+        self.expert_calls = Counter(
+            "ddm_router_expert_calls", "velocity calls per expert", ["expert"], registry=r
+        )
         self.expert_rows = Counter("ddm_router_expert_rows", "rows sent per expert", ["expert"], registry=r)
         self.seconds = Histogram("ddm_router_sample_seconds", "Sample wall time", registry=r)
         self.active = Gauge("ddm_router_active_samples", "Sample calls in progress", registry=r)
@@ -63,15 +72,24 @@ class RouterMetrics:
 
 @dataclass
 class RouterStats:
+    """Counters since start (tests and logs; Prometheus has the same by status code)."""
+
     started: int = 0
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
     steps: int = 0  # sampler steps run, over all requests
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:  # handler threads and RPC-end callbacks count concurrently
+            setattr(self, name, getattr(self, name) + n)
 
 
-class RouterServer:
+class RouterServer(rpc.LoadingServer):
     """Serves the router + remote experts. ``start()`` opens the port, then loads and connects."""
+
+    SERVICE = SERVICE
 
     def __init__(
         self,
@@ -88,15 +106,16 @@ class RouterServer:
         max_concurrent: int = 64,
         defaults: SampleDefaults | None = None,
         metrics_port: int | None = None,
+        cohort_delay: float = 0.005,
+        cohort_rows: int = 512,
     ):
         if not experts:
             raise ValueError("experts: give at least one expert address (host:port)")
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        super().__init__(address, tls=tls, token=token)
         self.router_source = router
         self.addresses = list(experts)
-        self.address = address
-        self.tls, self._token = tls, token
         self.expert_tls, self._expert_token = expert_tls, expert_token
         self.expert_timeout, self.connect_timeout = expert_timeout, connect_timeout
         self.max_concurrent = max_concurrent
@@ -108,130 +127,74 @@ class RouterServer:
         self.checkpoint = router if isinstance(router, str) else ""
         self.experts: list[RemoteExpert] = []
         self.router_batcher: DynamicBatcher | None = None
-        self.port: int | None = None
-        self.load_error: BaseException | None = None
-        self._loaded = threading.Event()
-        self._ready = threading.Event()
-        # Each request's ensemble submits up to K expert calls at once; they mostly wait on the network.
+        # Each cohort's ensemble submits up to K expert calls at once; they mostly wait on the network.
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_concurrent * len(self.addresses), thread_name_prefix="router-experts"
         )
-        self._server: grpc.Server | None = None
-        self._health: Any = None
-        self._http: Any = None
+        self.cohort_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_concurrent, thread_name_prefix="cohort"
+        )
+        self.cohorts = CohortScheduler(
+            self._run_cohort,
+            self.cohort_pool,
+            gather=cohort_delay,
+            max_rows=max(cohort_rows, self.defaults.max_n),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self, *, wait: bool = True, timeout: float | None = None) -> RouterServer:
-        slots = self.max_concurrent + 8  # + Info/ListExperts/health
-        self._server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=slots, thread_name_prefix="router-rpc"),
-            interceptors=[rpc.TokenAuthInterceptor(self._token)] if self._token else [],
-            options=rpc.server_options(self._max_message()),
-            maximum_concurrent_rpcs=slots,
-        )
-        pb_grpc.add_RouterServicer_to_server(_RouterServicer(self), self._server)
-        self._health = rpc.add_health_and_reflection(self._server, [SERVICE])
-        self.port = rpc.bind(self._server, self.address, self.tls)
-        self._server.start()
+        """Open the port, load the router and connect to the experts (in the background)."""
         if self.metrics_port is not None:
             self._http = start_http_server(self.metrics_port, registry=self.metrics.registry)
-        threading.Thread(target=self._load, name="router-load", daemon=True).start()
-        if wait:
-            self.wait_ready(timeout)
+        # The largest reply: max_n images as uint8 plus, with include_float, as fp32 (3 x 256 x 256 max).
+        self._serve(
+            lambda server: pb_grpc.add_RouterServicer_to_server(_RouterServicer(self), server),
+            workers=self.max_concurrent + 8,  # + Info/ListExperts/health
+            max_message=rpc.message_limit(self.defaults.max_n, 3 * 256 * 256 * 5),
+            wait=wait,
+            timeout=timeout,
+        )
         return self
 
-    def _max_message(self) -> int:
-        # The largest reply: max_n images as uint8 plus, with include_float, as fp32 (3 x 256 x 256 max).
-        return rpc.message_limit(self.defaults.max_n, 3 * 256 * 256 * 5)
-
-    @property
-    def target(self) -> str:
-        host = self.address.rsplit(":", 1)[0]
-        return f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.port}"
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """True once loading has ended, successfully or not (then see ``load_error``)."""
-        return self._loaded.wait(timeout)
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        if not self._loaded.wait(timeout):
-            raise TimeoutError(f"router not ready after {timeout} s (experts {', '.join(self.addresses)})")
-        if self.load_error is not None:
-            raise self.load_error
-
     def stop(self, grace: float | None = 5.0) -> None:
-        if self._health is not None:
-            self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        super().stop(grace)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.cohort_pool.shutdown(wait=False, cancel_futures=True)
         if self.router_batcher is not None:
             self.router_batcher.close()
         for expert in self.experts:
             expert.close()
-        if self._http is not None:
-            self._http[0].shutdown()
-
-    def wait_for_termination(self) -> None:
-        assert self._server is not None, "start() first"
-        self._server.wait_for_termination()
 
     def _load(self) -> None:
-        try:
-            if isinstance(self.router_source, RouterNet):
-                self.router = self.router_source.eval()
-            else:
-                self.router, meta = load_router_checkpoint(self.router_source)
-                self.checkpoint = str(meta.get("url", self.router_source))
-            # Concurrent requests' router passes share one forward (as the experts' Predicts do): a
-            # Router-T forward on 4 rows costs nearly what one on 128 rows does. No added delay: it
-            # only gathers what queued while the previous forward ran.
-            self.router_batcher = DynamicBatcher(
-                self._route, max_batch=max(self.defaults.max_n, 512), max_delay=0.0,
-                max_queue=self.max_concurrent + 8, name="router-batcher",
+        if isinstance(self.router_source, RouterNet):
+            self.router = self.router_source.eval()
+        else:
+            self.router, meta = load_router_checkpoint(self.router_source)
+            self.checkpoint = str(meta.get("url", self.router_source))
+        # Concurrent cohorts' router passes share one forward, as the experts' Predicts do. No added
+        # delay: it only gathers what queued while the previous forward ran.
+        self.router_batcher = DynamicBatcher(
+            self._route,
+            max_batch=self.cohorts.max_rows,
+            max_delay=0.0,
+            max_queue=self.max_concurrent + 8,
+            name="router-batcher",
+        )
+        self.experts = [
+            RemoteExpert(
+                a,
+                tls=self.expert_tls,
+                token=self._expert_token,
+                timeout=self.expert_timeout,
+                connect_timeout=None,
+                coalesce=True,
             )
-            self.experts = [
-                RemoteExpert(
-                    a, tls=self.expert_tls, token=self._expert_token, timeout=self.expert_timeout,
-                    connect_timeout=None, coalesce=True,
-                )
-                for a in self.addresses
-            ]
-            list(self.pool.map(lambda e: e.connect(self.connect_timeout), self.experts))
-            self._check_compatible()
-            self._ready.set()
-            rpc.set_serving(self._health, [SERVICE], True)
-            log.info("router serving on port %s with experts %s", self.port, [e.name for e in self.experts])
-        except BaseException as e:
-            self.load_error = e
-            log.error("router could not start: %s", e)
-        finally:
-            self._loaded.set()
-
-    def _check_compatible(self) -> None:
-        cfg = self.router.config
-        if cfg.num_experts != len(self.experts):
-            raise ValueError(
-                f"--expert: {len(self.experts)} expert addresses but the router was trained for {cfg.num_experts}; "
-                "give one address per expert, in expert order"
-            )
-        shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        for k, e in enumerate(self.experts):
-            if e.num_classes != cfg.num_classes or e.image_shape != shape:
-                raise ValueError(
-                    f"expert {e.name} at {e.address}: num_classes {e.num_classes}, images {e.image_shape}, but the router "
-                    f"has {cfg.num_classes}, {shape}; the experts and the router must come from one run"
-                )
-            if e.info.expert_index not in (-1, k):
-                raise ValueError(
-                    f"--expert #{k} ({e.address}) serves {e.name} (expert index {e.info.expert_index}); "
-                    "list the expert addresses in expert order"
-                )
+            for a in self.addresses
+        ]
+        list(self.pool.map(lambda e: e.connect(self.connect_timeout), self.experts))
+        check_experts_fit(self.experts, self.router.config)
+        log.info("router connected to experts %s", [e.name for e in self.experts])
 
     @torch.inference_mode()
     def _route(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -245,7 +208,9 @@ class RouterServer:
             try:
                 return self.router_batcher.wait(req, scope.remaining())
             except Expired:
-                raise (Cancelled if scope.cancelled else Expired)("routing stopped: deadline or cancellation") from None
+                if scope.cancelled:
+                    raise Cancelled("request cancelled while routing") from None
+                raise Expired("deadline passed while routing") from None
 
         return probabilities
 
@@ -257,68 +222,106 @@ class RouterServer:
     # -- sampling --------------------------------------------------------------------------------------------
 
     def sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleEvent]:
+        """One Sample call: validate, join a cohort, relay its events (progress, then result or error)."""
         try:
-            p = parse_request(request, self.defaults, num_classes=self.router.num_classes, num_experts=len(self.experts))
+            p = parse_request(
+                request, self.defaults, num_classes=self.router.num_classes, num_experts=len(self.experts)
+            )
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        start = time.perf_counter()
         remaining = rpc.remaining_time(context)
-        scope = CallScope.from_timeout(self.defaults.max_seconds if remaining is None else min(remaining, self.defaults.max_seconds))
-        state = {"outcome": "running", "steps": 0}
+        seconds = (
+            self.defaults.max_seconds if remaining is None else min(remaining, self.defaults.max_seconds)
+        )
+        member = Member(p, deadline=time.monotonic() + seconds, include_float=request.include_float)
+        state = {"outcome": "running"}
 
         def on_rpc_end() -> None:  # runs when the call ends for any reason, also while we sit in a yield
-            scope.cancel()  # a client that went away stops the expert calls in flight
+            member.leave()
             if state["outcome"] == "running":
-                self.stats.cancelled += 1
-                log.info("Sample cancelled by the client (or its deadline) after %d steps", state["steps"])
+                self.stats.add("cancelled")
+                log.info("Sample cancelled by its client (or its deadline passed)")
 
-        context.add_callback(on_rpc_end)
-        ensemble = Ensemble(
-            [e.scoped(scope) for e in self.experts], self._routing(scope),
-            strategy=p.strategy, top_k=p.top_k, threshold=p.threshold, executor=self.pool,
-        )
-        noise, gen = initial_noise(p.n, self.image_shape, p.seed)
-        self.stats.started += 1
-        x = noise
+        self.stats.add("started")
+        if not context.add_callback(on_rpc_end):  # the call already ended
+            on_rpc_end()
+            return
+        self.cohorts.join(member)
+        while (event := wait_event(member, context.is_active)) is not None:
+            kind, payload = event
+            if kind == "progress":
+                yield pb.SampleEvent(progress=payload)
+            elif kind == "error":
+                state["outcome"] = "failed"
+                self.stats.add("failed")
+                context.abort(*payload)
+            else:
+                state["outcome"] = "done"
+                self.stats.add("completed")
+                payload.seconds = time.perf_counter() - member.started
+                yield pb.SampleEvent(result=payload)
+                return
+
+    def _run_cohort(self, members: list[Member]) -> None:
+        """Sample the members' requests as one batch and send each its progress and rows (or the error)."""
+        if all(m.gone for m in members):
+            return  # everyone left while the cohort was gathering
+        p = members[0].params  # the cohort key: every member has the same schedule, guidance and routing
+        scope = CallScope(cohort_deadline(members))
+        for m in members:
+            m.cohort, m.scope = members, scope
         try:
-            steps = iter_sample(
-                ensemble.guided(p.guidance), noise, p.labels, steps=p.steps, sampler=p.sampler,
-                time_shift=p.time_shift, churn=p.churn, generator=gen,
+            noises, gens = zip(*(initial_noise(m.n, self.image_shape, m.params.seed) for m in members))
+            noise = torch.cat(noises)  # (N, C, H, W), each member's rows from its own seed
+            ensemble = Ensemble(
+                [e.scoped(scope) for e in self.experts],
+                self._routing(scope),
+                strategy=p.strategy,
+                top_k=p.top_k,
+                threshold=p.threshold,
+                executor=self.pool,
             )
-            for step in steps:
-                self.stats.steps += 1
-                state["steps"] += 1
-                if not context.is_active() or scope.cancelled:
-                    return  # the client left between steps; on_rpc_end counts it
+            x = noise
+            for step in iter_sample(
+                ensemble.guided(p.guidance),
+                noise,
+                torch.cat([m.params.labels for m in members]),
+                steps=p.steps,
+                sampler=p.sampler,
+                time_shift=p.time_shift,
+                churn=p.churn,
+                generator=gens[0],  # one member if stochastic
+            ):
+                self.stats.add("steps")
+                if all(m.gone for m in members):
+                    return
                 x = step.x
-                yield pb.SampleEvent(progress=pb.Progress(step=step.index + 1, total=step.total, t=step.t_next))
+                progress = pb.Progress(step=step.index + 1, total=step.total, t=step.t_next)
+                for m in members:
+                    m.send("progress", progress)
         except Cancelled:
-            return  # the client left during an expert call
+            return
         except ExpertFailure as e:
-            state["outcome"] = "failed"
-            self.stats.failed += 1
-            self._expert_failed(e, context)
-        except (Expired, QueueFull) as e:
-            state["outcome"] = "failed"
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, Expired) else grpc.StatusCode.RESOURCE_EXHAUSTED
-            context.abort(code, f"router: {e}")
-        state["outcome"] = "done"
-        self.stats.completed += 1
+            return broadcast(members, "error", self._expert_failed(e))
+        except Expired as e:
+            return broadcast(members, "error", (grpc.StatusCode.DEADLINE_EXCEEDED, f"router: {e}"))
+        except QueueFull as e:
+            return broadcast(members, "error", (grpc.StatusCode.RESOURCE_EXHAUSTED, f"router: {e}"))
+        except Exception as e:  # a bug: tell the clients instead of leaving them waiting
+            log.exception("cohort failed")
+            return broadcast(members, "error", (grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"))
         counts = ensemble.calls
-        result = pb.Result(labels=p.labels.tolist(), seconds=time.perf_counter() - start, seed=p.seed)
-        to_proto(to_uint8(x), result.images)
-        if request.include_float:
-            to_proto(x.float(), result.samples)
         for k, e in enumerate(self.experts):
-            result.expert_calls.add(name=e.name, calls=counts.batches[k], rows=counts.rows[k])
             self.metrics.expert_calls.labels(e.name).inc(counts.batches[k])
             self.metrics.expert_rows.labels(e.name).inc(counts.rows[k])
-        self.metrics.images.inc(p.n)
-        self.metrics.seconds.observe(result.seconds)
-        yield pb.SampleEvent(result=result)
+        for m, result in zip(members, member_results(members, x, [e.name for e in self.experts], counts)):
+            self.metrics.images.inc(m.n)
+            self.metrics.seconds.observe(time.perf_counter() - m.started)
+            m.send("result", result)
 
-    def _expert_failed(self, error: ExpertFailure, context: grpc.ServicerContext) -> NoReturn:
-        """An expert call failed mid-sample.
+    @staticmethod
+    def _expert_failed(error: ExpertFailure) -> tuple[grpc.StatusCode, str]:
+        """The status an expert failure mid-sample ends the cohort's calls with.
 
         Hook for degraded sampling (a later issue; ``SampleRequest.allow_degraded``): drop the failed
         expert, renormalise the router's weights over the others and carry on, reporting it in
@@ -327,7 +330,7 @@ class RouterServer:
         code = error.code
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             code = grpc.StatusCode.UNAVAILABLE
-        context.abort(code, str(error))
+        return code, str(error)
 
     def list_experts(self) -> pb.ListExpertsResponse:
         def status(e: RemoteExpert) -> pb.ExpertStatus:
@@ -337,12 +340,12 @@ class RouterServer:
         return pb.ListExpertsResponse(experts=list(self.pool.map(status, self.experts)))
 
     def info(self) -> pb.RouterInfo:
-        d, cfg = self.defaults, self.router.config
-        return pb.RouterInfo(
-            num_classes=cfg.num_classes, image_shape=list(self.image_shape), num_experts=len(self.experts),
-            strategies=list(SERVED_STRATEGIES), samplers=list(SAMPLERS), max_n=d.max_n, max_steps=d.max_steps,
-            default_strategy=d.strategy, default_top_k=d.top_k, default_steps=d.steps,
-            default_guidance=d.guidance, checkpoint=self.checkpoint, ready=self.ready,
+        return router_info(
+            self.defaults,
+            self.router.config,
+            num_experts=len(self.experts),
+            checkpoint=self.checkpoint,
+            ready=self.ready,
         )
 
 
@@ -351,9 +354,7 @@ class _RouterServicer(pb_grpc.RouterServicer):
         self.s = server
 
     def _require_ready(self, context: grpc.ServicerContext) -> None:
-        if not self.s.ready:
-            why = f"failed to start ({self.s.load_error})" if self.s.load_error else "still loading / connecting to experts"
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"router is {why}")
+        self.s.abort_unless_ready(context, "the router (loading, connecting to its experts)")
 
     def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> Iterator[pb.SampleEvent]:
         self._require_ready(context)
@@ -361,6 +362,9 @@ class _RouterServicer(pb_grpc.RouterServicer):
         code = grpc.StatusCode.OK
         try:
             yield from self.s.sample(request, context)
+        except GeneratorExit:  # the client went away while a message was being sent
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = context.code() or grpc.StatusCode.UNKNOWN  # abort() set it
             raise
@@ -368,7 +372,9 @@ class _RouterServicer(pb_grpc.RouterServicer):
             self.s.metrics.active.dec()
             self.s.metrics.samples.labels(code.name if isinstance(code, grpc.StatusCode) else str(code)).inc()
 
-    def ListExperts(self, request: pb.ListExpertsRequest, context: grpc.ServicerContext) -> pb.ListExpertsResponse:
+    def ListExperts(
+        self, request: pb.ListExpertsRequest, context: grpc.ServicerContext
+    ) -> pb.ListExpertsResponse:
         self._require_ready(context)
         return self.s.list_experts()
 

@@ -33,8 +33,13 @@ def expert_checkpoint(root: Path, k: int, *, cfg: DiTConfig = EXPERT_CFG, arch: 
     _randomise(model, seed=100 + k)
     directory = str(root / "experts" / f"expert-{k}" / "checkpoints")
     state = model.state_dict()
-    tensors = {**{f"model.{n}": v for n, v in state.items()}, **{f"ema.{n}": v.clone() for n, v in state.items()}}
-    checkpoint.save(directory, 7, tensors, {"kind": "expert", "name": f"expert-{k}", "arch": arch, "model": cfg.to_dict()})
+    tensors = {
+        **{f"model.{n}": v for n, v in state.items()},
+        **{f"ema.{n}": v.clone() for n, v in state.items()},
+    }
+    checkpoint.save(
+        directory, 7, tensors, {"kind": "expert", "name": f"expert-{k}", "arch": arch, "model": cfg.to_dict()}
+    )
     return directory
 
 
@@ -45,7 +50,10 @@ def router_checkpoint(root: Path, num_experts: int) -> str:
     _randomise(net, seed=2, std=0.1)  # mild logits: every strategy routes rows to both experts
     directory = str(root / "router" / "checkpoints")
     state = net.state_dict()
-    tensors = {**{f"model.{n}": v for n, v in state.items()}, **{f"ema.{n}": v.clone() for n, v in state.items()}}
+    tensors = {
+        **{f"model.{n}": v for n, v in state.items()},
+        **{f"ema.{n}": v.clone() for n, v in state.items()},
+    }
     checkpoint.save(directory, 3, tensors, {"kind": "router", "name": "router", "model": cfg.to_dict()})
     return directory
 
@@ -55,9 +63,24 @@ def self_signed(directory: Path, name: str = "server") -> tuple[Path, Path]:
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "1", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert),
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
         ],
         check=True,
         capture_output=True,

@@ -33,7 +33,9 @@ class Proc:
                 line = self.lines.get(timeout=timeout)
             except queue.Empty:
                 self.p.kill()
-                raise AssertionError(f"no line matching {pattern!r}; stderr: {self.p.stderr.read()}") from None
+                raise AssertionError(
+                    f"no line matching {pattern!r}; stderr: {self.p.stderr.read()}"
+                ) from None
             if m := re.search(pattern, line):
                 return m
 
@@ -53,21 +55,72 @@ def test_serve_and_sample_through_the_router_as_processes(tmp_path: Path) -> Non
     try:
         addresses = []
         for ckpt in ckpts:
-            procs.append(Proc([*DDM, "serve", "expert", "--checkpoint", ckpt, "--host", "127.0.0.1", "--port", "0",
-                               "--threads", "1", "--token-file", str(token)]))  # fmt: skip
+            procs.append(
+                Proc(
+                    [
+                        *DDM,
+                        "serve",
+                        "expert",
+                        "--checkpoint",
+                        ckpt,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--threads",
+                        "1",
+                        "--token-file",
+                        str(token),
+                    ]
+                )
+            )
         for proc, k in zip(procs, range(2)):
             port = proc.wait_for(rf"ddm serve expert: serving expert-{k} on 127\.0\.0\.1:(\d+)").group(1)
             addresses += ["--expert", f"127.0.0.1:{port}"]
-        router = Proc([*DDM, "serve", "router", "--run", str(tmp_path), *addresses, "--host", "127.0.0.1", "--port", "0",
-                       "--token-file", str(token), "--steps", "3"])  # fmt: skip
+        router = Proc(
+            [
+                *DDM,
+                "serve",
+                "router",
+                "--run",
+                str(tmp_path),
+                *addresses,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--token-file",
+                str(token),
+                "--steps",
+                "3",
+            ]
+        )
         procs.append(router)
-        port = router.wait_for(r"ddm serve router: serving router over 2 experts on 127\.0\.0\.1:(\d+)").group(1)
+        port = router.wait_for(
+            r"ddm serve router: serving router over 2 experts on 127\.0\.0\.1:(\d+)"
+        ).group(1)
         out = tmp_path / "grid.png"
         sample = subprocess.run(
-            [*DDM, "sample", "--router", f"127.0.0.1:{port}", "--n", "6", "--steps", "3", "--token-file", str(token),
-             "--strategy", "full", "--out", str(out)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                *DDM,
+                "sample",
+                "--router",
+                f"127.0.0.1:{port}",
+                "--n",
+                "6",
+                "--steps",
+                "3",
+                "--token-file",
+                str(token),
+                "--strategy",
+                "full",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert sample.returncode == 0, sample.stderr
         assert "wrote 6 samples" in sample.stdout and "expert-0" in sample.stdout
         assert "3/3" in sample.stderr  # the tqdm bar reached the last step
@@ -75,8 +128,11 @@ def test_serve_and_sample_through_the_router_as_processes(tmp_path: Path) -> Non
             assert im.format == "PNG" and im.size[0] >= 3 * 8
         denied = subprocess.run(
             [*DDM, "sample", "--router", f"127.0.0.1:{port}", "--n", "1", "--out", str(tmp_path / "no.png")],
-            capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin"},
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": "/usr/bin"},
+        )
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
         for proc in reversed(procs):
             code, err = proc.terminate()
@@ -90,7 +146,19 @@ def test_serve_and_sample_through_the_router_as_processes(tmp_path: Path) -> Non
 
 def test_serve_reports_a_bad_checkpoint(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*DDM, "serve", "expert", "--checkpoint", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port", "0"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            *DDM,
+            "serve",
+            "expert",
+            "--checkpoint",
+            str(tmp_path / "missing"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "missing" in result.stderr and "no checkpoint found" in result.stderr

@@ -51,7 +51,11 @@ def server(ckpt: str) -> Iterator[ExpertServer]:
 
 def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=g), torch.rand(n, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return (
+        torch.randn(n, 1, 8, 8, generator=g),
+        torch.rand(n, generator=g),
+        torch.randint(0, 4, (n,), generator=g),
+    )
 
 
 def test_predict_equals_the_local_velocity(server: ExpertServer, local) -> None:
@@ -63,8 +67,18 @@ def test_predict_equals_the_local_velocity(server: ExpertServer, local) -> None:
     want = local.velocity(x, t, y)
     assert v.shape == x.shape and v.abs().mean() > 0.1  # random weights: a real function of the inputs
     torch.testing.assert_close(v, want, atol=1e-6, rtol=1e-6)
-    assert (info.name, info.expert_index, info.num_classes, list(info.image_shape)) == ("expert-2", 2, 3, [1, 8, 8])
-    assert info.step == 7 and info.arch == "DiT-tiny" and info.max_batch == 64 and info.checkpoint.endswith(".safetensors")
+    assert (info.name, info.expert_index, info.num_classes, list(info.image_shape)) == (
+        "expert-2",
+        2,
+        3,
+        [1, 8, 8],
+    )
+    assert (
+        info.step == 7
+        and info.arch == "DiT-tiny"
+        and info.max_batch == 64
+        and info.checkpoint.endswith(".safetensors")
+    )
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows(ckpt: str, local) -> None:
@@ -102,22 +116,37 @@ X, T, Y = _inputs(2)
     [
         (_request(torch.randn(2, 1, 4, 4), T, Y), "x_t: shape (2, 1, 4, 4) does not match"),
         (_request(torch.randn(2, 8, 8), T, Y), "x_t: shape"),
-        (pb.PredictRequest(x_t=pb.Tensor(dtype="FP64", shape=[2, 1, 8, 8], data=X.double().numpy().tobytes()),
-                           t=to_proto(T), y=to_proto(Y)), "x_t: unsupported dtype 'FP64'"),
+        (
+            pb.PredictRequest(
+                x_t=pb.Tensor(dtype="FP64", shape=[2, 1, 8, 8], data=X.double().numpy().tobytes()),
+                t=to_proto(T),
+                y=to_proto(Y),
+            ),
+            "x_t: unsupported dtype 'FP64'",
+        ),
         (_request(X.long(), T, Y), "x_t: dtype INT64 not accepted"),
         (_request(X.clone().index_fill_(0, torch.tensor([1]), float("nan")), T, Y), "x_t: 64 non-finite"),
-        (_request(torch.randn(65, 1, 8, 8), torch.rand(65), torch.zeros(65, dtype=torch.long)), "x_t: 65 rows"),
+        (
+            _request(torch.randn(65, 1, 8, 8), torch.rand(65), torch.zeros(65, dtype=torch.long)),
+            "x_t: 65 rows",
+        ),
         (_request(X, torch.tensor([0.5, 1.5]), Y), "t: times must lie in [0, 1]"),
         (_request(X, torch.rand(3), Y), "t: shape (3,) does not match the expected (2,)"),
         (_request(X, T, torch.tensor([0, 4])), "y: labels must lie in [0, 3]"),
         (_request(X, T, torch.tensor([-1, 0])), "y: labels must lie"),
         (_request(X, T, Y.float()), "y: dtype FP32 not accepted"),
         (pb.PredictRequest(x_t=to_proto(X), t=to_proto(T)), "y: missing"),
-        (pb.PredictRequest(x_t=pb.Tensor(dtype="FP32", shape=[2, 1, 8, 8], data=b"\0" * 12), t=to_proto(T), y=to_proto(Y)),
-         "x_t: 12 data bytes"),
+        (
+            pb.PredictRequest(
+                x_t=pb.Tensor(dtype="FP32", shape=[2, 1, 8, 8], data=b"\0" * 12), t=to_proto(T), y=to_proto(Y)
+            ),
+            "x_t: 12 data bytes",
+        ),
     ],
 )
-def test_bad_input_is_invalid_argument_naming_the_field(server: ExpertServer, request_: pb.PredictRequest, field: str) -> None:
+def test_bad_input_is_invalid_argument_naming_the_field(
+    server: ExpertServer, request_: pb.PredictRequest, field: str
+) -> None:
     err = _raw_predict(server.target, request_)
     assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(field), err.details()
@@ -145,6 +174,7 @@ def test_too_many_pending_requests_are_resource_exhausted(ckpt: str) -> None:
     s = _serve(ckpt, max_delay=1.0, max_queue=2)  # two requests wait in the gathering batch
     try:
         with ExpertClient(s.target) as client, ThreadPoolExecutor(5) as pool:
+
             def call(_: int) -> str:
                 try:
                     client.predict(X, T, Y, timeout=10)
@@ -269,5 +299,7 @@ def test_remote_expert_splits_requests_larger_than_max_batch(ckpt: str, local) -
         remote.close()
     finally:
         s.stop(0)
-    with pytest.raises(ExpertFailure, match=f"expert {s.target} at {s.target}: (UNAVAILABLE|DEADLINE_EXCEEDED)"):
+    with pytest.raises(
+        ExpertFailure, match=f"expert {s.target} at {s.target}: (UNAVAILABLE|DEADLINE_EXCEEDED)"
+    ):
         RemoteExpert(s.target, connect_timeout=0.5)

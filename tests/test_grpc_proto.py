@@ -27,7 +27,9 @@ def _generator():
 def test_committed_stubs_are_what_the_generator_makes(tmp_path: Path) -> None:
     for path in _generator().generate(tmp_path):
         committed = PROTO / "ddm" / "v1" / path.name
-        assert committed.read_text() == path.read_text(), f"{committed} drifted: run `python proto/generate.py`"
+        assert committed.read_text() == path.read_text(), (
+            f"{committed} drifted: run `python proto/generate.py`"
+        )
 
 
 def test_stubs_import_inside_the_ddm_namespace() -> None:
@@ -56,7 +58,10 @@ def test_every_dtype_round_trips_bit_exactly(name: str) -> None:
 def test_bytes_are_little_endian() -> None:
     msg = to_proto(torch.tensor([1], dtype=torch.int32))
     assert msg.data == b"\x01\x00\x00\x00"
-    assert from_proto(pb.Tensor(dtype="FP32", shape=[1], data=b"\x00\x00\x80\x3f"), "t", dtypes=FLOATS).item() == 1.0
+    assert (
+        from_proto(pb.Tensor(dtype="FP32", shape=[1], data=b"\x00\x00\x80\x3f"), "t", dtypes=FLOATS).item()
+        == 1.0
+    )
 
 
 def test_empty_and_zero_row_tensors() -> None:
@@ -71,11 +76,22 @@ def test_empty_and_zero_row_tensors() -> None:
     [
         (pb.Tensor(dtype="FP64", shape=[1], data=bytes(8)), {}, r"^x_t: unsupported dtype 'FP64'"),
         (pb.Tensor(dtype="INT64", shape=[1], data=bytes(8)), {}, r"^x_t: dtype INT64 not accepted here"),
-        (pb.Tensor(dtype="FP32", shape=[2, 2], data=bytes(12)), {}, r"^x_t: 12 data bytes for shape \(2, 2\)"),
+        (
+            pb.Tensor(dtype="FP32", shape=[2, 2], data=bytes(12)),
+            {},
+            r"^x_t: 12 data bytes for shape \(2, 2\)",
+        ),
         (pb.Tensor(dtype="FP32", shape=[2, -1], data=b""), {}, r"^x_t: invalid shape"),
-        (pb.Tensor(dtype="FP32", shape=[1, 1, 3, 3], data=bytes(36)), {"shape": (None, 1, 4, 4)},
-         r"^x_t: shape \(1, 1, 3, 3\) does not match the expected \(N, 1, 4, 4\)"),
-        (pb.Tensor(dtype="FP32", shape=[1, 4, 4], data=bytes(64)), {"shape": (None, 1, 4, 4)}, r"^x_t: shape"),
+        (
+            pb.Tensor(dtype="FP32", shape=[1, 1, 3, 3], data=bytes(36)),
+            {"shape": (None, 1, 4, 4)},
+            r"^x_t: shape \(1, 1, 3, 3\) does not match the expected \(N, 1, 4, 4\)",
+        ),
+        (
+            pb.Tensor(dtype="FP32", shape=[1, 4, 4], data=bytes(64)),
+            {"shape": (None, 1, 4, 4)},
+            r"^x_t: shape",
+        ),
     ],
 )
 def test_bad_tensors_name_the_field(msg: pb.Tensor, kwargs: dict, pattern: str) -> None:
@@ -90,7 +106,9 @@ def test_non_finite_values_are_refused(bad: float) -> None:
     x[1] = bad
     with pytest.raises(TensorError, match=r"^t: 1 non-finite value"):
         from_proto(to_proto(x), "t", dtypes=FLOATS)
-    assert torch.isnan(from_proto(to_proto(x), "t", dtypes=FLOATS, finite=False)).sum() == int(math.isnan(bad))
+    assert torch.isnan(from_proto(to_proto(x), "t", dtypes=FLOATS, finite=False)).sum() == int(
+        math.isnan(bad)
+    )
 
 
 def test_message_limit_is_rows_times_row_bytes_with_headroom() -> None:

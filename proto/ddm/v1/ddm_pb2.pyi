@@ -115,7 +115,7 @@ class ExpertCalls(_message.Message):
     def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("images", "labels", "expert_calls", "seconds", "degraded_experts", "seed", "samples")
+    __slots__ = ("images", "labels", "expert_calls", "seconds", "degraded_experts", "seed", "samples", "batched_with")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Result(_message.Message):
     DEGRADED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_WITH_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     labels: _containers.RepeatedScalarFieldContainer[int]
     expert_calls: _containers.RepeatedCompositeFieldContainer[ExpertCalls]
@@ -130,7 +131,8 @@ class Result(_message.Message):
     degraded_experts: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     samples: Tensor
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., expert_calls: _Optional[_Iterable[_Union[ExpertCalls, _Mapping]]] = ..., seconds: _Optional[float] = ..., degraded_experts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    batched_with: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., expert_calls: _Optional[_Iterable[_Union[ExpertCalls, _Mapping]]] = ..., seconds: _Optional[float] = ..., degraded_experts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., batched_with: _Optional[int] = ...) -> None: ...
 
 class ListExpertsRequest(_message.Message):
     __slots__ = ()
