@@ -12,17 +12,21 @@ Islands file (TOML)::
     memMB = 4096
 
     [island.gpu-east]
-    scheduler = "kubernetes"
+    scheduler = "kubernetes"          # TorchX's kubernetes scheduler: one Volcano Job per expert job
     experts = [0, 1]                  # these experts go here
+    kubeconfig = "~/.kube/gpu-east"   # which cluster: a kubeconfig file and/or one of its contexts
+    kube_context = "gpu-east"         # (neither: $KUBECONFIG / ~/.kube/config, or the pod's own account)
     image = "registry.example.com/ddm:0.1.0"
     namespace = "ddm"
     queue = "ddm"                     # Volcano queue
+    service_account = "ddm-job"       # the job pods' service account
+    env_from_secrets = ["ddm-s3"]     # Secrets whose keys become environment variables (S3 credentials)
+    env_from_configmaps = ["ddm-env"] # ConfigMaps likewise (S3 endpoint and region)
     j = "2x8"
     gpu = 8
-    [island.gpu-east.cfg]             # extra TorchX scheduler run options, passed through
-    service_account = "ddm-coordinator"
 
-Experts never talk to each other; the only thing islands share is the run root.
+Experts never talk to each other; the only thing islands share is the run root. Several kubernetes
+islands may name different clusters: each gets its own API client (``coordinator/kube.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from ddm.expert.config import Strict, load_toml, parse_config
 
 KNOWN_SCHEDULERS = ("local_cwd", "local_docker", "kubernetes", "slurm", "aws_batch")
 _J = re.compile(r"^(\d+:)?\d+x\d+$|^\d+$")
+_ISLAND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Kubernetes object names (RFC 1123 labels): namespaces, queues, service accounts, secrets.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+KUBERNETES_ONLY = ("kubeconfig", "kube_context", "namespace", "queue", "service_account", "env_from_secrets", "env_from_configmaps")
 
 
 def parse_j(j: str) -> tuple[int, int]:
@@ -59,7 +67,17 @@ class Island(Strict):
     image: str | None = Field(None, description="container image (kubernetes/docker); local_cwd runs in the current directory")
     namespace: str | None = Field(None, description="kubernetes namespace")
     queue: str | None = Field(None, description="Volcano queue (kubernetes)")
-    kube_context: str | None = Field(None, description="kubeconfig context of the cluster this island uses")
+    kube_context: str | None = Field(None, description="kubeconfig context of the cluster this island uses (default: the file's current context)")
+    kubeconfig: str | None = Field(
+        None, description="kubeconfig file of this island's cluster (default: $KUBECONFIG, ~/.kube/config, else in-cluster)"
+    )
+    service_account: str | None = Field(None, description="kubernetes service account of the job pods")
+    env_from_secrets: list[str] = Field(
+        default_factory=list, description="kubernetes Secrets whose keys become environment variables of every job pod (e.g. S3 credentials)"
+    )
+    env_from_configmaps: list[str] = Field(
+        default_factory=list, description="kubernetes ConfigMaps whose keys become environment variables of every job pod (e.g. the S3 endpoint)"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every job")
     cfg: dict[str, Any] = Field(default_factory=dict, description="extra TorchX scheduler run options, passed through")
 
@@ -82,6 +100,16 @@ class Island(Strict):
             missing = [f for f in ("image", "namespace", "queue") if not getattr(self, f)]
             if missing:
                 raise ValueError(f"a kubernetes island needs {', '.join(missing)} (set them in the island's table)")
+            names = {"namespace": self.namespace, "queue": self.queue, "service_account": self.service_account}
+            names.update({f"env_from_secrets[{i}]": s for i, s in enumerate(self.env_from_secrets)})
+            names.update({f"env_from_configmaps[{i}]": s for i, s in enumerate(self.env_from_configmaps)})
+            for field, value in names.items():
+                if value is not None and not _DNS_LABEL.match(value):
+                    raise ValueError(f"{field} = {value!r} is not a kubernetes name (lowercase letters, digits and '-')")
+        else:
+            stray = [f for f in KUBERNETES_ONLY if getattr(self, f)]
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: only for scheduler = \"kubernetes\" (this island uses {self.scheduler!r})")
         return self
 
     def run_cfg(self) -> dict[str, Any]:
@@ -90,6 +118,8 @@ class Island(Strict):
         if self.scheduler == "kubernetes":
             cfg["namespace"] = self.namespace
             cfg["queue"] = self.queue
+            if self.service_account:
+                cfg["service_account"] = self.service_account
         cfg.update(self.cfg)
         return cfg
 
@@ -97,6 +127,14 @@ class Island(Strict):
 class IslandsConfig(Strict):
     default: str = Field("local", description="island for experts not listed in any island's `experts`")
     island: dict[str, Island] = Field(default_factory=lambda: {"local": Island(max_concurrent=2)})
+
+    @field_validator("island")
+    @classmethod
+    def _names(cls, v: dict[str, Island]) -> dict[str, Island]:
+        for name in v:
+            if not _ISLAND_NAME.match(name):
+                raise ValueError(f"island name {name!r}: use letters, digits, '_', '.' and '-' (it becomes part of job handles)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "IslandsConfig":

@@ -7,20 +7,31 @@ import os
 import sys
 
 
+def _islands_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--islands", help="islands TOML (default: the one the run was started with)")
+
+
+def _runner(manifest, islands_url: str | None):
+    """A runner that knows the run's kubernetes islands (their handles name ``kubernetes@ISLAND``)."""
+    from ddm.coordinator.islands import load_islands
+    from ddm.coordinator.kube import make_runner
+
+    return make_runner(load_islands(islands_url or manifest.data.get("config", {}).get("islands")))
+
+
 def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="run root (local path or s3://...)")
+    _islands_arg(p)
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from torchx.runner import get_runner
-
     from ddm.coordinator.launcher import cancel_jobs
     from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.pipeline import job_output
 
     manifest = Manifest.load(args.root)
     outputs = {name: job_output(args.root, name) for name in manifest.data["jobs"]}
-    with get_runner() as runner:
+    with _runner(manifest, args.islands) as runner:
         names = cancel_jobs(manifest, runner, outputs)
     print(f"cancelled: {', '.join(names)}" if names else "no running jobs")
     return 0
@@ -31,11 +42,10 @@ def add_logs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job name, e.g. expert-0")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines (default: all)")
     p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends")
+    _islands_arg(p)
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from torchx.runner import get_runner
-
     from ddm.coordinator.manifest import Manifest
 
     manifest = Manifest.load(args.root)
@@ -45,14 +55,17 @@ def run_logs(args: argparse.Namespace) -> int:
         return 2
     handle = record["handle"]
     lines: list[str] = []
-    with get_runner() as runner:
+    with _runner(manifest, args.islands) as runner:
         try:
             if runner.status(handle) is not None:
                 app = runner.describe(handle)
-                role = app.roles[0].name if app and app.roles else args.job
+                run_name = manifest.data.get("config", {}).get("name")
+                role = app.roles[0].name if app and app.roles else (f"{run_name}-{args.job}" if run_name else args.job)
                 lines = list(runner.log_lines(handle, role, k=0, should_tail=args.follow))
         except (ValueError, KeyError, RuntimeError):
             lines = []
+        except Exception as e:  # a cluster API error (pod gone, API server unreachable)
+            print(f"ddm logs: cannot read the logs of {args.job} from its cluster: {str(e).splitlines()[0]}", file=sys.stderr)
     if not lines:  # the local scheduler forgets jobs across coordinator restarts: read its log files
         lines = _local_log_lines(args.root, handle)
     if not lines:

@@ -23,12 +23,15 @@ from torchx import specs
 from torchx.runner import Runner
 
 from ddm.coordinator.islands import IslandsConfig
+from ddm.coordinator.kube import is_not_found, scheduler_key
 from ddm.coordinator.manifest import CANCELLED, JOB_FAILED, SUBMITTED, SUCCEEDED, Manifest
 from ddm.expert import heartbeat
 
 log = logging.getLogger("ddm.launcher")
 
 TERMINAL_FAILED = {specs.AppState.FAILED, specs.AppState.CANCELLED}
+# Accepted by the scheduler but not running yet (a Volcano job waiting in its queue for a gang of pods).
+NOT_STARTED = {specs.AppState.SUBMITTED, specs.AppState.PENDING, specs.AppState.UNSUBMITTED, specs.AppState.UNKNOWN}
 
 
 @dataclass
@@ -68,28 +71,36 @@ class Launcher:
             cfg.setdefault("log_dir", self.log_dir)
         record = self.manifest.job(job.name)
         attempt = len(record["attempts"]) + 1
-        handle = self.runner.run(job.app, scheduler=island.scheduler, cfg=cfg)
+        handle = self.runner.run(job.app, scheduler=scheduler_key(job.island, island), cfg=cfg)
         record["attempts"].append({"handle": handle, "island": job.island, "submitted_at": time.time(), "state": SUBMITTED})
         self.manifest.update_job(job.name, state=SUBMITTED, island=job.island, handle=handle, attempt=attempt)
         log.info("submitted %s (attempt %d/%d) on %s: %s", job.name, attempt, self.max_attempts, job.island, handle)
 
     def _observe(self, job: JobSpec) -> str:
-        """Current state of a submitted job: RUNNING, SUCCEEDED, FAILED or LOST (gone, no heartbeat)."""
+        """Current state of a submitted job: PENDING (accepted, not started), RUNNING, SUCCEEDED, FAILED
+        or LOST (gone, no heartbeat)."""
         record = self.manifest.job(job.name)
         handle = record.get("handle")
         status = None
         if handle:
             try:
                 status = self.runner.status(handle)
-            except (ValueError, KeyError, RuntimeError) as e:  # unknown session/scheduler, API errors
+            except (ValueError, KeyError, RuntimeError) as e:  # unknown session/scheduler
                 log.debug("status of %s failed: %s", handle, e)
+            except Exception as e:  # a cluster API error: only "not found" means the job is gone
+                if not is_not_found(e):
+                    # Unreachable API server, 5xx, expired credentials: we cannot tell, so we neither
+                    # resubmit (that could run the job twice) nor give up; ask again next poll.
+                    log.warning("cannot get the status of %s (%s); asking again", handle, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    return "UNKNOWN"
+                log.debug("%s is gone from its cluster", handle)
         if status is not None:
             if status.state == specs.AppState.SUCCEEDED:
                 return SUCCEEDED
             if status.state in TERMINAL_FAILED:
                 record["error"] = self._error_text(handle, status)
                 return JOB_FAILED
-            return "RUNNING"
+            return "PENDING" if status.state in NOT_STARTED else "RUNNING"
         # The scheduler does not know the job (e.g. the coordinator restarted): trust the heartbeat.
         if job.is_complete():
             return SUCCEEDED
@@ -129,8 +140,8 @@ class Launcher:
                     continue
                 if record["state"] in (SUBMITTED, "RUNNING"):
                     state = self._observe(job)
-                    if state == "RUNNING":
-                        if record["state"] != "RUNNING":
+                    if state in ("RUNNING", "PENDING", "UNKNOWN"):
+                        if state == "RUNNING" and record["state"] != "RUNNING":
                             self.manifest.update_job(name, state="RUNNING")
                         running_per_island[job.island] = running_per_island.get(job.island, 0) + 1
                         continue
@@ -185,6 +196,10 @@ def cancel_jobs(manifest: Manifest, runner: Runner, outputs: dict[str, str]) -> 
         try:
             status = runner.status(handle) if handle else None
         except (ValueError, KeyError, RuntimeError):
+            status = None
+        except Exception as e:  # a cluster API error: "not found" means already gone, else say why
+            if not is_not_found(e):
+                raise RuntimeError(f"cannot reach the scheduler of {name} ({handle}) to cancel it: {e}") from e
             status = None
         if status is not None and not status.is_terminal():
             runner.cancel(handle)

@@ -82,6 +82,7 @@ class Pipeline:
     manifest: Manifest
     progress: bool = True
     say: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    dry_run: bool = False  # build jobs without writing their configs (``ddm run --dry-run``)
     _data: ImageDataset | None = None
 
     def data(self) -> ImageDataset:
@@ -186,9 +187,15 @@ class Pipeline:
         """Write the job's config next to its output and describe it for the launcher."""
         from ddm.coordinator.launcher import JobSpec
 
-        config_url = storage.join(output, "job.toml")
-        storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
         island = self.islands.island[island_name]
+        if island.scheduler == "kubernetes" and "://" not in self.cfg.root:
+            raise ValueError(
+                f"island {island_name!r} runs jobs on a cluster, which cannot see the local run root {self.cfg.root}; "
+                "use shared object storage, e.g. --root s3://bucket/run"
+            )
+        config_url = storage.join(output, "job.toml")
+        if not self.dry_run:
+            storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
         local = island.scheduler.startswith("local")
         app = component(
             _absolute(config_url) if local else config_url,
@@ -201,12 +208,11 @@ class Pipeline:
 
     def _launch(self, jobs: list, max_attempts: int) -> None:
         """Run jobs to completion on their islands; raise RunFailed naming every job that failed."""
-        from torchx.runner import get_runner
-
+        from ddm.coordinator.kube import make_runner
         from ddm.coordinator.launcher import Launcher
 
         log_dir = _absolute(storage.join(self.cfg.root, "logs")) if "://" not in self.cfg.root else None
-        with get_runner() as runner:
+        with make_runner(self.islands) as runner:
             launcher = Launcher(
                 self.manifest, self.islands, runner,
                 max_attempts=max_attempts, poll_seconds=self.cfg.experts.poll_seconds,
@@ -218,7 +224,8 @@ class Pipeline:
             lines = [f"  {n}: failed after {o.attempts} attempt(s): {(o.error or '').strip()[:2000]}" for n, o in failed.items()]
             raise RunFailed("jobs failed (the others finished; fix the cause and run again to retry):\n" + "\n".join(lines))
 
-    def stage_experts(self) -> dict[str, Any]:
+    def expert_jobs(self) -> list:
+        """One JobSpec per expert, on its island (writes each job's config unless ``dry_run``)."""
         names = expert_names(self.cfg)
         self.islands.check_experts(len(names))
         jobs = []
@@ -227,8 +234,30 @@ class Pipeline:
             island = self.islands.island[self.islands.island_for(k)]
             jobs.append(self._job(name, job_cfg, job_cfg.output, self.islands.island_for(k), components.expert_trainer,
                                   lambda n=name: expert_is_complete(self.cfg, n), j=island.j))  # fmt: skip
-        self._launch(jobs, self.cfg.experts.max_attempts)
-        return {"experts": names}
+        return jobs
+
+    def stage_experts(self) -> dict[str, Any]:
+        self._launch(self.expert_jobs(), self.cfg.experts.max_attempts)
+        return {"experts": expert_names(self.cfg)}
+
+    def router_skipped(self) -> str | None:
+        """Why this run trains no router, or None when it does."""
+        if self.cfg.mode == "monolith" or not self.cfg.router.enabled:
+            return "monolith mode" if self.cfg.mode == "monolith" else "router.enabled = false"
+        if self.cfg.partition.k < 2:
+            return "one partition: nothing to route"
+        return None
+
+    def router_jobs(self) -> list:
+        """The router's JobSpec (empty when the run trains no router)."""
+        if self.router_skipped():
+            return []
+        island = self.cfg.router.island or self.islands.default
+        if island not in self.islands.island:
+            raise ValueError(f"router.island {island!r} is not defined in the islands file")
+        steps = self.cfg.router.train.steps
+        return [self._job("router", self.router_job(), router_output(self.cfg), island, components.router_trainer,
+                          lambda: trained_to(router_output(self.cfg), steps))]  # fmt: skip
 
     def router_job(self) -> Any:
         from ddm.router.config import RouterDataConfig, RouterJobConfig
@@ -240,17 +269,10 @@ class Pipeline:
         )  # fmt: skip
 
     def stage_router(self) -> dict[str, Any]:
-        if self.cfg.mode == "monolith" or not self.cfg.router.enabled:
-            return {"skipped": "monolith mode" if self.cfg.mode == "monolith" else "router.enabled = false"}
-        if self.cfg.partition.k < 2:
-            return {"skipped": "one partition: nothing to route"}
-        island = self.cfg.router.island or self.islands.default
-        if island not in self.islands.island:
-            raise ValueError(f"router.island {island!r} is not defined in the islands file")
-        steps = self.cfg.router.train.steps
-        job = self._job("router", self.router_job(), router_output(self.cfg), island, components.router_trainer,
-                        lambda: trained_to(router_output(self.cfg), steps))  # fmt: skip
-        self._launch([job], self.cfg.experts.max_attempts)
+        skipped = self.router_skipped()
+        if skipped:
+            return {"skipped": skipped}
+        self._launch(self.router_jobs(), self.cfg.experts.max_attempts)
         acc_url = storage.join(router_output(self.cfg), "accuracy_vs_t.json")
         return {"accuracy_vs_t": acc_url if storage.exists(acc_url) else None}
 

@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated subset of stages to run (default: all, in order)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print every job the run would submit, rendered (the Volcano Job YAML for kubernetes islands, the "
+        "command line for local ones), and exit; needs no cluster and writes nothing",
+    )  # fmt: skip
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -63,6 +68,16 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"ddm run: --stages {unknown}: unknown; stages are {', '.join(STAGES)}", file=sys.stderr)
             return 2
+    if args.dry_run:
+        from ddm.coordinator.dryrun import format_stream, render_run
+
+        try:
+            jobs = render_run(Pipeline(cfg, islands, None, dry_run=True))  # type: ignore[arg-type]
+        except ValueError as e:
+            print(f"ddm run: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write(format_stream(jobs))
+        return 0
     try:
         manifest = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
     except ManifestError as e:

@@ -36,6 +36,7 @@ gpu = 8
 """))
     assert [cfg.island_for(k) for k in range(4)] == ["a", "b", "a", "b"]
     assert cfg.island["b"].run_cfg() == {"namespace": "ddm", "queue": "q"}
+    assert cfg.island["b"].model_copy(update={"service_account": "sa"}).run_cfg()["service_account"] == "sa"
     with pytest.raises(ValueError, match="experts 0..1"):
         cfg.check_experts(2)
 
@@ -49,6 +50,10 @@ gpu = 8
         ('default = "gpu"\n[island.local]\n', "default island 'gpu'"),
         ('[island.k]\nscheduler = "kubernetes"\nimage = "x"', "namespace, queue"),
         ('default = "a"\n[island.a]\nexperts = [0]\n[island.b]\nexperts = [0]', "expert 0 is listed in both"),
+        ('[island.local]\nqueue = "q"', "queue: only for scheduler = \"kubernetes\""),
+        ('[island.k]\nscheduler = "kubernetes"\nimage = "x"\nnamespace = "Bad_NS"\nqueue = "q"', "namespace = 'Bad_NS' is not a kubernetes name"),
+        ('[island.k]\nscheduler = "kubernetes"\nimage = "x"\nnamespace = "n"\nqueue = "q"\nenv_from_secrets = ["s3 creds"]', "env_from_secrets[0]"),
+        ('default = "a b"\n[island."a b"]\n', "island name 'a b'"),
     ],
 )
 def test_bad_islands_file_names_the_field(tmp_path, text, field):
