@@ -37,6 +37,7 @@ from ddm.expert.guidance import with_guidance
 from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
+from ddm.expert.student import for_sampling
 from ddm.expert.progress import progress_bar
 
 __all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference", "score"]
@@ -101,7 +102,9 @@ def generate(
     deterministic samplers.
     """
     noise = torch.randn((len(y), *image_shape), generator=generator)  # (N, C, H, W)
-    guided = with_guidance(denoiser, sample_cfg.guidance)
+    # A shortcut student is told the schedule (its step size is an input); others are unchanged.
+    scheduled = for_sampling(denoiser, steps=sample_cfg.steps, sampler=sample_cfg.sampler, time_shift=sample_cfg.time_shift)
+    guided = with_guidance(scheduled, sample_cfg.guidance)
     out = []
     with progress_bar(total=len(y), disable=not progress, desc="sampling", unit="img") as bar:
         for start in range(0, len(y), batch_size):

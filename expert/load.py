@@ -2,7 +2,8 @@
 
 Checkpoints are self-describing (see ``checkpoint``): the safetensors header carries the DiT config,
 so a server, the router or the evaluator rebuilds the network without the training config. Every
-error names the file it is about.
+error names the file it is about. A distilled student (kind "student") is a DiT with extra inputs
+and loads the same way; ``load_denoiser`` then returns a :class:`~ddm.expert.student.StudentDenoiser`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from ddm.expert import checkpoint
 from ddm.expert.checkpoint import CheckpointError
 from ddm.expert.denoiser import ModuleDenoiser
 from ddm.expert.model import DiT, DiTConfig
+from ddm.expert.student import StudentDenoiser
+
+LOADABLE_KINDS = ("expert", "student")
 
 
 def load_model(
@@ -26,9 +30,9 @@ def load_model(
     """
     ckpt = checkpoint.load(url)
     meta = ckpt.meta
-    if meta.get("kind", "expert") != "expert":
+    if meta.get("kind", "expert") not in LOADABLE_KINDS:
         raise CheckpointError(
-            f"{ckpt.url}: a {meta.get('kind')!r} checkpoint, not an expert (DiT) checkpoint"
+            f"{ckpt.url}: a {meta.get('kind')!r} checkpoint, not an expert or student (DiT) checkpoint"
         )
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{ckpt.url}: metadata has no 'model' config; not an expert checkpoint")
@@ -53,7 +57,12 @@ def load_model(
     return model, {**meta, "url": ckpt.url}
 
 
-def load_denoiser(url: str, *, ema: bool = True, device: str | torch.device = "cpu") -> ModuleDenoiser:
-    """The checkpoint's network behind the Denoiser interface (what samplers and servers take)."""
+def load_denoiser(
+    url: str, *, ema: bool = True, device: str | torch.device = "cpu"
+) -> ModuleDenoiser | StudentDenoiser:
+    """The checkpoint's network behind the Denoiser interface (what samplers and servers take): a
+    StudentDenoiser (guides itself in one pass) for a student, else a ModuleDenoiser."""
     model, _ = load_model(url, ema=ema, device=device)
+    if model.config.guidance_embed:
+        return StudentDenoiser(model)
     return ModuleDenoiser(model, model.num_classes)

@@ -3,6 +3,11 @@
 Patchify -> transformer blocks with adaLN-Zero conditioning on (t, class) -> linear unpatchify.
 The class embedding table has one extra row, the null class (index ``num_classes``), used for
 classifier-free guidance dropout. Attention goes through ``F.scaled_dot_product_attention``.
+
+A distilled student (``ddm.router.distill``) is the same network with up to two more scalar inputs,
+each embedded like t and added to the conditioning vector: the guidance scale w
+(``guidance_embed``) and the step size d of a shortcut model (``step_embed``; Frans et al. 2024).
+Both default to off, so expert checkpoints and their metadata are unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class DiTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     num_classes: int = 10
+    guidance_embed: bool = False  # a student: the CFG scale w is an input (one pass per step)
+    step_embed: bool = False  # a shortcut student: the step size d is an input (d = 0: the flow)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -42,7 +49,13 @@ class DiTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as stored in checkpoints; the student flags only when set, so an expert's
+        metadata stays exactly what it was before students existed."""
+        d = asdict(self)
+        for key in ("guidance_embed", "step_embed"):
+            if not d[key]:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
@@ -61,7 +74,15 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
 DIT_ARCHS: tuple[str, ...] = tuple(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
 
 
-def dit_config(arch: str, *, image_size: int, in_channels: int, num_classes: int) -> DiTConfig:
+def dit_config(
+    arch: str,
+    *,
+    image_size: int,
+    in_channels: int,
+    num_classes: int,
+    guidance_embed: bool = False,
+    step_embed: bool = False,
+) -> DiTConfig:
     """Build a DiTConfig from a registry name such as ``"DiT-T/4"`` or ``"DiT-XL/2"``."""
     try:
         size, patch = arch.removeprefix("DiT-").split("/")
@@ -77,6 +98,8 @@ def dit_config(arch: str, *, image_size: int, in_channels: int, num_classes: int
         depth=depth,
         num_heads=heads,
         num_classes=num_classes,
+        guidance_embed=guidance_embed,
+        step_embed=step_embed,
     )
 
 
@@ -85,17 +108,21 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of t (scaled to [0, 1000] like DiT) followed by an MLP."""
+    """Sinusoidal features of t (scaled to [0, 1000] like DiT) followed by an MLP.
 
-    def __init__(self, hidden_size: int, freq_dim: int = 256):
+    ``scale`` maps the input to that range: 1000 for t and d in [0, 1], 100 for a guidance scale in
+    about [0, 10]."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * 1000.0)[:, None] * freqs[None]  # (N, half)
+        args = (t.float() * self.scale)[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
@@ -165,6 +192,8 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = nn.Embedding(config.num_classes + 1, d)
+        self.w_embedder = TimestepEmbedder(d, scale=100.0) if config.guidance_embed else None
+        self.d_embedder = TimestepEmbedder(d) if config.step_embed else None
         grid = config.image_size // p
         self.register_buffer("pos_embed", sincos_pos_embed(d, grid)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
@@ -188,6 +217,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for extra in (self.w_embedder, self.d_embedder):
+            if extra is not None:  # zero output: a student starts as the network it was initialised from
+                nn.init.normal_(extra.mlp[0].weight, std=0.02)
+                nn.init.zeros_(extra.mlp[2].weight)
         # adaLN-Zero: every residual branch and the output start at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -204,9 +237,23 @@ class DiT(nn.Module):
         x = x.reshape(n, g, g, p, p, c)  # (N, gh, gw, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, g * p, g * p)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None = None,
+        d: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """v(x_t, t, y) (N, C, H, W); a student also takes the guidance scale w (N,) and step size d (N,)."""
         x = self.x_embedder(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        if self.w_embedder is not None:
+            if w is None:
+                raise ValueError("this DiT takes the guidance scale w as an input (a distilled student); pass w (N,)")
+            c = c + self.w_embedder(w)  # (N, D)
+        if self.d_embedder is not None:
+            c = c + self.d_embedder(torch.zeros_like(t) if d is None else d)  # (N, D); d = 0: the flow
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C)
