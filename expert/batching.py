@@ -102,6 +102,9 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._pending = 0  # submitted and not yet finished
         self._closed = False
+        # The requests of the batch ``fn`` is computing (read by ``fn`` itself, on the worker thread:
+        # a client-side batcher derives the shared call's deadline and cancellation from them).
+        self.current: list[Request] = []
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -200,6 +203,7 @@ class DynamicBatcher:
 
     def _compute(self, batch: list[Request]) -> None:
         start = time.perf_counter()
+        self.current = batch
         try:
             v = self.fn(
                 torch.cat([r.x_t for r in batch]),  # (B, C, H, W)
@@ -212,6 +216,8 @@ class DynamicBatcher:
                 req.error = e
                 self._finish(req)
             return
+        finally:
+            self.current = []
         rows = sum(r.rows for r in batch)
         self.stats.batches += 1
         self.stats.rows += rows

@@ -170,16 +170,18 @@ class RouterClient(_Client):
         time_shift: float | None = None,
         churn: float | None = None,
         include_float: bool = False,
+        allow_degraded: bool = False,
         timeout: float | None = None,
         on_progress: ProgressFn | None = None,
     ) -> tuple[torch.Tensor, SampleInfo]:
         """Sample ``n`` images; returns (uint8 images (N, C, H, W), :class:`SampleInfo`).
 
         ``labels``: None cycles the classes 0, 1, 2, ...; else n labels (num_classes = unconditional).
-        Unset options take the router's defaults (``info()``). ``on_progress(step, total, t)`` is called
-        per sampler step; if it raises, the call is cancelled (the router stops) and the error propagates.
+        Unset options take the router's defaults (``info()``). ``allow_degraded``: the router may drop
+        an expert that goes down and finish with the others (listed in ``SampleInfo.degraded_experts``).
+        ``on_progress(step, total, t)`` is called per sampler step; if it raises, the call is cancelled (the router stops) and the error propagates.
         """
-        request = pb.SampleRequest(n=n, include_float=include_float)
+        request = pb.SampleRequest(n=n, include_float=include_float, allow_degraded=allow_degraded)
         if labels is not None:
             request.labels[:] = [
                 int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)

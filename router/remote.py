@@ -7,19 +7,29 @@ server batches them again). Per router request, :meth:`RemoteExpert.scoped` give
 (the router's client went away) cancels the calls in flight. Failures raise :class:`ExpertFailure`
 naming the expert, which the router turns into a status code.
 
+Liveness (degraded sampling, ``router.degraded``): an expert whose call failed because it is down
+(:data:`DOWN_CODES`) is marked down; requests that allow degradation then skip it instead of paying
+for a doomed call each step. It is re-checked with grpc.health.v1 after a backoff (0.5 s doubling to
+2 s) and used again as soon as it answers SERVING, or as soon as any call to it succeeds: the gRPC
+channel reconnects by itself (``rpc.channel_options``), so a restarted expert on the same address
+rejoins without restarting the router.
+
 Coalescing (``coalesce=True``, what the router server uses): concurrent velocity calls from many router
 requests are merged into one Predict per expert (a :class:`~ddm.expert.batching.DynamicBatcher` on
 the client side, no added delay: it takes whatever queued while the previous Predict was in flight).
 With 32 clients sampling at once the router then sends a few large Predicts per step instead of 32
 small ones, so per-call overhead on both ends stops dominating and the expert's own batcher sees big
 batches. A request that leaves (deadline, cancellation) stops waiting at once; the shared call goes on
-for the others. Requests larger than the server's ``max_batch`` bypass it and are sent in chunks.
+for the others, and is cancelled (so the expert drops its queued rows) once every caller has left. Its
+deadline is the latest of its callers' deadlines. Requests larger than the server's ``max_batch``
+bypass it and are sent in chunks.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -29,6 +39,10 @@ from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.router.client import ExpertClient
+
+# Codes meaning "this expert is down or broken" (not slow, not overloaded, not our bad request): the
+# ones degraded sampling may drop an expert for.
+DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
 class ExpertFailure(RuntimeError):
@@ -81,6 +95,49 @@ class CallScope:
             self._inflight.discard(future)
 
 
+class Liveness:
+    """Whether an expert is believed down, with a health re-check after an exponential backoff."""
+
+    def __init__(self, check: Callable[[], tuple[bool, str]], *, base: float = 0.5, cap: float = 10.0):
+        self._check, self.base, self.cap = check, base, cap
+        self._lock = threading.Lock()
+        self.down = False
+        self.why = ""
+        self.failures = 0  # consecutive
+        self._next_check = 0.0
+        self._checking = False
+
+    def failed(self, why: str) -> None:
+        with self._lock:
+            self.down, self.why = True, why
+            self.failures += 1
+            self._next_check = time.monotonic() + min(self.cap, self.base * 2 ** (self.failures - 1))
+
+    def ok(self) -> None:
+        if self.down or self.failures:
+            with self._lock:
+                self.down, self.why, self.failures = False, "", 0
+
+    def is_down(self) -> bool:
+        """False once the expert is believed up; while down, one caller re-checks health when due."""
+        with self._lock:
+            if not self.down:
+                return False
+            if self._checking or time.monotonic() < self._next_check:
+                return True
+            self._checking = True
+        try:
+            healthy, why = self._check()
+        finally:
+            with self._lock:
+                self._checking = False
+        if healthy:
+            self.ok()
+            return False
+        self.failed(why or self.why)
+        return True
+
+
 class RemoteExpert:
     """Denoiser over gRPC. Attributes after :meth:`connect`: ``info``, ``name``, ``num_classes``."""
 
@@ -103,6 +160,7 @@ class RemoteExpert:
         self.coalesce = coalesce
         self.batcher: DynamicBatcher | None = None  # coalesces concurrent calls, after connect()
         self._name = name
+        self.liveness = Liveness(lambda: self.health(timeout=0.5), cap=2.0)
         if connect_timeout is not None:
             self.connect(connect_timeout)
 
@@ -184,13 +242,34 @@ class RemoteExpert:
         return req.result
 
     def _coalesced_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One Predict for the rows of several callers (runs on the batcher's thread)."""
-        return self._call(x_t, t, y, self.timeout, None)
+        """One Predict for the rows of several callers (runs on the batcher's thread): its deadline is
+        the latest caller's, and it is cancelled once every caller has left."""
+        callers = list(self.batcher.current) if self.batcher is not None else []
+        deadlines = [r.deadline for r in callers]
+        timeout = self.timeout
+        if deadlines and None not in deadlines:
+            timeout = min(timeout, max(deadlines) - time.monotonic())
+        if timeout <= 0:
+            raise Expired("deadline passed before the call")
+
+        def abandoned() -> bool:
+            return bool(callers) and all(r.cancelled for r in callers)
+
+        return self._call(x_t, t, y, timeout, None, abandoned)
 
     def _call(
-        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, timeout: float, scope: CallScope | None
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        timeout: float,
+        scope: CallScope | None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Predict in chunks of at most ``max_batch`` rows, all in flight at once; (N, C, H, W)."""
+        """Predict in chunks of at most ``max_batch`` rows, all in flight at once; (N, C, H, W).
+
+        Marks the expert up or down (:class:`Liveness`) by the outcome. ``abandoned``: polled while
+        waiting; once true the calls are cancelled (the expert server then skips their queued rows)."""
         step = max(1, self._require_info().max_batch)
         chunks = [(x_t[i : i + step], t[i : i + step], y[i : i + step]) for i in range(0, x_t.shape[0], step)]
         futures = []
@@ -202,18 +281,26 @@ class RemoteExpert:
                 scope._track(future)
             futures.append(future)
         try:
+            if abandoned is not None:
+                finished = _all_done(futures)
+                while not finished.wait(0.05):
+                    if abandoned():
+                        raise Cancelled(f"every caller left while expert {self.name} was computing")
             parts = [ExpertClient.velocity_of(f.result(), cx) for f, (cx, _, _) in zip(futures, chunks)]
         except grpc.FutureCancelledError:
             raise Cancelled(f"request cancelled while expert {self.name} was computing") from None
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and scope is not None and scope.cancelled:
                 raise Cancelled(f"request cancelled while expert {self.name} was computing") from None
+            if e.code() in DOWN_CODES:
+                self.liveness.failed(f"{e.code().name}: {e.details() or ''}")
             raise ExpertFailure(self.name, self.address, e.code(), e.details() or "") from None
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished calls; stops the rest after a failure
                 if scope is not None:
                     scope._untrack(future)
+        self.liveness.ok()
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def health(self, *, timeout: float = 1.0) -> tuple[bool, str]:
@@ -223,6 +310,21 @@ class RemoteExpert:
         if self.batcher is not None:
             self.batcher.close()
         self.client.close()
+
+
+def _all_done(futures: list[grpc.Future]) -> threading.Event:
+    """An event set once every future has finished (successfully or not)."""
+    finished, lock, left = threading.Event(), threading.Lock(), [len(futures)]
+
+    def on_done(_: grpc.Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                finished.set()
+
+    for future in futures:
+        future.add_done_callback(on_done)  # runs at once for a finished future
+    return finished
 
 
 class ScopedExpert:

@@ -59,6 +59,7 @@ class SampleParams:
     seed: int
     time_shift: float
     churn: float
+    allow_degraded: bool = False  # drop a failed expert and go on (SampleRequest.allow_degraded)
 
     def cohort_key(self) -> tuple | None:
         """Requests with equal keys can be sampled as one batch (``router.cohort``): same schedule,
@@ -74,6 +75,7 @@ class SampleParams:
             self.top_k,
             self.threshold,
             self.time_shift,
+            self.allow_degraded,
         )
 
 
@@ -130,7 +132,18 @@ def parse_request(
         raise BadRequest("churn", f"{churn} out of range; use [0, 1]")
     seed = int(opt("seed", secrets.randbits(63)))
     return SampleParams(
-        req.n, y, guidance, steps, sampler, strategy, top_k, threshold, seed, time_shift, churn
+        req.n,
+        y,
+        guidance,
+        steps,
+        sampler,
+        strategy,
+        top_k,
+        threshold,
+        seed,
+        time_shift,
+        churn,
+        allow_degraded=bool(req.allow_degraded),
     )
 
 

@@ -15,9 +15,9 @@ Predicts per step, not 32 of each.
 
 The client's deadline bounds every expert call; a client that goes away (cancel, disconnect) stops
 the sampling at the next step and stops waiting for (or cancels) its expert calls. An expert failing
-mid-sample ends the call with UNAVAILABLE naming it (see :meth:`RouterServer._expert_failed`, the
-hook for degraded sampling). Health and reflection are served; health is SERVING once the router is
-loaded and every expert answered Info.
+mid-sample ends the call with UNAVAILABLE naming it, unless the request allows degraded sampling
+(``router.degraded``: drop it, renormalise over the live experts, report it). Health and reflection
+are served; health is SERVING once the router is loaded and every expert answered Info.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
 from ddm.router.cohort import CohortScheduler, Member, broadcast, cohort_deadline, member_results, wait_event
+from ddm.router.degraded import Degradation
 from ddm.router.ensemble import Ensemble
 from ddm.router.model import RouterNet, load_router_checkpoint
 from ddm.router.remote import CallScope, Cancelled, ExpertFailure, RemoteExpert, check_experts_fit
@@ -68,6 +69,12 @@ class RouterMetrics:
         self.expert_rows = Counter("ddm_router_expert_rows", "rows sent per expert", ["expert"], registry=r)
         self.seconds = Histogram("ddm_router_sample_seconds", "Sample wall time", registry=r)
         self.active = Gauge("ddm_router_active_samples", "Sample calls in progress", registry=r)
+        self.degraded = Counter(
+            "ddm_router_degraded_samples",
+            "Sample calls finished without an expert (allow_degraded)",
+            ["expert"],
+            registry=r,
+        )
 
 
 @dataclass
@@ -273,9 +280,10 @@ class RouterServer(rpc.LoadingServer):
         try:
             noises, gens = zip(*(initial_noise(m.n, self.image_shape, m.params.seed) for m in members))
             noise = torch.cat(noises)  # (N, C, H, W), each member's rows from its own seed
+            degradation = Degradation(self.experts, allowed=p.allow_degraded)
             ensemble = Ensemble(
                 [e.scoped(scope) for e in self.experts],
-                self._routing(scope),
+                degradation.router(self._routing(scope)),
                 strategy=p.strategy,
                 top_k=p.top_k,
                 threshold=p.threshold,
@@ -283,7 +291,7 @@ class RouterServer(rpc.LoadingServer):
             )
             x = noise
             for step in iter_sample(
-                ensemble.guided(p.guidance),
+                degradation.denoiser(ensemble.guided(p.guidance)),
                 noise,
                 torch.cat([m.params.labels for m in members]),
                 steps=p.steps,
@@ -296,7 +304,9 @@ class RouterServer(rpc.LoadingServer):
                 if all(m.gone for m in members):
                     return
                 x = step.x
-                progress = pb.Progress(step=step.index + 1, total=step.total, t=step.t_next)
+                progress = pb.Progress(
+                    step=step.index + 1, total=step.total, t=step.t_next, degraded_experts=degradation.names
+                )
                 for m in members:
                     m.send("progress", progress)
         except Cancelled:
@@ -314,19 +324,18 @@ class RouterServer(rpc.LoadingServer):
         for k, e in enumerate(self.experts):
             self.metrics.expert_calls.labels(e.name).inc(counts.batches[k])
             self.metrics.expert_rows.labels(e.name).inc(counts.rows[k])
+        for name in degradation.names:
+            self.metrics.degraded.labels(name).inc(len(members))
         for m, result in zip(members, member_results(members, x, [e.name for e in self.experts], counts)):
+            result.degraded_experts[:] = degradation.names
             self.metrics.images.inc(m.n)
             self.metrics.seconds.observe(time.perf_counter() - m.started)
             m.send("result", result)
 
     @staticmethod
     def _expert_failed(error: ExpertFailure) -> tuple[grpc.StatusCode, str]:
-        """The status an expert failure mid-sample ends the cohort's calls with.
-
-        Hook for degraded sampling (a later issue; ``SampleRequest.allow_degraded``): drop the failed
-        expert, renormalise the router's weights over the others and carry on, reporting it in
-        ``Result.degraded_experts``. Until then the whole call fails, naming the expert.
-        """
+        """The status an expert failure mid-sample ends the cohort's calls with (when the request does
+        not allow degraded sampling, or no expert is left: ``router.degraded``)."""
         code = error.code
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             code = grpc.StatusCode.UNAVAILABLE

@@ -95,14 +95,16 @@ class SampleEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total", "t")
+    __slots__ = ("step", "total", "t", "degraded_experts")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     T_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     t: float
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., t: _Optional[float] = ...) -> None: ...
+    degraded_experts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., t: _Optional[float] = ..., degraded_experts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertCalls(_message.Message):
     __slots__ = ("name", "calls", "rows")

@@ -1,0 +1,157 @@
+"""Degraded sampling with a real fault: an expert server process SIGKILLed in the middle of a Sample.
+
+expert-0 runs in-process, expert-1 is a ``ddm serve expert`` subprocess, SIGKILLed. With ``allow_degraded`` the
+router finishes without expert-1 (renormalising over expert-0, which with two experts makes the full
+ensemble exactly expert-0 alone), reports it in Progress and Result; without it, UNAVAILABLE naming
+expert-1. Restarted on the same port (in-process), expert-1 is used again by the same router. With no expert left,
+UNAVAILABLE naming both."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from ddm.expert.load import load_denoiser
+from ddm.expert.sampling import sample
+from ddm.expert.server import ExpertServer
+from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
+from ddm.router.client import RouterClient
+from ddm.router.server import RouterServer, initial_noise
+from grpc_fixtures import expert_checkpoint, router_checkpoint
+
+DDM = [sys.executable, "-m", "ddm.coordinator.cli"]
+
+
+class ExpertProcess:
+    """``ddm serve expert`` on 127.0.0.1 as a subprocess; ``port`` once it printed its serving line."""
+
+    def __init__(self, ckpt: str, port: int = 0):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [*DDM, "serve", "expert", "--checkpoint", ckpt, "--host", "127.0.0.1", "--port", str(port)]
+        self.p = subprocess.Popen(
+            [*cmd, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.p.stdout], daemon=True).start()
+        try:
+            line = lines.get(timeout=60)
+        except queue.Empty:
+            self.p.kill()
+            raise AssertionError(f"expert did not start: {self.p.stderr.read()}") from None
+        m = re.search(r"serving expert-\d+ on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        self.port = int(m.group(1))
+
+    def kill(self) -> None:
+        self.p.send_signal(signal.SIGKILL)  # no clean-up, no GOAWAY: the worst case for the router
+        self.p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    for k in range(2):
+        expert_checkpoint(root, k)
+    router_checkpoint(root, 2)
+    return root
+
+
+def _expert0_alone(root: Path, n: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
+    """What the full ensemble renormalised over expert-0 alone samples: expert-0's guided sample."""
+    from ddm.expert.guidance import with_guidance
+
+    expert = load_denoiser(str(root / "experts/expert-0/checkpoints"))
+    noise, gen = initial_noise(n, (1, 8, 8), seed)
+    y = torch.arange(n) % 3
+    return sample(with_guidance(expert, guidance), noise, y, steps=steps, sampler="euler", generator=gen)
+
+
+def _progress_degraded(target: str, **fields) -> list[list[str]]:
+    """The degraded_experts of every Progress of a Sample call (raw stub: the client hides them)."""
+    with grpc.insecure_channel(target) as channel:
+        stream = pb_grpc.RouterStub(channel).Sample(pb.SampleRequest(**fields), timeout=30)
+        return [list(e.progress.degraded_experts) for e in stream if e.HasField("progress")]
+
+
+def test_an_expert_killed_mid_sample_is_dropped_reported_and_rejoins_after_restart(run_root: Path) -> None:
+    local = ExpertServer(str(run_root / "experts/expert-0/checkpoints")).start(timeout=30)
+    remote = ExpertProcess(str(run_root / "experts/expert-1/checkpoints"))
+    router = RouterServer(
+        str(run_root / "router/checkpoints"),
+        [local.target, f"127.0.0.1:{remote.port}"],
+        expert_timeout=5,
+    ).start(timeout=60)
+    back: ExpertServer | None = None
+    try:
+        with RouterClient(router.target) as client:
+            # 1. killed mid-sample (top-2: both experts every step); the router finishes with expert-0
+            def kill_at_step_3(step: int, total: int, t: float) -> None:
+                if step == 3:
+                    remote.kill()
+
+            images, info = client.sample(
+                4, steps=100, strategy="top-k", top_k=2, allow_degraded=True, on_progress=kill_at_step_3
+            )
+            assert info.degraded_experts == ["expert-1"] and images.shape == (4, 1, 8, 8)
+            assert 0 < info.expert_rows["expert-1"] < info.expert_rows["expert-0"]
+
+            # 2. already down: renormalised over the live expert, full and top-1 are expert-0 alone
+            for strategy in ({"strategy": "full"}, {"strategy": "top-k", "top_k": 1}):
+                _, info = client.sample(
+                    3, steps=4, seed=5, allow_degraded=True, include_float=True, **strategy
+                )
+                assert info.degraded_experts == ["expert-1"] and info.expert_rows["expert-1"] == 0
+                torch.testing.assert_close(
+                    info.samples, _expert0_alone(run_root, 3, 5, 4, 3.0), atol=1e-5, rtol=1e-5
+                )
+            progress = _progress_degraded(router.target, n=1, steps=2, strategy="full", allow_degraded=True)
+            assert progress == [["expert-1"], ["expert-1"]]
+
+            # 3. degradation not allowed (the default): UNAVAILABLE naming the expert
+            with pytest.raises(grpc.RpcError) as err:
+                client.sample(2, steps=2, strategy="full")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"expert expert-1 at 127.0.0.1:{remote.port}" in err.value.details()
+
+            # 4. restarted on the same port (in this process: a second interpreter start-up adds ~5 s):
+            # the same router uses it again, no restart
+            back = ExpertServer(
+                str(run_root / "experts/expert-1/checkpoints"), address=f"127.0.0.1:{remote.port}"
+            ).start(timeout=30)
+            deadline = time.monotonic() + 20
+            while True:
+                _, info = client.sample(2, steps=2, strategy="full", allow_degraded=True)
+                if not info.degraded_experts or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert info.degraded_experts == [] and info.expert_rows["expert-1"] > 0
+            _, info = client.sample(2, steps=2, strategy="full")  # not degraded: works again too
+            assert info.expert_rows["expert-1"] == 2 * 2 * 2
+
+            # 5. no expert left: UNAVAILABLE naming both, even with allow_degraded
+            back.stop(0)
+            local.stop(0)
+            with pytest.raises(grpc.RpcError) as err:
+                client.sample(2, steps=2, strategy="top-k", allow_degraded=True)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no expert left" in err.value.details() and "expert-0" in err.value.details()
+            assert "expert-1" in err.value.details()
+            assert router.metrics.degraded.labels("expert-1")._value.get() >= 3
+    finally:
+        router.stop(0)
+        local.stop(0)
+        if back is not None:
+            back.stop(0)
+        if remote.p.poll() is None:
+            remote.kill()
