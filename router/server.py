@@ -38,6 +38,7 @@ from ddm.expert.sampling import iter_sample
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
+from ddm.router.admission import Admission, GaveUp, Overloaded
 from ddm.router.cohort import CohortScheduler, Member, broadcast, cohort_deadline, member_results, wait_event
 from ddm.router.degraded import Degradation
 from ddm.router.ensemble import Ensemble
@@ -111,6 +112,7 @@ class RouterServer(rpc.LoadingServer):
         expert_timeout: float = 60.0,
         connect_timeout: float = 60.0,
         max_concurrent: int = 64,
+        max_queue: int = 64,
         defaults: SampleDefaults | None = None,
         metrics_port: int | None = None,
         cohort_delay: float = 0.005,
@@ -126,6 +128,9 @@ class RouterServer(rpc.LoadingServer):
         self.expert_tls, self._expert_token = expert_tls, expert_token
         self.expert_timeout, self.connect_timeout = expert_timeout, connect_timeout
         self.max_concurrent = max_concurrent
+        # Load shedding (router.admission): max_concurrent Sample calls run, max_queue wait, the rest
+        # get RESOURCE_EXHAUSTED at once.
+        self.admission = Admission(max_concurrent, max_queue)
         self.defaults = defaults or SampleDefaults()
         self.metrics_port = metrics_port
         self.metrics = RouterMetrics()
@@ -157,7 +162,8 @@ class RouterServer(rpc.LoadingServer):
         # The largest reply: max_n images as uint8 plus, with include_float, as fp32 (3 x 256 x 256 max).
         self._serve(
             lambda server: pb_grpc.add_RouterServicer_to_server(_RouterServicer(self), server),
-            workers=self.max_concurrent + 8,  # + Info/ListExperts/health
+            # running + waiting Sample calls each hold a handler thread; + 8 for Info/ListExperts/health
+            workers=self.max_concurrent + self.admission.max_waiting + 8,
             max_message=rpc.message_limit(self.defaults.max_n, 3 * 256 * 256 * 5),
             wait=wait,
             timeout=timeout,
@@ -241,9 +247,18 @@ class RouterServer(rpc.LoadingServer):
             self.defaults.max_seconds if remaining is None else min(remaining, self.defaults.max_seconds)
         )
         member = Member(p, deadline=time.monotonic() + seconds, include_float=request.include_float)
+        try:
+            self.admission.acquire(member.deadline, context.is_active)
+        except Overloaded as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"router overloaded: {e}")
+        except GaveUp as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"router: {e}")
         state = {"outcome": "running"}
+        release = threading.Lock()  # the slot is given back exactly once
 
         def on_rpc_end() -> None:  # runs when the call ends for any reason, also while we sit in a yield
+            if release.acquire(blocking=False):
+                self.admission.release()
             member.leave()
             if state["outcome"] == "running":
                 self.stats.add("cancelled")
