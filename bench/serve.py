@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see the docstring
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (ddm/__init__.py does too)
 
 import argparse  # noqa: E402 (below: OpenMP's env var must be set before torch is imported)
 import json

@@ -20,6 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--serve", nargs="?", const="127.0.0.1:50050", metavar="HOST:PORT",
+        help="when the run is done, serve it on this machine (expert server processes + the router; "
+        "default 127.0.0.1:50050) until Ctrl-C, as `ddm serve run ROOT` does",
+    )  # fmt: skip
+    p.add_argument(
         "--dry-run", action="store_true",
         help="print every job the run would submit, rendered (the Volcano Job YAML for kubernetes islands, the "
         "command line for local ones), and exit; needs no cluster and writes nothing",
@@ -49,7 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from ddm.coordinator.status_cmd import print_status
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    overrides = parse_overrides(args.set)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # six lines of which-CPU-build-loaded
+    try:
+        serve_at = parse_address(args.serve) if args.serve else None
+        overrides = parse_overrides(args.set)
+    except ValueError as e:
+        print(f"ddm run: {e}", file=sys.stderr)
+        return 2
     if args.root:
         overrides["root"] = args.root
     if args.islands:
@@ -97,4 +108,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"ddm run: {e}", file=sys.stderr)
         return 1
     print_status(cfg.root)
+    if serve_at:
+        from ddm.coordinator.cli import main  # `ddm serve run ROOT` with the router's defaults
+
+        return main(["serve", "run", cfg.root, "--host", serve_at[0], "--port", serve_at[1]])
     return 0
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--serve {address!r}: expected HOST:PORT, e.g. 127.0.0.1:50050")
+    return host, port

@@ -2,6 +2,7 @@
 
     ddm serve expert --checkpoint runs/demo/experts/expert-0/checkpoints --port 50051
     ddm serve router --run runs/demo --expert host0:50051 --expert host1:50051 ... --port 50050
+    ddm serve run runs/demo      # the whole stack on this machine: K expert processes + the router
 
 Each prints one line ``ddm serve <kind>: serving ... on HOST:PORT`` once ready (with ``--port 0`` the
 port the system picked), which scripts and tests wait for. Bearer tokens are read from a file (or the
@@ -40,6 +41,24 @@ def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:
     )
 
 
+def _add_sampling_defaults(p: argparse.ArgumentParser) -> None:
+    """The router's defaults for what a Sample request leaves unset, and its concurrency."""
+    p.add_argument("--max-concurrent", type=int, default=64, help="Sample calls served at once (default 64)")
+    p.add_argument(
+        "--strategy", choices=["top-k", "full", "threshold"], default="top-k", help="default strategy"
+    )
+    p.add_argument("--top-k", type=int, default=1, help="default k for top-k (default 1)")
+    p.add_argument("--steps", type=int, default=32, help="default sampler steps (default 32)")
+    p.add_argument("--guidance", type=float, default=3.0, help="default guidance scale (default 3)")
+    p.add_argument("--max-n", type=int, default=256, help="most images per Sample call (default 256)")
+    p.add_argument(
+        "--cohort-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others with its schedule to sample with (default 5; 0 = never)",
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     e = sub.add_parser("expert", help="serve one expert checkpoint (ddm.v1.Expert, dynamic batching)")
@@ -68,20 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="expert server host:port, once per expert, in expert order (expert-0 first)",
     )
-    r.add_argument("--max-concurrent", type=int, default=64, help="Sample calls served at once (default 64)")
-    r.add_argument(
-        "--strategy", choices=["top-k", "full", "threshold"], default="top-k", help="default strategy"
-    )
-    r.add_argument("--top-k", type=int, default=1, help="default k for top-k (default 1)")
-    r.add_argument("--steps", type=int, default=32, help="default sampler steps (default 32)")
-    r.add_argument("--guidance", type=float, default=3.0, help="default guidance scale (default 3)")
-    r.add_argument("--max-n", type=int, default=256, help="most images per Sample call (default 256)")
-    r.add_argument(
-        "--cohort-ms",
-        type=float,
-        default=5.0,
-        help="how long a request waits for others with its schedule to sample with (default 5; 0 = never)",
-    )
+    _add_sampling_defaults(r)
     r.add_argument(
         "--expert-timeout", type=float, default=60.0, help="deadline of one expert call, s (default 60)"
     )
@@ -101,6 +107,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bearer token for the experts (else $DDM_EXPERT_TOKEN, else the router's token)",
     )
     _add_common(r, 50050)
+    s = sub.add_parser(
+        "run", help="serve a finished run on this machine: one expert server process per expert + the router"
+    )
+    s.add_argument("root", help="run root of a finished experts-mode run (local or s3://)")
+    s.add_argument(
+        "--expert-threads", type=int, default=1, help="torch threads of each expert server process (default 1)"
+    )
+    _add_sampling_defaults(s)
+    _add_common(s, 50050)
 
 
 def _server_tls(args: argparse.Namespace):
@@ -141,7 +156,7 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
 
     from ddm.expert import storage
     from ddm.proto.rpc import ClientTLS, read_token
-    from ddm.router.server import RouterServer, SampleDefaults
+    from ddm.router.server import RouterServer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,24 +170,58 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
         read_token(args.expert_token_file, env="DDM_EXPERT_TOKEN") if args.expert_token_file else None
     )
     expert_token = expert_token or os.environ.get("DDM_EXPERT_TOKEN") or token
-    defaults = SampleDefaults(
-        strategy=args.strategy, top_k=args.top_k, steps=args.steps, guidance=args.guidance, max_n=args.max_n
-    )
     return RouterServer(
         checkpoint,
         args.expert,
         address=address,
-        tls=_server_tls(args),
         token=token,
         expert_tls=expert_tls,
         expert_token=expert_token,
         expert_timeout=args.expert_timeout,
         connect_timeout=args.connect_timeout,
+        **_router_options(args),
+    )
+
+
+def _router_options(args: argparse.Namespace) -> dict:
+    """RouterServer keyword arguments shared by ``serve router`` and ``serve run``."""
+    from ddm.router.server import SampleDefaults
+
+    defaults = SampleDefaults(
+        strategy=args.strategy, top_k=args.top_k, steps=args.steps, guidance=args.guidance, max_n=args.max_n
+    )
+    return dict(
+        tls=_server_tls(args),
         max_concurrent=args.max_concurrent,
         defaults=defaults,
         metrics_port=args.metrics_port,
         cohort_delay=args.cohort_ms / 1000,
     )
+
+
+def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Event) -> int:
+    """``ddm serve run ROOT``: expert server processes + the router, until SIGTERM/SIGINT."""
+    import torch
+
+    from ddm.coordinator.stack import LocalStack
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        stack = LocalStack(
+            args.root, host=args.host, port=args.port, expert_threads=args.expert_threads, token=token,
+            router_options=_router_options(args),
+        ).start()  # fmt: skip
+    except (ValueError, OSError, RuntimeError, TimeoutError) as e:
+        print(f"ddm serve run: {e}", file=sys.stderr)
+        return 1
+    for e in stack.experts:
+        print(f"ddm serve run: {e.name} on {e.address}", file=sys.stderr)
+    print(f"ddm serve run: serving router over {len(stack.experts)} experts on {stack.address}", flush=True)
+    stop.wait()
+    print(f"ddm serve run: stopping (grace {args.grace:g} s)", file=sys.stderr, flush=True)
+    stack.stop(args.grace)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         token = read_token(args.token_file)
+        if args.kind == "run":
+            return _serve_stack(args, token, stop)
         address = f"{args.host}:{args.port}"
         server = (_build_expert if args.kind == "expert" else _build_router)(args, address, token)
         server.start(wait=False)
