@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decentralized diffusion models: train isolated experts, route between them, serve and distil.",
     )
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "--s3-endpoint-url", metavar="URL",
+        help="S3-compatible endpoint for s3:// paths (MinIO, Ceph, ...), for this command and the jobs it starts "
+        "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; credentials come from the standard AWS chain)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text, *funcs) in COMMANDS.items():
         add_name, run_name = funcs or ("add_arguments", "run")
@@ -52,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    from ddm.coordinator.manifest import ManifestError
     from ddm.expert.config import ConfigError
 
+    if args.s3_endpoint_url:
+        from ddm.expert import storage
+
+        storage.configure(endpoint_url=args.s3_endpoint_url)
     try:
         return int(getattr(importlib.import_module(args._module), args._run)(args) or 0)
     except ConfigError as e:
@@ -62,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"ddm {args.command}: {e}", file=sys.stderr)
         return 2
+    except ManifestError as e:  # e.g. another process wrote the run's manifest first: nothing was overwritten
+        print(f"ddm {args.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ddm {args.command}: interrupted", file=sys.stderr)
         return 130

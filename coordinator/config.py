@@ -97,6 +97,24 @@ class EvalConfig(Strict):
     sample: SampleConfig = SampleConfig()
 
 
+class StorageConfig(Strict):
+    """How the run root is reached. Credentials never go here: they come from the standard AWS chain
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, an instance or pod role)."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for s3:// roots (MinIO, Ceph, ...), e.g. 'http://minio.storage:9000'; "
+        "default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS itself. Passed to every job the run launches",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r}: expected an http:// or https:// URL, e.g. 'http://127.0.0.1:9000'")
+        return v
+
+
 class RunConfig(Strict):
     name: str = Field("demo", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="run name (lowercase, digits, dashes)")
     root: str = Field("runs/demo", description="run root (local path or s3://bucket/prefix): every stage reads and writes only here")
@@ -110,6 +128,7 @@ class RunConfig(Strict):
     experts: ExpertsConfig = ExpertsConfig()
     router: RouterStageConfig = RouterStageConfig()
     eval: EvalConfig = EvalConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 def default_config_text() -> str:

@@ -1,7 +1,12 @@
 """The run manifest: ``{root}/manifest.json`` records the config, each stage's state and every job's
 attempts, so ``ddm run`` resumes where it stopped and never launches a finished or running job twice.
 
-Only the coordinator writes it, always atomically (``storage.write_json``), after every change.
+Only the coordinator writes it (and ``ddm cancel``), after every change, as a compare-and-swap
+(``storage.write_if``): on S3 a conditional PUT (``If-Match`` on the ETag it read, ``If-None-Match: *``
+to create), locally a compare-before-replace under a lock. A second coordinator on the same root, or a
+writer working from a stale copy, therefore gets a ``ManifestConflict`` naming the file instead of
+silently overwriting the other's record; only creating the manifest is retried (re-read, then checked
+like any existing manifest), because that is the one race where nothing has been decided yet.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ class ManifestError(ValueError):
     pass
 
 
+class ManifestConflict(ManifestError):
+    """Another writer changed the manifest since this process read it; nothing was overwritten."""
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -34,45 +43,63 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class Manifest:
-    def __init__(self, root: str, data: dict[str, Any]):
+    def __init__(self, root: str, data: dict[str, Any], version: str | None = None):
         self.root = root
         self.url = storage.join(root, MANIFEST)
         self.data = data
+        self.version = version  # of the stored manifest this copy was read from / last wrote (None: not stored yet)
 
     @classmethod
-    def open(cls, root: str, config: dict[str, Any], *, resumable_keys: tuple[str, ...] = ("eval",)) -> "Manifest":
+    def open(
+        cls, root: str, config: dict[str, Any], *, resumable_keys: tuple[str, ...] = ("eval", "storage")
+    ) -> "Manifest":
         """Load the run's manifest, or create it. A rerun with a different config is refused (except for
-        ``resumable_keys``, which only affect later stages) so two configs never mix in one run root."""
+        ``resumable_keys``, which only affect later stages or how the root is reached) so two configs
+        never mix in one run root."""
         url = storage.join(root, MANIFEST)
-        if storage.exists(url):
-            data = storage.read_json(url)
-            if data.get("format") != FORMAT:
-                raise ManifestError(f"{url}: not a ddm manifest (format {data.get('format')!r}, expected {FORMAT!r})")
-            old = {k: v for k, v in data["config"].items() if k not in resumable_keys}
-            new = {k: v for k, v in config.items() if k not in resumable_keys}
-            changes = _diff(old, new)
-            if changes:
-                raise ManifestError(
-                    f"{url}: this run root was started with a different config:\n  "
-                    + "\n  ".join(changes[:20])
-                    + "\nuse a new root (or restore the original config) so two configs never mix in one run"
-                )
-            data["config"] = config
-            return cls(root, data)
-        manifest = cls(root, {"format": FORMAT, "created": time.time(), "config": config, "stages": {}, "jobs": {}})
-        manifest.save()
-        return manifest
+        try:
+            stored = storage.read_versioned(url)
+        except FileNotFoundError:
+            manifest = cls(root, {"format": FORMAT, "created": time.time(), "config": config, "stages": {}, "jobs": {}})
+            try:
+                manifest.save()
+                return manifest
+            except ManifestConflict:  # another coordinator created it a moment ago: check it like any other
+                stored = storage.read_versioned(url)
+        data = storage.parse_json(stored.data, url)
+        if data.get("format") != FORMAT:
+            raise ManifestError(f"{url}: not a ddm manifest (format {data.get('format')!r}, expected {FORMAT!r})")
+        old = {k: v for k, v in data["config"].items() if k not in resumable_keys}
+        new = {k: v for k, v in config.items() if k not in resumable_keys}
+        changes = _diff(old, new)
+        if changes:
+            raise ManifestError(
+                f"{url}: this run root was started with a different config:\n  "
+                + "\n  ".join(changes[:20])
+                + "\nuse a new root (or restore the original config) so two configs never mix in one run"
+            )
+        data["config"] = config
+        return cls(root, data, stored.version)
 
     @classmethod
     def load(cls, root: str) -> "Manifest":
         url = storage.join(root, MANIFEST)
-        if not storage.exists(url):
-            raise FileNotFoundError(f"{url}: no manifest; is {root!r} a ddm run root?")
-        return cls(root, storage.read_json(url))
+        try:
+            stored = storage.read_versioned(url)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url}: no manifest; is {root!r} a ddm run root?") from None
+        return cls(root, storage.parse_json(stored.data, url), stored.version)
 
     def save(self) -> None:
+        """Write the manifest if nobody else has written it since we read it; else ``ManifestConflict``."""
         self.data["updated"] = time.time()
-        storage.write_json(self.url, self.data)
+        try:
+            self.version = storage.write_if(self.url, storage.json_bytes(self.data), version=self.version)
+        except storage.WriteConflict as e:
+            raise ManifestConflict(
+                f"{e}. Another `ddm run` (or `ddm cancel`) is writing this run root; this process stops "
+                "rather than overwrite its record. Check `ddm status` and run one coordinator per root."
+            ) from None
 
     # stages ---------------------------------------------------------------------------------------
     def stage(self, name: str) -> dict[str, Any]:

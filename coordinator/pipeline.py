@@ -197,12 +197,14 @@ class Pipeline:
         if not self.dry_run:
             storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
         local = island.scheduler.startswith("local")
+        # The job reaches the run root as the coordinator does: the S3 endpoint and region go into its
+        # environment (credentials do not: local jobs inherit them, cluster jobs get them from a Secret).
         app = component(
             _absolute(config_url) if local else config_url,
             name=f"{self.cfg.name}-{name}",
             image=_cwd() if island.scheduler == "local_cwd" else (island.image or ""),
             python=sys.executable if local else "python",
-            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env=island.env, **resources,
+            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env={**storage.job_env(), **island.env}, **resources,
         )  # fmt: skip
         return JobSpec(name=name, island=island_name, app=app, output=output, is_complete=complete)
 

@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.islands:
         overrides["islands"] = args.islands
     cfg = load_run_config(args.config, overrides)
+    from ddm.expert import storage
+
+    # For this process and every job it launches; `ddm --s3-endpoint-url` wins over the config.
+    storage.configure(endpoint_url=getattr(args, "s3_endpoint_url", None) or cfg.storage.endpoint_url)
     if "://" not in cfg.root:
         cfg = cfg.model_copy(update={"root": os.path.abspath(cfg.root)})
     if args.print_config:
@@ -105,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except RunFailed as e:
         print_status(cfg.root)
+        print(f"ddm run: {e}", file=sys.stderr)
+        return 1
+    except ManifestError as e:  # another coordinator wrote the manifest: stop, overwrite nothing
         print(f"ddm run: {e}", file=sys.stderr)
         return 1
     print_status(cfg.root)
