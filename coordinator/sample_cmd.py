@@ -1,5 +1,9 @@
 """``ddm sample``: draw guided samples and write a PNG grid, from a checkpoint locally or through a
-router server (``--router HOST:PORT``: the ensemble of remote experts, with a progress bar)."""
+router server (``--router HOST:PORT``: the ensemble of remote experts, with a progress bar).
+
+A distilled student's checkpoint samples locally like an expert's; it guides itself (w is its input:
+one pass per step) and uses the step count as its shortcut step size. ``--router ... --model student``
+asks the router for the student it serves."""
 
 from __future__ import annotations
 
@@ -34,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--top-k", type=int, help="experts per sample for top-k (default: the router's)")
     r.add_argument("--threshold", type=float, help="router probability cut-off for the threshold strategy")
+    r.add_argument(
+        "--model",
+        choices=["ensemble", "student"],
+        help="what the router samples: the ensemble (default) or the distilled student it serves",
+    )
     r.add_argument(
         "--timeout", type=float, default=600.0, help="deadline of the whole call, seconds (default 600)"
     )
@@ -72,17 +81,21 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ddm.expert.guidance import CFGDenoiser
+    from ddm.expert.guidance import with_guidance
     from ddm.expert.images import save_grid, to_uint8
     from ddm.expert.load import load_denoiser
     from ddm.expert.sampling import sample
+    from ddm.expert.student import for_sampling
 
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema)
     y = parse_labels(args.labels, args.n, denoiser.num_classes)
     shape = denoiser.image_shape
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, *shape, generator=gen)
-    guided = CFGDenoiser(denoiser, args.guidance)
+    if args.model == "student" and not hasattr(denoiser, "for_schedule"):
+        raise ValueError(f"--model student: {args.checkpoint} is not a distilled student checkpoint")
+    scheduled = for_sampling(denoiser, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift)
+    guided = with_guidance(scheduled, args.guidance)  # CFG pair for an expert, one pass for a student
     x0 = sample(
         guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen
     )
@@ -133,6 +146,7 @@ def run_remote(args: argparse.Namespace) -> int:
                     threshold=args.threshold,
                     seed=args.seed,
                     time_shift=args.time_shift,
+                    model=args.model,
                     on_progress=lambda step, total, t: bar.update(step - bar.n),
                 )
         except grpc.RpcError as e:

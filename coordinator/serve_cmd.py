@@ -106,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expert-token-file",
         help="bearer token for the experts (else $DDM_EXPERT_TOKEN, else the router's token)",
     )
+    r.add_argument(
+        "--student",
+        metavar="CKPT",
+        help="also serve this distilled student (SampleRequest.model = 'student'); default with --run: "
+        "ROOT/distill/checkpoints when the run has one",
+    )
     _add_common(r, 50050)
     s = sub.add_parser(
         "run", help="serve a finished run on this machine: one expert server process per expert + the router"
@@ -196,7 +202,18 @@ def _router_options(args: argparse.Namespace) -> dict:
         defaults=defaults,
         metrics_port=args.metrics_port,
         cohort_delay=args.cohort_ms / 1000,
+        student=_student(args),
     )
+
+
+def _student(args: argparse.Namespace) -> str | None:
+    """The student to serve: ``--student``, else the run root's distilled student if it has one."""
+    from ddm.expert import checkpoint, storage
+
+    if getattr(args, "student", None):
+        return args.student
+    root = getattr(args, "run", None) or getattr(args, "root", None)
+    return checkpoint.latest(storage.join(root, "distill", "checkpoints")) if root else None
 
 
 def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Event) -> int:

@@ -169,6 +169,7 @@ class RouterClient(_Client):
         seed: int | None = None,
         time_shift: float | None = None,
         churn: float | None = None,
+        model: str | None = None,
         include_float: bool = False,
         allow_degraded: bool = False,
         timeout: float | None = None,
@@ -177,9 +178,11 @@ class RouterClient(_Client):
         """Sample ``n`` images; returns (uint8 images (N, C, H, W), :class:`SampleInfo`).
 
         ``labels``: None cycles the classes 0, 1, 2, ...; else n labels (num_classes = unconditional).
-        Unset options take the router's defaults (``info()``). ``allow_degraded``: the router may drop
-        an expert that goes down and finish with the others (listed in ``SampleInfo.degraded_experts``).
-        ``on_progress(step, total, t)`` is called per sampler step; if it raises, the call is cancelled (the router stops) and the error propagates.
+        Unset options take the router's defaults (``info()``). ``model="student"`` samples the distilled
+        student the router serves (one pass per step) instead of the ensemble. ``allow_degraded``: the
+        router may drop an expert that goes down and finish with the others (listed in
+        ``SampleInfo.degraded_experts``). ``on_progress(step, total, t)`` is called per sampler step; if
+        it raises, the call is cancelled (the router stops) and the error propagates.
         """
         request = pb.SampleRequest(n=n, include_float=include_float, allow_degraded=allow_degraded)
         if labels is not None:
@@ -196,6 +199,7 @@ class RouterClient(_Client):
             seed=seed,
             time_shift=time_shift,
             churn=churn,
+            model=model,
         ).items():
             if value is not None:
                 setattr(request, name, value)

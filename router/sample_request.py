@@ -20,6 +20,7 @@ from ddm.expert.sampling import SAMPLERS
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 
 SERVED_STRATEGIES: tuple[str, ...] = ("top-k", "full", "threshold")  # "oracle" needs partition labels
+MODELS: tuple[str, ...] = ("ensemble", "student")  # SampleRequest.model; "student" when one is loaded
 
 
 class BadRequest(ValueError):
@@ -60,6 +61,7 @@ class SampleParams:
     time_shift: float
     churn: float
     allow_degraded: bool = False  # drop a failed expert and go on (SampleRequest.allow_degraded)
+    model: str = "ensemble"  # "ensemble" or "student" (SampleRequest.model)
 
     def cohort_key(self) -> tuple | None:
         """Requests with equal keys can be sampled as one batch (``router.cohort``): same schedule,
@@ -76,11 +78,17 @@ class SampleParams:
             self.threshold,
             self.time_shift,
             self.allow_degraded,
+            self.model,
         )
 
 
 def parse_request(
-    req: pb.SampleRequest, d: SampleDefaults, *, num_classes: int, num_experts: int
+    req: pb.SampleRequest,
+    d: SampleDefaults,
+    *,
+    num_classes: int,
+    num_experts: int,
+    models: Sequence[str] = ("ensemble",),
 ) -> SampleParams:
     """Validated parameters with defaults filled in; :class:`BadRequest` names the offending field."""
 
@@ -131,6 +139,10 @@ def parse_request(
     if not (math.isfinite(churn) and 0 <= churn <= 1):
         raise BadRequest("churn", f"{churn} out of range; use [0, 1]")
     seed = int(opt("seed", secrets.randbits(63)))
+    model = opt("model", "ensemble")
+    if model not in models:
+        hint = " (start the router with --student CKPT to serve one)" if model == "student" else ""
+        raise BadRequest("model", f"{model!r} is not served here{hint}; choose one of {', '.join(models)}")
     return SampleParams(
         req.n,
         y,
@@ -144,6 +156,7 @@ def parse_request(
         time_shift,
         churn,
         allow_degraded=bool(req.allow_degraded),
+        model=model,
     )
 
 

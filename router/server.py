@@ -117,6 +117,7 @@ class RouterServer(rpc.LoadingServer):
         metrics_port: int | None = None,
         cohort_delay: float = 0.005,
         cohort_rows: int = 512,
+        student: str | None = None,
     ):
         if not experts:
             raise ValueError("experts: give at least one expert address (host:port)")
@@ -124,6 +125,8 @@ class RouterServer(rpc.LoadingServer):
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         super().__init__(address, tls=tls, token=token)
         self.router_source = router
+        self.student_source = student  # a distilled student checkpoint: SampleRequest.model = "student"
+        self.student_runner = None
         self.addresses = list(experts)
         self.expert_tls, self._expert_token = expert_tls, expert_token
         self.expert_timeout, self.connect_timeout = expert_timeout, connect_timeout
@@ -207,6 +210,11 @@ class RouterServer(rpc.LoadingServer):
         ]
         list(self.pool.map(lambda e: e.connect(self.connect_timeout), self.experts))
         check_experts_fit(self.experts, self.router.config)
+        if self.student_source:
+            from ddm.router.student_serving import StudentRunner, load_student
+
+            student = load_student(self.student_source, num_classes=self.router.num_classes, image_shape=self.image_shape)
+            self.student_runner = StudentRunner(student)
         log.info("router connected to experts %s", [e.name for e in self.experts])
 
     @torch.inference_mode()
@@ -238,7 +246,11 @@ class RouterServer(rpc.LoadingServer):
         """One Sample call: validate, join a cohort, relay its events (progress, then result or error)."""
         try:
             p = parse_request(
-                request, self.defaults, num_classes=self.router.num_classes, num_experts=len(self.experts)
+                request,
+                self.defaults,
+                num_classes=self.router.num_classes,
+                num_experts=len(self.experts),
+                models=self.models,
             )
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -292,6 +304,10 @@ class RouterServer(rpc.LoadingServer):
         scope = CallScope(cohort_deadline(members))
         for m in members:
             m.cohort, m.scope = members, scope
+        if p.model == "student":  # one local network, guidance and steps as inputs: router/student_serving.py
+            return self.student_runner.run(
+                members, self.image_shape, deadline=scope.deadline, on_step=lambda: self.stats.add("steps")
+            )
         try:
             noises, gens = zip(*(initial_noise(m.n, self.image_shape, m.params.seed) for m in members))
             noise = torch.cat(noises)  # (N, C, H, W), each member's rows from its own seed
@@ -363,6 +379,11 @@ class RouterServer(rpc.LoadingServer):
 
         return pb.ListExpertsResponse(experts=list(self.pool.map(status, self.experts)))
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """What SampleRequest.model may ask for."""
+        return ("ensemble", "student") if self.student_runner is not None else ("ensemble",)
+
     def info(self) -> pb.RouterInfo:
         return router_info(
             self.defaults,
@@ -370,6 +391,8 @@ class RouterServer(rpc.LoadingServer):
             num_experts=len(self.experts),
             checkpoint=self.checkpoint,
             ready=self.ready,
+            models=list(self.models),
+            student_checkpoint=self.student_source or "",
         )
 
 

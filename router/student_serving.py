@@ -1,0 +1,105 @@
+"""The distilled student behind the router's Sample API (``SampleRequest.model = "student"``).
+
+The router process loads the student (one dense network, usually the size of one expert) and runs it
+locally: guidance and the step size are the student's inputs, so a step is one forward pass and no
+expert or router call. Requests keep the ensemble's contract: the same cohorts (the model is part of
+the cohort key), the same initial noise for a seed, one Progress per step, then a Result whose
+``expert_calls`` has one entry, ``"student"``, counting the student's passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from ddm.expert.checkpoint import CheckpointError
+from ddm.expert.guidance import with_guidance
+from ddm.expert.load import load_denoiser
+from ddm.expert.sampling import iter_sample
+from ddm.expert.student import StudentCalls, StudentDenoiser, for_sampling
+from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.router.cohort import Member, broadcast, member_results
+from ddm.router.sample_request import initial_noise
+
+log = logging.getLogger(__name__)
+STUDENT = "student"
+
+
+def load_student(url: str, *, num_classes: int, image_shape: tuple[int, int, int]) -> StudentDenoiser:
+    """The student from its checkpoint, checked against what the router serves (classes, image shape)."""
+    student = load_denoiser(url)
+    if not isinstance(student, StudentDenoiser):
+        raise CheckpointError(f"{url}: not a distilled student (no guidance input); train one with the distill stage")
+    if student.num_classes != num_classes or student.image_shape != tuple(image_shape):
+        raise CheckpointError(
+            f"{url}: the student has {student.num_classes} classes and images {student.image_shape}, the router "
+            f"{num_classes} and {tuple(image_shape)}; serve the student distilled from these experts"
+        )
+    return student
+
+
+class _Counts:
+    """``member_results`` reads per-model ``batches[k]`` / ``rows[k]``; the student is model 0."""
+
+    def __init__(self, calls: StudentCalls):
+        self.batches, self.rows = [calls.batches], [calls.rows]
+
+
+class StudentRunner:
+    """Runs cohorts of student requests. One forward at a time (a lock): the CPU is the limit and
+    concurrent forwards of one module would only contend for it; cohorts already batch requests."""
+
+    def __init__(self, student: StudentDenoiser):
+        self.student = student
+        self._lock = threading.Lock()
+
+    def run(
+        self, members: list[Member], image_shape: tuple[int, int, int], *, deadline: float | None, on_step: Any = None
+    ) -> None:
+        """Sample the cohort and send each member its progress and result (or the error).
+        ``deadline``: time.monotonic() after which the cohort stops with DEADLINE_EXCEEDED."""
+        p = members[0].params
+        try:
+            noises, gens = zip(*(initial_noise(m.n, image_shape, m.params.seed) for m in members))
+            noise = torch.cat(noises)  # (N, C, H, W)
+            student = self.student.with_counter()
+            denoiser = with_guidance(for_sampling(student, steps=p.steps, sampler=p.sampler, time_shift=p.time_shift), p.guidance)
+            x = noise
+            steps = iter_sample(
+                _Locked(denoiser, self._lock), noise, torch.cat([m.params.labels for m in members]),
+                steps=p.steps, sampler=p.sampler, time_shift=p.time_shift, churn=p.churn, generator=gens[0],
+            )  # fmt: skip
+            for step in steps:
+                if on_step is not None:
+                    on_step()
+                if all(m.gone for m in members):
+                    return
+                x = step.x
+                progress = pb.Progress(step=step.index + 1, total=step.total, t=step.t_next)
+                for m in members:
+                    m.send("progress", progress)
+                if deadline is not None and time.monotonic() > deadline:
+                    error = (grpc.StatusCode.DEADLINE_EXCEEDED, "router: deadline passed while sampling the student")
+                    return broadcast(members, "error", error)
+        except Exception as e:  # a bug: tell the clients instead of leaving them waiting
+            log.exception("student cohort failed")
+            return broadcast(members, "error", (grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"))
+        for m, result in zip(members, member_results(members, x, [STUDENT], _Counts(student.calls))):
+            m.send("result", result)
+
+
+class _Locked:
+    """A denoiser whose velocity holds ``lock`` (one student forward at a time)."""
+
+    def __init__(self, inner: Any, lock: threading.Lock):
+        self.inner, self.lock = inner, lock
+        self.num_classes = inner.num_classes
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.inner.velocity(x_t, t, y)
