@@ -105,7 +105,9 @@ def routed_ensemble(experts: list, router_url: str, model: str, threshold: float
     return Ensemble(experts, router, strategy=model, threshold=threshold)
 
 
-def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None, *, progress: bool, say=print) -> dict[str, Any]:
+def eval_context(cfg: RunConfig, *, progress: bool) -> dict[str, Any]:
+    """What every evaluation of a run shares (real set, feature extractor, classifier, sampling settings),
+    as keyword arguments of ``evaluate`` / ``evaluate_mixture``; built once, used for each model."""
     from ddm.expert.classifier import get_classifier
     from ddm.expert.features import build_features
 
@@ -116,27 +118,42 @@ def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None
     if ev.classifier and cfg.data.source == "fashion-mnist":
         classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg), progress=progress)
     reference_cache = storage.join(classifier_cache(cfg), "reference")  # real-set features, keyed by image hash
-    common = dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
-                  seed=0, batch_size=250, progress=progress, cache_dir=reference_cache)  # fmt: skip
+    return dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
+                seed=0, batch_size=250, progress=progress, cache_dir=reference_cache)  # fmt: skip
+
+
+def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | None, out_dir: str,
+                   context: dict[str, Any]) -> EvalResult:  # fmt: skip
+    """Evaluate one of ``EVAL_MODELS`` (or "monolith": the single model in ``experts``) into ``out_dir``."""
+    if model == "monolith":
+        return evaluate(experts[0], out_dir=out_dir, **context)
+    if model == "mixture":
+        report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
+        return evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out_dir, **context)
+    if router_url is None:
+        raise ValueError(f"eval.models asks for {model!r}, which needs the router; enable router or use 'mixture'")
+    return evaluate(routed_ensemble(experts, router_url, model, cfg.eval.threshold), out_dir=out_dir, **context)
+
+
+def load_experts(expert_dirs: dict[str, str]) -> list:
+    return [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints"))) for d in expert_dirs.values()]
+
+
+def say_result(name: str, r: dict[str, Any], say=print) -> None:
+    say(
+        f"[eval] {name}: FD {r['fd']:.2f}  KID {r['kid_mean']:.4f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+        f"class accuracy {r['class_accuracy'] if r['class_accuracy'] is None else round(r['class_accuracy'], 3)}  "
+        f"({r['denoiser_calls_per_sample']:.0f} expert calls/sample)"
+    )
+
+
+def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None, *, progress: bool, say=print) -> dict[str, Any]:
+    context = eval_context(cfg, progress=progress)
+    experts = load_experts(expert_dirs)
+    models = ["monolith"] if cfg.mode == "monolith" else cfg.eval.models
     results: dict[str, Any] = {}
-    experts = [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints"))) for d in expert_dirs.values()]
-    if cfg.mode == "monolith":
-        out = storage.join(cfg.root, "eval", "monolith")
-        results["monolith"] = summary(evaluate(experts[0], out_dir=out, **common))
-    else:
-        for model in ev.models:
-            out = storage.join(cfg.root, "eval", model)
-            if model == "mixture":
-                report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
-                results[model] = summary(evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out, **common))
-                continue
-            if router_url is None:
-                raise ValueError(f"eval.models asks for {model!r}, which needs the router; enable router or use 'mixture'")
-            results[model] = summary(evaluate(routed_ensemble(experts, router_url, model, ev.threshold), out_dir=out, **common))
-    for name, r in results.items():
-        say(
-            f"[eval] {name}: FD {r['fd']:.2f}  KID {r['kid_mean']:.4f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
-            f"class accuracy {r['class_accuracy'] if r['class_accuracy'] is None else round(r['class_accuracy'], 3)}  "
-            f"({r['denoiser_calls_per_sample']:.0f} expert calls/sample)"
-        )
+    for model in models:
+        out = storage.join(cfg.root, "eval", model)
+        results[model] = summary(evaluate_model(cfg, model, experts, router_url, out, context))
+        say_result(model, results[model], say)
     return results
