@@ -117,3 +117,21 @@ def router_trainer(config: str, *, name: str, image: str, python: str = "python"
     """
     return python_job("ddm.router.train", "--config", config, name=name, image=image, python=python, cpu=cpu,
                       gpu=gpu, memMB=memMB, env=env)  # fmt: skip
+
+
+def distill_trainer(config: str, *, name: str, image: str, python: str = "python", cpu: int = 1, gpu: int = 0,
+                    memMB: int = 4096, env: dict[str, str] | None = None) -> specs.AppDef:  # fmt: skip
+    """Distil the experts into one student: ``python -m ddm.router.distill_train --config CONFIG`` (resumes by default).
+
+    Args:
+        config: URL of the distillation job config (TOML on the run root)
+        name: job name, e.g. ``demo-distill``
+        image: container image, or the working directory for local_cwd
+        python: the python executable inside the image
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        env: extra environment variables
+    """
+    return python_job("ddm.router.distill_train", "--config", config, name=name, image=image, python=python, cpu=cpu,
+                      gpu=gpu, memMB=memMB, env=env)  # fmt: skip

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ddm.expert.config import DataConfig, ModelConfig, SampleConfig, Strict, TrainConfig, load_config, load_toml, parse_config
 from ddm.router.config import ROUTER_TRAIN_DEFAULTS, RouterEvalConfig, RouterModelConfig
+from ddm.router.distill_config import DistillStageConfig
 
 
 class CurateConfig(Strict):
@@ -128,6 +129,7 @@ class RunConfig(Strict):
     experts: ExpertsConfig = ExpertsConfig()
     router: RouterStageConfig = RouterStageConfig()
     eval: EvalConfig = EvalConfig()
+    distill: DistillStageConfig = DistillStageConfig()
     storage: StorageConfig = StorageConfig()
 
 

@@ -51,7 +51,7 @@ class Manifest:
 
     @classmethod
     def open(
-        cls, root: str, config: dict[str, Any], *, resumable_keys: tuple[str, ...] = ("eval", "storage")
+        cls, root: str, config: dict[str, Any], *, resumable_keys: tuple[str, ...] = ("eval", "storage", "distill")
     ) -> "Manifest":
         """Load the run's manifest, or create it. A rerun with a different config is refused (except for
         ``resumable_keys``, which only affect later stages or how the root is reached) so two configs

@@ -1,4 +1,4 @@
-"""The stages of ``ddm run``: curate -> partition -> experts -> router -> eval (distill as it lands).
+"""The stages of ``ddm run``: curate -> partition -> experts -> router -> eval -> distill.
 
 Each stage reads and writes only under the run root and records itself in the manifest; a stage that
 is done is skipped on a rerun, so the coordinator can be killed at any point and run again.
@@ -12,6 +12,7 @@ Run root layout::
     experts/expert-K/job.toml  checkpoints/  metrics.csv  loss.png  heartbeat.json
     router/job.toml  checkpoints/  accuracy_vs_t.json|png  metrics.csv
     eval/NAME/samples.png  metrics.json
+    distill/job.toml  checkpoints/  metrics.csv  eval/{ensemble,student}-STEPS/samples.png  eval/table.{json,md}
     logs/                            TorchX local scheduler logs
 """
 
@@ -36,7 +37,7 @@ from ddm.expert.data import ImageDataset, build_dataset
 
 log = logging.getLogger("ddm.run")
 
-STAGES = ("curate", "partition", "experts", "router", "eval")
+STAGES = ("curate", "partition", "experts", "router", "eval", "distill")
 
 
 class RunFailed(RuntimeError):
@@ -57,7 +58,9 @@ def router_output(cfg: RunConfig) -> str:
 
 def job_output(root: str, name: str) -> str:
     """Where a job of the run writes (checkpoints, heartbeat): ``router/`` or ``experts/NAME/``."""
-    return storage.join(root, "router") if name == "router" else storage.join(root, "experts", name)
+    if name in ("router", "distill"):
+        return storage.join(root, name)
+    return storage.join(root, "experts", name)
 
 
 def trained_to(output: str, steps: int) -> bool:
@@ -277,6 +280,11 @@ class Pipeline:
         self._launch(self.router_jobs(), self.cfg.experts.max_attempts)
         acc_url = storage.join(router_output(self.cfg), "accuracy_vs_t.json")
         return {"accuracy_vs_t": acc_url if storage.exists(acc_url) else None}
+
+    def stage_distill(self) -> dict[str, Any]:
+        from ddm.coordinator.distill_stage import run_distill_stage
+
+        return run_distill_stage(self)
 
     def stage_eval(self) -> dict[str, Any]:
         if not self.cfg.eval.enabled:

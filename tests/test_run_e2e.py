@@ -36,6 +36,7 @@ def write_config(tmp_path, steps, eval=False):
     flag = "true" if eval else "false"
     text = text.replace("[router.model]", f"[router]\nenabled = {flag}\n\n[router.model]")
     text = text.replace("[eval]\n", f"[eval]\nenabled = {flag}\n")
+    text = text.replace("[distill.shortcut]", f"[distill]\nenabled = {flag}\n\n[distill.shortcut]")
     cfg.write_text(text)
     return cfg, root
 
@@ -81,11 +82,20 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     # Every expert ran as its own TorchX job with its own log directory.
     handles = {m["jobs"][f"expert-{k}"]["handle"] for k in range(2)}
     assert len(handles) == 2 and all(h.startswith("local_cwd://") for h in handles)
+    # The student: its own TorchX job, then the table (ensemble and student rows, one process).
+    assert m["stages"]["distill"]["state"] == "done" and m["jobs"]["distill"]["state"] == "SUCCEEDED"
+    student = checkpoint.load(str(root / "distill" / "checkpoints"))
+    assert student.meta["kind"] == "student" and student.step == 6 and student.meta["model"]["guidance_embed"]
+    table = json.loads((root / "distill" / "eval" / "table.json").read_text())
+    calls = {(r["model"], r["steps"]): r["expert_calls_per_sample"] for r in table["rows"]}
+    assert calls == {("ensemble", 4): 2 * 4, ("student", 1): 1, ("student", 2): 2, ("student", 4): 4}
+    assert table["fd_ratio_4step"] is None  # the tiny table has no 32-step ensemble row
+    assert (root / "distill" / "eval" / "student-4" / "samples.png").stat().st_size > 0
 
     again = ddm("run", str(cfg))
     out2, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out2
-    assert out2.count("already done") == 5
+    assert out2.count("already done") == 6
     assert manifest(root)["jobs"] == m["jobs"]  # nothing launched again
 
     status = subprocess.run([sys.executable, "-m", "ddm", "status", str(root)], capture_output=True, text=True)

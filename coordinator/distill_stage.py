@@ -1,0 +1,195 @@
+"""The ``distill`` stage of ``ddm run``: train the student as a TorchX job, then the distillation table.
+
+The job (``python -m ddm.router.distill_train``) reads the run's partitions and expert checkpoints and
+writes ``{root}/distill/`` (job.toml, checkpoints/, metrics.csv, loss.png). The table evaluates, in one
+process and one run so wall times compare, the guided top-1 ensemble at ``distill.eval.ensemble_steps``
+and the student at ``distill.eval.student_steps`` with the run's eval settings (real set, features,
+classifier, guidance): FD, KID, precision/recall, class accuracy, expert calls and wall time per
+sample. Outputs under ``{root}/distill/eval/``: one folder per row (samples.png, metrics.json), and
+``table.json`` / ``table.md`` with the benchmark's two ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ddm.expert import checkpoint, storage
+
+TABLE_JSON = "table.json"
+TABLE_MD = "table.md"
+
+
+def distill_output(root: str) -> str:
+    return storage.join(root, "distill")
+
+
+def distill_job(cfg: Any, expert_dirs: list[str], router_url: str | None) -> Any:
+    """The DistillJobConfig of a run (``cfg``: its RunConfig)."""
+    from ddm.router.config import RouterDataConfig
+    from ddm.router.distill_config import DistillJobConfig, TeacherConfig
+
+    dc = cfg.distill
+    teacher = TeacherConfig(**dc.teacher.model_dump(), router=router_url if dc.teacher.kind == "ensemble" else None)
+    return DistillJobConfig(
+        name="student",
+        output=distill_output(cfg.root),
+        experts=[storage.join(d, "checkpoints") for d in expert_dirs],
+        data=RouterDataConfig(root=cfg.root, k=len(expert_dirs)),
+        model=dc.model,
+        teacher=teacher,
+        shortcut=dc.shortcut,
+        train=dc.train,
+    )
+
+
+def student_checkpoint(root: str) -> str | None:
+    return checkpoint.latest(storage.join(distill_output(root), "checkpoints"))
+
+
+def row_summary(name: str, kind: str, steps: int, result: Any, *, router_calls: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": kind,
+        "steps": steps,
+        "fd": round(result.fd, 4),
+        "kid": round(result.kid_mean, 6),
+        "precision": round(result.precision, 4),
+        "recall": round(result.recall, 4),
+        "class_accuracy": None if result.class_accuracy is None else round(result.class_accuracy, 4),
+        "expert_calls_per_sample": round(result.denoiser_calls_per_sample, 3),
+        "router_calls_per_sample": router_calls,
+        "seconds_per_sample": result.seconds_per_image,
+        "num_samples": result.num_samples,
+    }
+
+
+def ratios(rows: list[dict[str, Any]], student_steps: int = 4, ensemble_steps: int = 32) -> dict[str, float | None]:
+    """fd_ratio_4step and time_ratio_4step: the student at 4 steps over the guided top-1 ensemble at 32."""
+    s = next((r for r in rows if r["model"] == "student" and r["steps"] == student_steps), None)
+    e = next((r for r in rows if r["model"] == "ensemble" and r["steps"] == ensemble_steps), None)
+    if s is None or e is None:
+        return {"fd_ratio_4step": None, "time_ratio_4step": None}
+    return {
+        "fd_ratio_4step": round(s["fd"] / e["fd"], 4),
+        "time_ratio_4step": round(s["seconds_per_sample"] / e["seconds_per_sample"], 4),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = "| model | steps | FD | KID | precision | recall | class acc. | expert calls / sample | router calls / sample | ms / sample |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        acc = "-" if r["class_accuracy"] is None else f"{r['class_accuracy']:.3f}"
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['fd']:.2f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} "
+            f"| {acc} | {r['expert_calls_per_sample']:g} | {r['router_calls_per_sample']} | {1000 * r['seconds_per_sample']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def distill_table(
+    *,
+    experts: list,
+    router_url: str | None,
+    student_url: str,
+    context: dict[str, Any],
+    ensemble_steps: list[int],
+    student_steps: list[int],
+    guidance: float,
+    out_dir: str,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate every row into ``out_dir``/NAME and write table.json / table.md there; returns the table.
+
+    ``context``: ``evaluate``'s shared keyword arguments (``eval_stage.eval_context``); its
+    ``sample_cfg`` gives the sampler, with steps and guidance set per row here.
+    """
+    from ddm.expert.evaluate import evaluate
+    from ddm.expert.load import load_denoiser
+
+    base = context["sample_cfg"]
+    rows: list[dict[str, Any]] = []
+
+    def run(denoiser: Any, kind: str, steps: int, router_calls: int) -> None:
+        sample_cfg = base.model_copy(update={"steps": steps, "guidance": guidance})
+        name = f"{kind}-{steps}"
+        result = evaluate(denoiser, **{**context, "sample_cfg": sample_cfg}, out_dir=storage.join(out_dir, name))
+        label = "guided top-1 ensemble" if kind == "ensemble" else "student"
+        rows.append(row_summary(label, kind, steps, result, router_calls=router_calls))
+        r = rows[-1]
+        say(
+            f"[distill] {label}, {steps} steps: FD {r['fd']:.2f}  KID {r['kid']:.4f}  P {r['precision']:.3f}  "
+            f"R {r['recall']:.3f}  acc {r['class_accuracy']}  {r['expert_calls_per_sample']:g} calls/sample  "
+            f"{1000 * r['seconds_per_sample']:.2f} ms/sample"
+        )
+
+    if router_url is not None and ensemble_steps:
+        from ddm.router.ensemble import Ensemble
+        from ddm.router.model import load_router
+
+        router = load_router(router_url)
+        for steps in ensemble_steps:
+            run(Ensemble(experts, router, strategy="top-k", top_k=1), "ensemble", steps, steps)
+    student = load_denoiser(student_url)
+    for steps in student_steps:
+        run(student.with_counter(), "student", steps, 0)
+    table = {
+        "rows": rows,
+        **ratios(rows),
+        "guidance": guidance,
+        "sampler": base.sampler,
+        "student": student_url,
+        "router": router_url,
+    }
+    storage.write_json(storage.join(out_dir, TABLE_JSON), table)
+    storage.write_bytes(storage.join(out_dir, TABLE_MD), markdown_table(rows).encode())
+    return table
+
+
+def run_distill_stage(pipeline: Any) -> dict[str, Any]:
+    """The stage: launch the job (skipped when already trained), then the table if ``distill.eval``."""
+    from ddm.coordinator import components
+    from ddm.coordinator.eval_stage import eval_context, load_experts
+    from ddm.coordinator.pipeline import expert_names, expert_output, router_output, trained_to
+
+    cfg = pipeline.cfg
+    dc = cfg.distill
+    if cfg.mode == "monolith" or not dc.enabled:
+        return {"skipped": "monolith mode" if cfg.mode == "monolith" else "distill.enabled = false"}
+    if cfg.partition.k < 2:
+        return {"skipped": "one partition: the run is already one model"}
+    router_url = None
+    if pipeline.manifest.stage("router").get("skipped") is None:
+        router_url = checkpoint.latest(storage.join(router_output(cfg), "checkpoints"))
+    if dc.teacher.kind == "ensemble" and router_url is None:
+        raise ValueError("distill.teacher.kind = 'ensemble' needs the router; enable router or use 'partition'")
+    island = dc.island or pipeline.islands.default
+    if island not in pipeline.islands.island:
+        raise ValueError(f"distill.island {island!r} is not defined in the islands file")
+    dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
+    output = distill_output(cfg.root)
+    job = pipeline._job("distill", distill_job(cfg, dirs, router_url), output, island, components.distill_trainer,
+                        lambda: trained_to(output, dc.train.steps))  # fmt: skip
+    pipeline._launch([job], cfg.experts.max_attempts)
+    student_url = student_checkpoint(cfg.root)
+    info: dict[str, Any] = {"student": student_url}
+    if not dc.eval.enabled:
+        return info
+    context = eval_context(cfg, progress=pipeline.progress)
+    if dc.eval.num_samples is not None:
+        context["num_samples"] = dc.eval.num_samples
+    table = distill_table(
+        experts=load_experts({n: d for n, d in zip(expert_names(cfg), dirs)}),
+        router_url=router_url,
+        student_url=student_url,
+        context=context,
+        ensemble_steps=dc.eval.ensemble_steps,
+        student_steps=dc.eval.student_steps,
+        guidance=dc.eval.guidance if dc.eval.guidance is not None else cfg.eval.sample.guidance,
+        out_dir=storage.join(output, "eval"),
+        say=pipeline.say,
+    )
+    pipeline.say(f"[distill] {table['fd_ratio_4step']=} {table['time_ratio_4step']=}")
+    return {**info, "table": storage.join(output, "eval", TABLE_JSON),
+            "fd_ratio_4step": table["fd_ratio_4step"], "time_ratio_4step": table["time_ratio_4step"]}  # fmt: skip
