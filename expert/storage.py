@@ -36,9 +36,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 PART_SIZE = 50 * 2**20  # s3fs's default: objects below 2 * PART_SIZE are one PUT, larger ones multipart
-ENDPOINT_ENV = (
-    "AWS_ENDPOINT_URL_S3"  # botocore's variable for the S3 endpoint (the AWS CLI and SDKs read it too)
-)
+# botocore's own variable for the S3 endpoint (the AWS CLI and the other SDKs read it too)
+ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
 _S3_PROTOCOLS = ("s3", "s3a")
 # Non-secret settings a job needs to reach the same store. Credentials are never copied into a job's
 # definition (it may be printed or stored by a scheduler): local jobs inherit the coordinator's
@@ -68,11 +67,6 @@ def configure(*, endpoint_url: str | None = None) -> None:
     if endpoint_url and os.environ.get(ENDPOINT_ENV) != endpoint_url:
         os.environ[ENDPOINT_ENV] = endpoint_url
         _forget_s3_clients()
-
-
-def endpoint_url() -> str | None:
-    """The S3 endpoint in effect (None: AWS's own, chosen by region)."""
-    return os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 def job_env() -> dict[str, str]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ddm.coordinator.cli import main as cli_main
 from ddm.coordinator.config import RunConfig
 from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture, subprocess_env  # noqa: F401 - fixtures
 
@@ -37,7 +38,7 @@ def ddm(*args: str, env: dict, cwd: Path, timeout: float = 300) -> subprocess.Co
     )
 
 
-def test_ddm_run_with_its_root_on_s3(s3: S3, tmp_path: Path) -> None:
+def test_ddm_run_with_its_root_on_s3(s3: S3, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = s3.url("run")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -86,13 +87,12 @@ def test_ddm_run_with_its_root_on_s3(s3: S3, tmp_path: Path) -> None:
     after = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="run/manifest.json")["Body"].read())
     assert after["jobs"] == manifest["jobs"]
 
-    status = ddm("--s3-endpoint-url", s3.endpoint, "status", root, env=env, cwd=cwd)
-    assert status.returncode == 0 and "expert-1" in status.stdout and "SUCCEEDED" in status.stdout, (
-        status.stderr
-    )
+    assert cli_main(["status", root]) == 0  # in this process: the manifest and checkpoints read from S3
+    shown = capsys.readouterr().out
+    assert "expert-1" in shown and "SUCCEEDED" in shown and "step-00000010.safetensors" in shown, shown
     out = s3.url("samples", "grid.png")
-    sample = ddm("sample", "--checkpoint", s3.url("run", "experts", "expert-1", "checkpoints"), "--n", "4", "--steps", "2",
-                 "--out", out, env=subprocess_env(), cwd=cwd)  # fmt: skip
+    sample = ddm("--s3-endpoint-url", s3.endpoint, "sample", "--checkpoint", s3.url("run", "experts", "expert-1", "checkpoints"),
+                 "--n", "4", "--steps", "2", "--out", out, env=env, cwd=cwd)  # fmt: skip
     assert sample.returncode == 0, sample.stderr[-4000:]
     png = s3.client().get_object(Bucket=s3.bucket, Key="samples/grid.png")["Body"].read()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
