@@ -201,13 +201,16 @@ class Pipeline:
             storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
         local = island.scheduler.startswith("local")
         # The job reaches the run root as the coordinator does: the S3 endpoint and region go into its
-        # environment (credentials do not: local jobs inherit them, cluster jobs get them from a Secret).
+        # environment (credentials do not: local jobs inherit them, cluster jobs get them from a Secret),
+        # unless the island brings its own view of the store: its `env`, or ConfigMaps (on Kubernetes an
+        # explicit variable would override the ConfigMap's, which knows the in-cluster address).
+        storage_env = {} if island.env_from_configmaps else storage.job_env()
         app = component(
             _absolute(config_url) if local else config_url,
             name=f"{self.cfg.name}-{name}",
             image=_cwd() if island.scheduler == "local_cwd" else (island.image or ""),
             python=sys.executable if local else "python",
-            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env={**storage.job_env(), **island.env}, **resources,
+            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env={**storage_env, **island.env}, **resources,
         )  # fmt: skip
         return JobSpec(name=name, island=island_name, app=app, output=output, is_complete=complete)
 

@@ -233,22 +233,36 @@ def test_jobs_get_the_storage_settings_but_never_credentials(s3: S3, monkeypatch
     from ddm.coordinator.islands import IslandsConfig
     from ddm.coordinator.pipeline import Pipeline
 
-    cfg = RunConfig(root=s3.url("run"))
-    pipe = Pipeline(cfg, IslandsConfig(), manifest=None)  # type: ignore[arg-type]
-    job = pipe._job(
-        "router",
-        pipe.router_job(),
-        s3.url("run", "router"),
-        "local",
-        components.router_trainer,
-        lambda: False,
-    )
-    env = job.app.roles[0].env
-    assert env["AWS_ENDPOINT_URL_S3"] == s3.endpoint and env["AWS_DEFAULT_REGION"] == "us-east-1"
-    assert not any("SECRET" in k or "ACCESS_KEY" in k or "TOKEN" in k for k in env)
-    assert storage.read_bytes(s3.url("run", "router", "job.toml")).startswith(
-        b"name = "
-    )  # written on the configured endpoint
+    cluster = {"scheduler": "kubernetes", "image": "ddm:dev", "namespace": "ddm", "queue": "ddm"}
+    islands = IslandsConfig.model_validate({"island": {
+        "local": {},
+        "cluster": cluster,  # no view of the store of its own: gets the coordinator's
+        "configured": {**cluster, "env_from_configmaps": ["ddm-env"]},  # its ConfigMap has the in-cluster endpoint
+        "overridden": {**cluster, "env": {"AWS_ENDPOINT_URL_S3": "http://minio.ddm.svc:9000"}},
+    }})  # fmt: skip
+    pipe = Pipeline(RunConfig(root=s3.url("run")), islands, manifest=None)  # type: ignore[arg-type]
+
+    def env(island: str) -> dict[str, str]:
+        job = pipe._job(
+            "router",
+            pipe.router_job(),
+            s3.url("run", "router"),
+            island,
+            components.router_trainer,
+            lambda: False,
+        )
+        return job.app.roles[0].env
+
+    for island in ("local", "cluster"):
+        assert (
+            env(island)["AWS_ENDPOINT_URL_S3"] == s3.endpoint
+            and env(island)["AWS_DEFAULT_REGION"] == "us-east-1"
+        )
+        assert not any("SECRET" in k or "ACCESS_KEY" in k or "TOKEN" in k for k in env(island))
+    assert "AWS_ENDPOINT_URL_S3" not in env("configured") and "AWS_DEFAULT_REGION" not in env("configured")
+    assert env("overridden")["AWS_ENDPOINT_URL_S3"] == "http://minio.ddm.svc:9000"
+    # The job's config went to the configured endpoint, not the one the environment had before.
+    assert storage.read_bytes(s3.url("run", "router", "job.toml")).startswith(b"name = ")
 
 
 def test_storage_endpoint_url_is_validated() -> None:
