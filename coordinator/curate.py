@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
@@ -28,8 +29,14 @@ def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, p
     """(N, D) float32 embeddings of every image; read from ``cache_url`` when a previous run made them."""
     key = f"{cfg.encoder}@{cfg.embed_image_size}|{len(data)}|{hashlib.sha256(data.ids.numpy().tobytes()).hexdigest()[:16]}"
     if storage.exists(cache_url):
-        cached = np_load(storage.read_bytes(cache_url))
-        if str(cached["key"].tobytes(), "utf-8") == key:
+        try:
+            cached = np_load(storage.read_bytes(cache_url))
+            cached_key = str(cached["key"].tobytes(), "utf-8")
+        except (SafetensorError, KeyError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{cache_url}: unreadable embeddings cache ({e}); delete it and rerun to recompute"
+            ) from None
+        if cached_key == key:
             log.info("embeddings: cached at %s", cache_url)
             return cached["features"]
     from ddm.expert.features import build_features
