@@ -5,7 +5,8 @@ Rules (ARCHITECTURE.md, "Jobs"):
 - A job the manifest records as submitted is never launched twice: we ask its scheduler first, and
   when the scheduler no longer knows it (the local scheduler forgets its children when the coordinator
   restarts) we trust the job's own heartbeat on the run root for ``lease_seconds``.
-- Retries are ours, bounded by ``max_attempts``; the scheduler's own retries stay off.
+- Retries are ours, bounded by ``max_attempts`` per coordinator run (a rerun gives a failed job a fresh
+  budget: the operator fixed its island); the scheduler's own retries stay off.
 - At most ``max_concurrent`` jobs of this run run at once on each island.
 """
 
@@ -128,6 +129,9 @@ class Launcher:
         """Drive every job to a terminal state; returns the outcome of each."""
         pending = {j.name: j for j in jobs}
         outcomes: dict[str, JobOutcome] = {}
+        # A job that failed in an earlier run gets a fresh budget of attempts: running again is how the
+        # operator says its island is back (RunFailed asks for exactly that).
+        earlier = {n: len(self.manifest.job(n)["attempts"]) for n in pending if self.manifest.job(n)["state"] == JOB_FAILED}
         while pending:
             running_per_island: dict[str, int] = {}
             to_launch: list[JobSpec] = []
@@ -156,7 +160,7 @@ class Launcher:
                     record["attempts"][-1].update(state=JOB_FAILED, error=why, ended_at=time.time())
                     self.manifest.update_job(name, state=JOB_FAILED, error=why)
                     log.warning("%s attempt %d failed: %s", name, attempts, why.splitlines()[0] if why else "")
-                if record["state"] == JOB_FAILED and attempts >= self.max_attempts:
+                if record["state"] == JOB_FAILED and attempts - earlier.get(name, 0) >= self.max_attempts:
                     outcomes[name] = self._finish(job, JOB_FAILED, attempts, record.get("error"))
                     del pending[name]
                     continue
