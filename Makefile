@@ -37,5 +37,10 @@ test: venv dataset
 test-fast: venv dataset
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark in its quick mode; each prints one JSON object of figures as its last line.
+bench: venv dataset
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/bench.txt
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
 clean:
 	rm -rf $(VENV) .pytest_cache
