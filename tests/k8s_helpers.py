@@ -43,9 +43,21 @@ def render_text(overlay: str) -> str:
     return yaml.safe_dump_all(render(overlay), sort_keys=False)
 
 
+def _cache_schemas() -> None:
+    """kubernetes-validate re-reads a 1.8 MB definitions file on every call; read each once."""
+    import functools
+
+    from kubernetes_validate import utils
+
+    if not hasattr(utils.schema_contents, "cache_info"):
+        utils.schema_contents = functools.lru_cache(maxsize=None)(utils.schema_contents)
+
+
 def validate(obj: dict, version: str) -> None:
     """Strict schema validation (unknown fields are errors); raises AssertionError naming the field."""
     import kubernetes_validate
+
+    _cache_schemas()
 
     try:
         kubernetes_validate.validate(obj, version, strict=True)
