@@ -45,6 +45,12 @@ def _add_sampling_defaults(p: argparse.ArgumentParser) -> None:
     """The router's defaults for what a Sample request leaves unset, and its concurrency."""
     p.add_argument("--max-concurrent", type=int, default=64, help="Sample calls served at once (default 64)")
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="Sample calls waiting for a slot; beyond that RESOURCE_EXHAUSTED at once (default 64)",
+    )
+    p.add_argument(
         "--strategy", choices=["top-k", "full", "threshold"], default="top-k", help="default strategy"
     )
     p.add_argument("--top-k", type=int, default=1, help="default k for top-k (default 1)")
@@ -199,6 +205,7 @@ def _router_options(args: argparse.Namespace) -> dict:
     return dict(
         tls=_server_tls(args),
         max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
         defaults=defaults,
         metrics_port=args.metrics_port,
         cohort_delay=args.cohort_ms / 1000,
