@@ -145,27 +145,6 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def serve_router(args: argparse.Namespace) -> None:
-    """``--serve-router``: the router server with the admission limits of this benchmark."""
-    from ddm.router.server import RouterServer, SampleDefaults
-
-    torch.set_num_threads(1)
-    server = RouterServer(
-        args.serve_router,
-        args.expert,
-        address="127.0.0.1:0",
-        max_concurrent=args.max_concurrent,
-        max_queue=args.max_queue,
-        expert_timeout=30,
-        defaults=SampleDefaults(max_n=16, max_steps=16),
-    ).start(timeout=120)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"serving router on {server.target}", flush=True)
-    stop.wait()
-    server.stop(2)
-
-
 class Tally:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -246,11 +225,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2, help="images per request (default 2)")
     p.add_argument("--steps", type=int, default=4, help="sampler steps per request (default 4)")
     p.add_argument("--timeout", type=float, default=30.0, help="client deadline per call, s (default 30)")
-    p.add_argument("--serve-router", help=argparse.SUPPRESS)  # internal: run the router server
-    p.add_argument("--expert", action="append", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.serve_router:
-        return serve_router(args)
     args.clients = args.clients or (24 if args.quick else 64)
     args.seconds = args.seconds or (6.0 if args.quick else 30.0)
     args.warmup = args.warmup if args.warmup is not None else (2.0 if args.quick else 5.0)
@@ -262,20 +237,22 @@ def main() -> None:
         experts, router_dir = make_run(root)
         try:
             # All three start at once (interpreter start-up dominates on a busy machine): the experts on
-            # ports picked here, the router waiting for them (RouterServer connects with wait_for_ready).
+            # ports picked here, the router waiting for them (it connects with wait_for_ready).
             ports = free_ports(2)
-            cli = [sys.executable, "-m", "ddm.coordinator.cli", "serve", "expert"]
+            serve = [sys.executable, "-m", "ddm.coordinator.cli", "serve"]
+            local = ["--host", "127.0.0.1", "--threads", "1"]
             for k, (ckpt, port) in enumerate(zip(experts, ports)):
                 servers.append(
                     Server(
-                        [*cli, "--checkpoint", ckpt, "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
+                        [*serve, "expert", "--checkpoint", ckpt, *local, "--port", str(port),
                          "--max-queue", str(args.expert_queue)],
                         root / f"expert-{k}.log",
                     )
                 )  # fmt: skip
             router = Server(
-                [sys.executable, __file__, "--serve-router", router_dir,
+                [*serve, "router", "--router-checkpoint", router_dir, *local, "--port", "0",
                  "--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.max_queue),
+                 "--max-n", "16", "--expert-timeout", "30",
                  *[x for port in ports for x in ("--expert", f"127.0.0.1:{port}")]],
                 root / "router.log",
             )  # fmt: skip
