@@ -77,8 +77,10 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def _local_log_lines(root: str, handle: str) -> list[str]:
+    from ddm.coordinator.pipeline import local_log_dir
+
     app_id = handle.rstrip("/").rsplit("/", 1)[-1]
-    base = os.path.join(root, "logs")
+    base = local_log_dir(root)
     out: list[str] = []
     for dirpath, _, files in sorted(os.walk(base)):
         if app_id in dirpath.split(os.sep):

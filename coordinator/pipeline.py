@@ -63,6 +63,19 @@ def job_output(root: str, name: str) -> str:
     return storage.join(root, "experts", name)
 
 
+def local_log_dir(root: str) -> str:
+    """Where the local scheduler writes job logs (files, not objects): ``ROOT/logs`` for a local root; for
+    an object-store root a folder on this machine named after it, so ``ddm logs`` finds them later."""
+    import os
+    import re
+
+    if "://" not in root:
+        return os.path.abspath(os.path.join(root, "logs"))
+    from ddm.coordinator.eval_stage import machine_cache
+
+    return os.path.join(machine_cache(), "logs", re.sub(r"[^A-Za-z0-9._-]+", "_", root))
+
+
 def trained_to(output: str, steps: int) -> bool:
     """A training job is complete when its newest checkpoint is at the configured number of steps."""
     pointer = storage.join(output, "checkpoints", "latest.json")
@@ -219,7 +232,7 @@ class Pipeline:
         from ddm.coordinator.kube import make_runner
         from ddm.coordinator.launcher import Launcher
 
-        log_dir = _absolute(storage.join(self.cfg.root, "logs")) if "://" not in self.cfg.root else None
+        log_dir = local_log_dir(self.cfg.root)
         with make_runner(self.islands) as runner:
             launcher = Launcher(
                 self.manifest, self.islands, runner,

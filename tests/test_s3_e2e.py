@@ -38,8 +38,13 @@ def ddm(*args: str, env: dict, cwd: Path, timeout: float = 300) -> subprocess.Co
     )
 
 
-def test_ddm_run_with_its_root_on_s3(s3: S3, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ddm_run_with_its_root_on_s3(
+    s3: S3, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = s3.url("run")
+    monkeypatch.setenv(
+        "DDM_CACHE", str(tmp_path / "cache")
+    )  # job logs of an S3 run land in this machine's cache
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     # The coordinator learns the endpoint from the run config only; its jobs must get it from the
@@ -90,6 +95,8 @@ def test_ddm_run_with_its_root_on_s3(s3: S3, tmp_path: Path, capsys: pytest.Capt
     assert cli_main(["status", root]) == 0  # in this process: the manifest and checkpoints read from S3
     shown = capsys.readouterr().out
     assert "expert-1" in shown and "SUCCEEDED" in shown and "step-00000010.safetensors" in shown, shown
+    assert cli_main(["logs", root, "expert-0"]) == 0  # a later process finds the job's log files
+    assert "expert-0: step 10, loss" in capsys.readouterr().out
     out = s3.url("samples", "grid.png")
     sample = ddm("--s3-endpoint-url", s3.endpoint, "sample", "--checkpoint", s3.url("run", "experts", "expert-1", "checkpoints"),
                  "--n", "4", "--steps", "2", "--out", out, env=env, cwd=cwd)  # fmt: skip
