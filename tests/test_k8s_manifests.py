@@ -185,22 +185,21 @@ def test_committed_experts_component_is_what_the_generator_writes(name):
     assert on_disk == expected, f"k8s/overlays/{name}/experts is stale: run `ddm k8s experts --k {K[name]} --out {out}`"
 
 
-def test_generator_cli_writes_a_renderable_component(tmp_path):
+def test_generator_cli_writes_a_renderable_component(tmp_path, capsys):
     import shutil
     import subprocess
 
     from k8s_helpers import kubectl
 
+    from ddm.coordinator.cli import main
+
     shutil.copytree(K8S, tmp_path / "k8s")
     out = tmp_path / "k8s" / "overlays" / "local" / "experts"
-    r = subprocess.run([sys.executable, "-m", "ddm.coordinator.cli", "k8s", "experts", "--k", "3", "--out", str(out)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert main(["k8s", "experts", "--k", "3", "--out", str(out)]) == 0
     text = subprocess.run([kubectl(), "kustomize", str(out.parent)], capture_output=True, text=True, timeout=60, check=True).stdout
     assert text.count("kind: Deployment") == 4 and "ddm-expert-2" in text
-    bad = subprocess.run([sys.executable, "-m", "ddm.coordinator.cli", "k8s", "experts", "--k", "0", "--out", str(out)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert bad.returncode == 2 and "at least one expert" in bad.stderr
+    assert main(["k8s", "experts", "--k", "0", "--out", str(out)]) == 2
+    assert "at least one expert" in capsys.readouterr().err
 
 
 # --- rendered jobs ------------------------------------------------------------------------------------
@@ -232,26 +231,26 @@ queue = "gpu"
 """
 
 
-def dry_run(tmp_path, *extra, root: str = "s3://bucket/run"):
-    import subprocess
+def dry_run(tmp_path, capsys, monkeypatch, *extra, root: str = "s3://bucket/run"):
+    """`ddm run tiny.toml --islands ... --dry-run` in this process (cwd: tmp_path): (exit code, out, err)."""
+    from ddm.coordinator.cli import main
 
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "islands.toml").write_text(ISLANDS)
-    return subprocess.run(
-        [sys.executable, "-m", "ddm.coordinator.cli", "run", str(REPO / "configs/tiny.toml"), "--islands", str(tmp_path / "islands.toml"),
-         "--root", root, "--dry-run", *extra],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+    code = main(["run", str(REPO / "configs/tiny.toml"), "--islands", str(tmp_path / "islands.toml"), "--root", root, "--dry-run", *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_dry_run_renders_every_job_without_a_cluster_or_writes(tmp_path):
+def test_dry_run_renders_every_job_without_a_cluster_or_writes(tmp_path, capsys, monkeypatch):
     import yaml
 
-    r = dry_run(tmp_path, "--set", 'router.island="west"')
-    assert r.returncode == 0, r.stderr
+    code, stdout, stderr = dry_run(tmp_path, capsys, monkeypatch, "--set", 'router.island="west"')
+    assert code == 0, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["islands.toml"], "--dry-run must write nothing"
-    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-    assert "# job expert-0 on island local (scheduler local_cwd)" in r.stdout
-    local_cmd = next(line for line in r.stdout.splitlines() if line.startswith("# $ "))[4:]
+    docs = [d for d in yaml.safe_load_all(stdout) if d]
+    assert "# job expert-0 on island local (scheduler local_cwd)" in stdout
+    local_cmd = next(line for line in stdout.splitlines() if line.startswith("# $ "))[4:]
     assert shlex.split(local_cmd)[-4:] == ["-m", "ddm.expert.train", "--config", "s3://bucket/run/experts/expert-0/job.toml"]
     jobs = {d["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["command"][-1].split("/")[-2]: d for d in docs}
     assert set(jobs) == {"expert-1", "router"}
@@ -277,8 +276,9 @@ def test_dry_run_renders_every_job_without_a_cluster_or_writes(tmp_path):
     assert env["TORCHX_JOB_ID"].startswith("kubernetes@west://")  # the handle names the island (its cluster)
 
 
-def test_dry_run_names_what_is_wrong(tmp_path):
-    r = dry_run(tmp_path, "--set", 'router.island="nowhere"')
-    assert r.returncode == 2 and "router.island 'nowhere' is not defined" in r.stderr
-    r = dry_run(tmp_path, root=str(tmp_path / "local-root"))
-    assert r.returncode == 2 and "cannot see the local run root" in r.stderr and "s3://" in r.stderr
+def test_dry_run_names_what_is_wrong(tmp_path, capsys, monkeypatch):
+    code, _, err = dry_run(tmp_path, capsys, monkeypatch, "--set", 'router.island="nowhere"')
+    assert code == 2 and "router.island 'nowhere' is not defined" in err
+    code, _, err = dry_run(tmp_path, capsys, monkeypatch, root=str(tmp_path / "local-root"))
+    assert code == 2 and "cannot see the local run root" in err and "s3://" in err
+    assert not (tmp_path / "local-root").exists()
