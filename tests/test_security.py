@@ -162,9 +162,11 @@ def test_tokens_from_file_or_env_never_reach_the_logs(
     for token in (rpc.read_token(token_file), rpc.read_token(None)):
         server = ExpertServer(ckpt, token=token).start(timeout=30)
         try:
+            x_t, t, y = torch.zeros(2, 1, 8, 8), torch.full((2,), 0.5), torch.zeros(2, dtype=torch.long)
             with ExpertClient(server.target, token="wrong") as bad, pytest.raises(grpc.RpcError) as denied:
-                bad.info()
+                bad.predict(x_t, t, y)
             assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert server.batcher.stats.requests == 0  # refused before any work
             with ExpertClient(server.target, token=token) as good:
                 assert good.info().name == "expert-0"
         finally:
