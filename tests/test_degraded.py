@@ -155,3 +155,25 @@ def test_an_expert_killed_mid_sample_is_dropped_reported_and_rejoins_after_resta
             back.stop(0)
         if remote.p.poll() is None:
             remote.kill()
+
+
+def test_liveness_rechecks_health_after_a_doubling_backoff() -> None:
+    from ddm.router.remote import Liveness
+
+    answers = [(False, "UNAVAILABLE: refused"), (True, "")]
+    checks: list[float] = []
+
+    def check() -> tuple[bool, str]:
+        checks.append(time.monotonic())
+        return answers.pop(0)
+
+    live = Liveness(check, base=0.1, cap=0.2)
+    assert not live.is_down() and not checks  # up: no check at all
+    live.failed("UNAVAILABLE: refused")
+    start = time.monotonic()
+    assert live.is_down() and not checks  # within the backoff: believed down, nobody asked
+    while live.is_down():
+        time.sleep(0.01)
+    assert len(checks) == 2  # one failed re-check (backoff doubled to the 0.2 s cap), then SERVING
+    assert checks[0] - start >= 0.09 and checks[1] - checks[0] >= 0.19
+    assert live.failures == 0 and live.why == ""
