@@ -46,6 +46,17 @@ class SampleDefaults:
     max_guidance: float = 100.0
     max_seconds: float = 600.0  # deadline of a call whose client sets none
 
+    def __post_init__(self) -> None:
+        # A default outside its own limit would make every request that leaves the field unset fail.
+        if not 1 <= self.steps <= self.max_steps:
+            raise ValueError(f"steps: default {self.steps} must lie in 1..max_steps ({self.max_steps})")
+        if not 0 <= self.guidance <= self.max_guidance:
+            raise ValueError(
+                f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})"
+            )
+        if self.max_n < 1 or self.max_seconds <= 0:
+            raise ValueError(f"max_n must be >= 1 and max_seconds > 0, got {self.max_n}, {self.max_seconds}")
+
 
 @dataclass
 class SampleParams:

@@ -219,3 +219,11 @@ def test_oversized_messages_are_resource_exhausted_and_the_servers_keep_serving(
     assert tuple(expert_stub.Predict(_valid(2), timeout=10).v.shape) == (2, 1, 8, 8)
     events = list(router_stub.Sample(pb.SampleRequest(n=2, steps=2), timeout=30))
     assert tuple(events[-1].result.images.shape) == (2, 1, 8, 8)
+
+
+def test_router_defaults_outside_their_own_limits_are_refused() -> None:
+    # found by the fuzzer's first fixture: max_steps=4 with the default 32 steps refused every request
+    with pytest.raises(ValueError, match=r"steps: default 32 must lie in 1\.\.max_steps \(4\)"):
+        SampleDefaults(max_steps=4)
+    with pytest.raises(ValueError, match="guidance: default 3.0"):
+        SampleDefaults(max_guidance=2)
