@@ -21,7 +21,7 @@ from ddm.coordinator.islands import Island, IslandsConfig
 from ddm.coordinator.kube import make_runner, scheduler_key
 from ddm.coordinator.launcher import JobSpec, Launcher, cancel_jobs
 from ddm.coordinator.manifest import Manifest
-from k8s_helpers import COORDINATOR_USER, KubeAPIServer, render, render_text
+from k8s_helpers import COORDINATOR_USER, K8S, KubeAPIServer, render, render_text
 
 CRDS = Path(__file__).parent / "k8s" / "volcano-crds.yaml"
 
@@ -47,8 +47,12 @@ def installed(kube):
     dry = {}
     for overlay in ("local", "production"):
         dry[overlay] = kube.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=render_text(overlay))
+    # docs/deploy.md's training step (everything but the servers), then the serving step (all).
+    before = kube.kubectl("apply", "--server-side", "-k", str(K8S / "overlays" / "local"),
+                          "-l", "app.kubernetes.io/component notin (router,expert)")  # fmt: skip
+    servers_before = json.loads(kube.kubectl("get", "deployments", "-n", "ddm", "-o", "json").stdout)["items"]
     real = kube.kubectl("apply", "--server-side", "-f", "-", stdin=render_text("local"))
-    return {"dry": dry, "real": real, "objs": objs}
+    return {"before": before, "servers_before": servers_before, "dry": dry, "real": real, "objs": objs}
 
 
 def get(kube, *what: str, namespace: str = "ddm") -> dict:
@@ -56,6 +60,8 @@ def get(kube, *what: str, namespace: str = "ddm") -> dict:
 
 
 def test_overlays_pass_server_side_dry_run_and_apply(kube, installed):
+    assert "job.batch/ddm-run serverside-applied" in installed["before"].stdout
+    assert installed["servers_before"] == [], "the training step of docs/deploy.md must not start servers"
     for overlay, r in installed["dry"].items():
         assert "(server dry run)" in r.stdout, overlay
     assert "deployment.apps/ddm-expert-1 serverside-applied" in installed["real"].stdout
@@ -71,6 +77,10 @@ def test_overlays_pass_server_side_dry_run_and_apply(kube, installed):
     queue = json.loads(kube.kubectl("get", "queues.scheduling.volcano.sh", "ddm", "-o", "json").stdout)
     assert queue["spec"]["capability"] == {"cpu": "2", "memory": "8Gi"} and "namespace" not in queue["metadata"]
     assert get(kube, "networkpolicy", "ddm-expert-ingress")["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "expert"
+    # A Job's pod template is immutable: a changed run config or image needs `kubectl delete job ddm-run`
+    # first (docs/deploy.md says so; the run resumes from its manifest).
+    r = kube.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=render_text("production"), check=False)
+    assert r.returncode != 0 and 'Job "ddm-run" is invalid' in r.stderr and "field is immutable" in r.stderr
 
 
 def test_server_side_dry_run_rejects_a_broken_manifest(kube, installed):
