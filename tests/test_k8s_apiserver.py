@@ -208,3 +208,18 @@ def test_each_island_uses_its_own_cluster_credentials(kube, installed, tmp_path)
         assert e.value.status == 401
         handle = runner.run(app, scheduler="kubernetes@good", cfg=islands.island["good"].run_cfg())
         runner.cancel(handle)
+
+
+def test_dry_run_output_is_accepted_by_the_server(kube, installed, tmp_path, capsys, monkeypatch):
+    """docs/deploy.md: `ddm run --dry-run | kubectl apply --dry-run=server -f -` checks the Volcano Jobs
+    the local overlay's coordinator would submit (its own run.toml and islands.toml) on the cluster."""
+    from ddm.coordinator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    overlay = K8S / "overlays" / "local"
+    assert main(["run", str(overlay / "run.toml"), "--islands", str(overlay / "islands.toml"), "--dry-run"]) == 0
+    stream = capsys.readouterr().out
+    docs = [d for d in yaml.safe_load_all(stream) if d]
+    assert len(docs) == 4 and all(d["kind"] == "Job" for d in docs)  # 2 experts, router, distill
+    r = kube.kubectl("apply", "--server-side", "--dry-run=server", "-n", "ddm", "-f", "-", stdin=stream)
+    assert r.stdout.count("created (server dry run)") + r.stdout.count("serverside-applied (server dry run)") == 4

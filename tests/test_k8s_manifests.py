@@ -283,3 +283,21 @@ def test_dry_run_names_what_is_wrong(tmp_path, capsys, monkeypatch):
     code, _, err = dry_run(tmp_path, capsys, monkeypatch, root=str(tmp_path / "local-root"))
     assert code == 2 and "cannot see the local run root" in err and "s3://" in err
     assert not (tmp_path / "local-root").exists()
+
+
+def test_an_island_names_a_missing_kubeconfig_or_context(tmp_path):
+    from ddm.coordinator.islands import Island
+    from ddm.coordinator.kube import api_client
+
+    base = {"scheduler": "kubernetes", "image": "i", "namespace": "ddm", "queue": "q"}
+    with pytest.raises(ValueError, match="kubeconfig '/nonexistent/config' of a kubernetes island does not exist"):
+        api_client(Island(**base, kubeconfig="/nonexistent/config"))
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: a\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "contexts: [{name: a, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]\n"
+    )
+    assert api_client(Island(**base, kubeconfig=str(cfg))).configuration.host == "https://127.0.0.1:1"
+    with pytest.raises(ValueError, match="context east"):
+        api_client(Island(**base, kubeconfig=str(cfg), kube_context="east"))
