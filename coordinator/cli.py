@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "serve": ("ddm.coordinator.serve_cmd", "serve an expert checkpoint or the router over gRPC (until SIGTERM)"),
     "eval": ("ddm.coordinator.eval_cmd", "evaluate a checkpoint: FD, KID, precision/recall, class accuracy"),
     "k8s": ("ddm.coordinator.k8s_cmd", "write the per-expert kustomize Component of a k8s/ overlay"),
+    "compare": ("ddm.coordinator.compare_cmd", "K experts vs a compute-matched monolith: train it, score all, one table"),
 }
 
 

@@ -119,6 +119,26 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     logs = subprocess.run([sys.executable, "-m", "ddm", "logs", str(root), "expert-0", "--tail", "50"], capture_output=True, text=True)
     assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
 
+    # The headline comparison: a compute-matched monolith (batch x K, same steps) trained as its own
+    # run, then scored beside the ensembles under one evaluation context; a rerun reuses every score.
+    compare = subprocess.run([sys.executable, "-m", "ddm", "compare", str(root), "--models", "top-1,full", "--quiet"],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert compare.returncode == 0, compare.stderr
+    mono = checkpoint.load(checkpoint.latest(str(root / "compare" / "monolith" / "experts" / "monolith" / "checkpoints")))
+    assert mono.step == 20 and mono.meta["train"]["batch_size"] == 2 * 16
+    report = json.loads((root / "compare" / "results.json").read_text())
+    assert [r["model"] for r in report["results"]] == ["monolith", "top-1", "full"]
+    assert report["training"]["monolith"]["images"] == report["training"]["experts"]["images"] == 20 * 16 * 2
+    assert report["training"]["monolith"]["flops"] == report["training"]["experts"]["flops"] > 0
+    calls = {r["model"]: r["denoiser_calls_per_sample"] for r in report["results"]}
+    assert calls == {"monolith": 2 * 4, "top-1": 2 * 4, "full": 2 * 2 * 4}  # full: both experts every step
+    assert "| monolith |" in compare.stdout and "| full |" in compare.stdout
+    assert (root / "compare" / "grid.png").stat().st_size > 0
+    again = subprocess.run([sys.executable, "-m", "ddm", "compare", str(root), "--models", "top-1,full", "--quiet"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and again.stderr.count("reused") == 3, again.stderr
+    assert "already done" in again.stderr  # the monolith run was not trained again
+
 
 def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path):
     cfg, root = write_config(tmp_path, steps=80)
