@@ -6,7 +6,7 @@ the same number of training images and spend the same training FLOPs; the router
 paper: about 4%) is reported apart. The monolith is trained as its own resumable monolith-mode run
 (default root ``RUN/compare/monolith``) through the same pipeline and islands, then every model is
 sampled and scored with one evaluation context (same real set, features, classifier, seed, sampler,
-steps and guidance) into ``RUN/compare/NAME/``. ``RUN/compare/results.json`` and ``table.md`` hold the
+steps and guidance) into ``RUN/compare/eval/NAME/``. ``RUN/compare/results.json`` and ``table.md`` hold the
 table, ``grid.png`` one labelled row of samples per model. A model already scored under identical
 settings is not sampled again, so an interrupted comparison carries on where it stopped.
 """
@@ -118,7 +118,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     loaded: dict[str, list] = {}
     results: dict[str, Any] = {}
     for model in ["monolith", *models]:
-        out = storage.join(out_root, model)
+        out = storage.join(out_root, "eval", model)
         if scored_with(out, settings):
             results[model] = summary_from(storage.read_json(storage.join(out, "metrics.json")))
             say(f"[compare] {model}: scored before with the same settings, reused")
@@ -138,7 +138,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     storage.write_json(storage.join(out_root, "results.json"), report)
     table = markdown_table(report)
     storage.write_bytes(storage.join(out_root, "table.md"), table.encode())
-    comparison_grid({m: storage.join(out_root, m, "samples.png") for m in results}, storage.join(out_root, "grid.png"))
+    comparison_grid({m: storage.join(out_root, "eval", m, "samples.png") for m in results}, storage.join(out_root, "grid.png"))
     print(table)
     return report
 
