@@ -93,7 +93,14 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     root, and a cached listing would hide their files from ``exists`` and ``listdir``.
     """
     protocol = fsspec.core.split_protocol(url)[0]
-    options: dict[str, Any] = {"use_listings_cache": False} if protocol in _S3_PROTOCOLS else {}
+    options: dict[str, Any] = {}
+    if protocol in _S3_PROTOCOLS:
+        options["use_listings_cache"] = False
+        # fsspec reuses one instance per set of arguments; naming the endpoint here keys that cache on
+        # it, so a process whose endpoint changed never gets a client bound to the old one.
+        endpoint = os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
