@@ -88,7 +88,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
                 num_samples: int | None = None, progress: bool = True,
                 say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:  # fmt: skip
     """Train the matched monolith (if not yet), score it and the run's ensembles, write the table."""
-    from ddm.coordinator.eval_stage import eval_context, evaluate_model, load_experts, say_result, summary
+    from ddm.coordinator.eval_stage import eval_context, evaluate_model, load_experts, say_result
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
     from ddm.expert import checkpoint
 
@@ -128,7 +128,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
             if side not in loaded:
                 dirs = {"monolith": expert_output(mono, "monolith")} if side == "monolith" else expert_dirs
                 loaded[side] = load_experts(dirs)
-            results[model] = summary(evaluate_model(cfg, model, loaded[side], router_url, out, context))
+            results[model] = summary_from(evaluate_model(cfg, model, loaded[side], router_url, out, context).to_dict())
             storage.write_json(storage.join(out, "settings.json"), settings)
         say_result(model, results[model], say)
 
