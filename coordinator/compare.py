@@ -117,9 +117,15 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     context: dict[str, Any] | None = None
     loaded: dict[str, list] = {}
     results: dict[str, Any] = {}
+    mono_ckpt = checkpoint.latest(storage.join(expert_output(mono, "monolith"), "checkpoints"))
+    expert_ckpts = [checkpoint.latest(storage.join(d, "checkpoints")) for d in expert_dirs.values()]
     for model in ["monolith", *models]:
         out = storage.join(out_root, "eval", model)
-        if scored_with(out, settings):
+        # a score is reused only for the same settings AND the same checkpoints (a retrained or
+        # relocated monolith, or experts trained further, are scored again)
+        used = [mono_ckpt] if model == "monolith" else expert_ckpts + ([router_url] if model != "mixture" else [])
+        marker = {**settings, "checkpoints": used}
+        if scored_with(out, marker):
             results[model] = summary_from(storage.read_json(storage.join(out, "metrics.json")))
             say(f"[compare] {model}: scored before with the same settings, reused")
         else:
@@ -129,7 +135,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
                 dirs = {"monolith": expert_output(mono, "monolith")} if side == "monolith" else expert_dirs
                 loaded[side] = load_experts(dirs)
             results[model] = summary_from(evaluate_model(cfg, model, loaded[side], router_url, out, context).to_dict())
-            storage.write_json(storage.join(out, "settings.json"), settings)
+            storage.write_json(storage.join(out, "settings.json"), marker)
         say_result(model, results[model], say)
 
     # rows, not a mapping: JSON files here are written with sorted keys, and the table keeps this order
