@@ -13,6 +13,7 @@ settings is not sampled again, so an interrupted comparison carries on where it 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -92,6 +93,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
     from ddm.expert import checkpoint
 
+    root = root if "://" in root else os.path.abspath(root)  # markers name checkpoints by absolute path
     cfg = load_run(root)
     if num_samples is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_samples": num_samples})})
