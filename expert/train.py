@@ -38,23 +38,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_job(cls: type, args: argparse.Namespace):
+    """The job config of ``cls`` from ``args.config``, with ``--output`` and ``--steps`` applied
+    (shared by the expert, router and distill entry points); raises ConfigError naming the field."""
+    from ddm.expert.config import load_config, parse_config
+
+    job = load_config(cls, args.config)
+    overrides = {}
+    if args.output is not None:
+        overrides["output"] = args.output
+    if args.steps is not None:
+        overrides["train"] = {**job.train.model_dump(), "steps": args.steps}
+    if overrides:
+        job = parse_config(cls, {**job.model_dump(), **overrides}, f"{args.config} with command-line overrides")
+    return job
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` is instant and config errors are reported before torch loads.
-    from ddm.expert.config import ConfigError, ExpertJobConfig, load_config, parse_config
+    from ddm.expert.config import ConfigError, ExpertJobConfig
 
     try:
-        job = load_config(ExpertJobConfig, args.config)
-        overrides = {}
-        if args.output is not None:
-            overrides["output"] = args.output
-        if args.steps is not None:
-            overrides["train"] = {**job.train.model_dump(), "steps": args.steps}
-        if overrides:
-            job = parse_config(
-                ExpertJobConfig,
-                {**job.model_dump(), **overrides},
-                f"{args.config} with command-line overrides",
-            )
+        job = load_job(ExpertJobConfig, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

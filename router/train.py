@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ddm.expert.train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from ddm.expert.train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, load_job
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "add_arguments", "main", "run"]
 
@@ -37,22 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` is instant and config errors are reported before torch loads.
-    from ddm.expert.config import ConfigError, load_config, parse_config
+    from ddm.expert.config import ConfigError
     from ddm.router.config import RouterJobConfig
 
     try:
-        job = load_config(RouterJobConfig, args.config)
-        overrides = {}
-        if args.output is not None:
-            overrides["output"] = args.output
-        if args.steps is not None:
-            overrides["train"] = {**job.train.model_dump(), "steps": args.steps}
-        if overrides:
-            job = parse_config(
-                RouterJobConfig,
-                {**job.model_dump(), **overrides},
-                f"{args.config} with command-line overrides",
-            )
+        job = load_job(RouterJobConfig, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
