@@ -1,0 +1,29 @@
+"""The training loop's refactors are numerics-identical: the expert, router and student trainers
+reproduce, bit for bit, the per-step losses and final checkpoint tensors pinned in
+tests/data/numerics.json (written by ``python tests/numerics.py --write`` before the loop was unified).
+
+A change that is meant to move numerics re-pins that file in its own commit and says why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from numerics import PINNED, run_all
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_all(tmp_path_factory.mktemp("numerics"))
+
+
+@pytest.mark.parametrize("job", ["expert-0", "expert-1", "router", "student-partition", "student-ensemble"])
+def test_trainer_is_bit_identical_to_the_pinned_run(figures: dict, job: str) -> None:
+    pinned = json.loads(Path(PINNED).read_text())
+    assert figures[job]["step"] == pinned[job]["step"]
+    assert figures[job]["losses"] == pinned[job]["losses"], "per-step losses moved"
+    assert figures[job]["tensors"] == pinned[job]["tensors"], "final weights, EMA or optimizer state moved"
+    if job == "router":
+        assert figures[job]["accuracy"] == pinned[job]["accuracy"]
