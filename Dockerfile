@@ -33,6 +33,7 @@ RUN pip install --extra-index-url "$TORCH_INDEX" -c requirements/constraints.txt
  && pip install --no-deps efficientnet-lite-pytorch==0.1.0
 COPY pyproject.toml README.md ./
 COPY ddm/ ddm/
+COPY core/ core/
 COPY expert/ expert/
 COPY router/ router/
 COPY coordinator/ coordinator/

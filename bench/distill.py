@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddm.coordinator.eval_stage import eval_context, load_experts
     from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
-    from ddm.expert import checkpoint, storage
+    from ddm.core import checkpoint, storage
 
     torch.set_num_threads(args.threads)
     manifest = Manifest.load(args.run)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.model import DiT, DiTConfig
 from ddm.router.client import RouterClient
 from ddm.router.model import RouterConfig, RouterNet

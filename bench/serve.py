@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.images import to_uint8
 from ddm.expert.load import load_denoiser
 from ddm.expert.model import DiT, dit_config

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ddm.coordinator.cluster import Clustering
     from ddm.coordinator.config import RunConfig
     from ddm.coordinator.manifest import Manifest
-    from ddm.expert import storage
+    from ddm.core import storage
     from ddm.expert.config import DataConfig
     from ddm.expert.data import build_dataset
     from ddm.expert.features import build_features

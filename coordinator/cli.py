@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ddm.coordinator.manifest import ManifestError
-    from ddm.expert.config import ConfigError
+    from ddm.core.config import ConfigError
 
     if args.s3_endpoint_url:
-        from ddm.expert import storage
+        from ddm.core import storage
 
         storage.configure(endpoint_url=args.s3_endpoint_url)
     try:

@@ -56,7 +56,7 @@ from safetensors.numpy import save as st_save
 from scipy import sparse
 from scipy.optimize import linprog
 
-from ddm.expert import storage
+from ddm.core import storage
 
 __all__ = [
     "ClusterConfig",

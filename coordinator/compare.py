@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ddm.coordinator.config import EVAL_MODELS, RunConfig
-from ddm.expert import storage
+from ddm.core import storage
 
 COLUMNS = ("fd", "kid_mean", "kid_std", "precision", "recall", "class_accuracy", "denoiser_calls_per_sample", "seconds_per_image")
 
@@ -91,7 +91,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     """Train the matched monolith (if not yet), score it and the run's ensembles, write the table."""
     from ddm.coordinator.eval_stage import eval_context, evaluate_model, load_experts, say_result
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
-    from ddm.expert import checkpoint
+    from ddm.core import checkpoint
 
     root = root if "://" in root else os.path.abspath(root)  # markers name checkpoints by absolute path
     cfg = load_run(root)

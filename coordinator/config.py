@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ddm.expert.config import DataConfig, ModelConfig, SampleConfig, Strict, TrainConfig, load_config, load_toml, parse_config
+from ddm.core.config import Strict, TrainConfig, load_config, load_toml, parse_config
+from ddm.expert.config import DataConfig, ModelConfig, SampleConfig
 from ddm.router.config import ROUTER_TRAIN_DEFAULTS, RouterEvalConfig, RouterModelConfig
 from ddm.router.distill_config import DistillStageConfig
 

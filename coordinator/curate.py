@@ -19,7 +19,7 @@ from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
 from ddm.coordinator.config import CurateConfig, PartitionConfig
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.data import ImageDataset
 
 log = logging.getLogger("ddm.curate")

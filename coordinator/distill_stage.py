@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"

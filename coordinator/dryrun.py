@@ -51,7 +51,7 @@ def distill_jobs(pipeline: Any) -> list:
     from ddm.coordinator import components
     from ddm.coordinator.distill_stage import distill_job, distill_output
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
-    from ddm.expert import storage
+    from ddm.core import storage
 
     cfg = pipeline.cfg
     dc = cfg.distill

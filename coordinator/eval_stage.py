@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ddm.coordinator.config import RunConfig
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 from ddm.expert.data import ImageDataset, build_dataset
 from ddm.expert.evaluate import EvalResult, balanced_labels, evaluate, generate, score
 from ddm.expert.images import to_uint8

@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from ddm.expert.config import Strict, load_toml, parse_config
+from ddm.core.config import Strict, load_toml, parse_config
 
 KNOWN_SCHEDULERS = ("local_cwd", "local_docker", "kubernetes", "slurm", "aws_batch")
 _J = re.compile(r"^(\d+:)?\d+x\d+$|^\d+$")

@@ -26,7 +26,7 @@ from torchx.runner import Runner
 from ddm.coordinator.islands import IslandsConfig
 from ddm.coordinator.kube import is_not_found, scheduler_key
 from ddm.coordinator.manifest import CANCELLED, JOB_FAILED, SUBMITTED, SUCCEEDED, Manifest
-from ddm.expert import heartbeat
+from ddm.core import heartbeat
 
 log = logging.getLogger("ddm.launcher")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ddm.expert import storage
+from ddm.core import storage
 
 MANIFEST = "manifest.json"
 FORMAT = "ddm-manifest/1"

@@ -31,7 +31,7 @@ from ddm.coordinator import components
 from ddm.coordinator.config import RunConfig
 from ddm.coordinator.islands import IslandsConfig
 from ddm.coordinator.manifest import DONE, FAILED, RUNNING, SUCCEEDED, Manifest
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 from ddm.expert.config import DataConfig, ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_dataset
 
@@ -314,7 +314,7 @@ class Pipeline:
         return run_eval(self.cfg, dirs, router, progress=self.progress, say=self.say)
 
     def _job_progress(self, states: dict[str, str]) -> None:
-        from ddm.expert import heartbeat
+        from ddm.core import heartbeat
 
         parts = []
         for name, state in states.items():

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.islands:
         overrides["islands"] = args.islands
     cfg = load_run_config(args.config, overrides)
-    from ddm.expert import storage
+    from ddm.core import storage
 
     # For this process and every job it launches; `ddm --s3-endpoint-url` wins over the config.
     storage.configure(endpoint_url=getattr(args, "s3_endpoint_url", None) or cfg.storage.endpoint_url)

@@ -166,7 +166,7 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
 
     import torch
 
-    from ddm.expert import storage
+    from ddm.core import storage
     from ddm.proto.rpc import ClientTLS, read_token
     from ddm.router.server import RouterServer
 
@@ -215,7 +215,7 @@ def _router_options(args: argparse.Namespace) -> dict:
 
 def _student(args: argparse.Namespace) -> str | None:
     """The student to serve: ``--student``, else the run root's distilled student if it has one."""
-    from ddm.expert import checkpoint, storage
+    from ddm.core import checkpoint, storage
 
     if getattr(args, "student", None):
         return args.student

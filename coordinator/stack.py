@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 
 READY = re.compile(r"ddm serve expert: serving (\S+) on (\S+):(\d+)")
 

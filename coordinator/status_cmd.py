@@ -21,7 +21,7 @@ def _age(ts: float | None) -> str:
 def print_status(root: str) -> None:
     from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.pipeline import STAGES, job_output
-    from ddm.expert import checkpoint, heartbeat, storage
+    from ddm.core import checkpoint, heartbeat, storage
 
     m = Manifest.load(root)
     cfg = m.data["config"]

@@ -1,7 +1,7 @@
 """ddm: decentralized diffusion models (McAllister et al., CVPR 2025).
 
-The code lives in the top-level folders ``expert/``, ``router/``, ``coordinator/`` and ``proto/``,
-installed as ``ddm.expert``, ``ddm.router``, ``ddm.coordinator`` and ``ddm.proto``.
+The code lives in the top-level folders ``core/``, ``expert/``, ``router/``, ``coordinator/`` and
+``proto/``, installed as ``ddm.core``, ``ddm.expert``, ``ddm.router``, ``ddm.coordinator`` and ``ddm.proto``.
 """
 
 import os

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 from ddm.expert.config import DataConfig
 from ddm.expert.data import ImageDataset, build_dataset
 from ddm.expert.images import to_model_range
-from ddm.expert.progress import progress_bar
+from ddm.core.progress import progress_bar
 
 __all__ = [
     "CLASSIFIER_VERSION",

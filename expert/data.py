@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.config import DataConfig
 from ddm.expert.images import decode_image, to_model_range, to_uint8
 

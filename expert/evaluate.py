@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load_numpy
 from safetensors.numpy import save as st_save_numpy
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.classifier import Classifier
 from ddm.expert.config import SampleConfig
 from ddm.expert.data import ImageDataset
@@ -38,7 +38,7 @@ from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
 from ddm.expert.student import for_sampling
-from ddm.expert.progress import progress_bar
+from ddm.core.progress import progress_bar
 
 __all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference", "score"]
 

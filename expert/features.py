@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm.expert.progress import progress_bar
+from ddm.core.progress import progress_bar
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",

@@ -13,7 +13,7 @@ import math
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ddm.expert import storage
+from ddm.core import storage
 
 # Images smaller than this (in pixels per side) are upscaled by an integer factor in saved grids, so a
 # 28x28 Fashion-MNIST grid is viewable without zooming (28 -> 56).

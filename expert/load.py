@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ddm.expert import checkpoint
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core import checkpoint
+from ddm.core.checkpoint import CheckpointError
 from ddm.expert.denoiser import ModuleDenoiser
 from ddm.expert.model import DiT, DiTConfig
 from ddm.expert.student import StudentDenoiser

@@ -24,7 +24,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
 from ddm.expert.load import load_model
 from ddm.proto import rpc

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.data import DataError, ImageDataset
 
 FORMAT = "ddm-shards/1"

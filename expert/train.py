@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_job(cls: type, args: argparse.Namespace):
     """The job config of ``cls`` from ``args.config``, with ``--output`` and ``--steps`` applied
     (shared by the expert, router and distill entry points); raises ConfigError naming the field."""
-    from ddm.expert.config import load_config, parse_config
+    from ddm.core.config import load_config, parse_config
 
     job = load_config(cls, args.config)
     overrides = {}
@@ -56,7 +56,8 @@ def load_job(cls: type, args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` is instant and config errors are reported before torch loads.
-    from ddm.expert.config import ConfigError, ExpertJobConfig
+    from ddm.core.config import ConfigError
+    from ddm.expert.config import ExpertJobConfig
 
     try:
         job = load_job(ExpertJobConfig, args)

@@ -40,14 +40,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 import ddm
-from ddm.expert import checkpoint, flow, storage
-from ddm.expert.config import ExpertJobConfig, TrainConfig
+from ddm.core import checkpoint, parallel, storage
+from ddm.expert import flow
+from ddm.core.config import TrainConfig
+from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_dataset
-from ddm.expert.ema import EMA
-from ddm.expert.heartbeat import Heartbeat
-from ddm.expert.metrics_log import MetricsLog
+from ddm.core.ema import EMA
+from ddm.core.heartbeat import Heartbeat
+from ddm.core.metrics_log import MetricsLog
 from ddm.expert.model import DiT, DiTConfig, dit_config
-from ddm.expert.progress import progress_bar
+from ddm.core.progress import progress_bar
 
 
 @dataclass
@@ -285,7 +287,7 @@ class Checkpointer:
     ) -> str:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        tensors.update(checkpoint.optimizer_tensors(optimizer))
+        tensors.update(parallel.optimizer_tensors(optimizer))
         return checkpoint.save(self.directory, step, tensors, {**self.meta, **extra}, keep=self.keep)
 
     def restore(
@@ -309,7 +311,7 @@ class Checkpointer:
             )
         model.load_state_dict(ckpt.prefixed("model"))
         ema.load_state_dict(ckpt.prefixed("ema"))
-        checkpoint.load_optimizer_tensors(optimizer, ckpt.tensors)
+        parallel.load_optimizer_tensors(optimizer, ckpt.tensors)
         return ckpt
 
     def clear(self) -> None:

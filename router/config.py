@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from ddm.expert import storage
-from ddm.expert.config import Strict, TrainConfig
+from ddm.core import storage
+from ddm.core.config import Strict, TrainConfig
 from ddm.router.model import ROUTER_ARCHS
 
 # Router training defaults that differ from an expert's:

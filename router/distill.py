@@ -50,16 +50,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ddm.expert import checkpoint, flow
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core import checkpoint
+from ddm.expert import flow
+from ddm.core.checkpoint import CheckpointError
 from ddm.expert.denoiser import Denoiser
-from ddm.expert.ema import EMA
+from ddm.core.ema import EMA
 from ddm.expert.guidance import guided
-from ddm.expert.heartbeat import Heartbeat
+from ddm.core.heartbeat import Heartbeat
 from ddm.expert.load import load_denoiser, load_model
-from ddm.expert.metrics_log import MetricsLog
+from ddm.core.metrics_log import MetricsLog
 from ddm.expert.model import DiT, DiTConfig, dit_config
-from ddm.expert.progress import progress_bar
+from ddm.core.progress import progress_bar
 from ddm.expert.trainer import (
     BatchOrder,
     Checkpointer,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from ddm.expert.config import Strict, TrainConfig
+from ddm.core.config import Strict, TrainConfig
 from ddm.expert.model import DIT_ARCHS
 from ddm.router.config import RouterDataConfig
 from pydantic import Field, field_validator, model_validator

@@ -21,7 +21,7 @@ __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "add_arg
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` is instant and config errors are reported before torch loads.
-    from ddm.expert.config import ConfigError
+    from ddm.core.config import ConfigError
     from ddm.router.distill_config import DistillJobConfig
 
     try:

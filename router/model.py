@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddm.expert import checkpoint
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core import checkpoint
+from ddm.core.checkpoint import CheckpointError
 from ddm.expert.model import DiTBlock, FinalLayer, TimestepEmbedder, sincos_pos_embed
 
 

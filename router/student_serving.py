@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import torch
 
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core.checkpoint import CheckpointError
 from ddm.expert.guidance import with_guidance
 from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import iter_sample

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` is instant and config errors are reported before torch loads.
-    from ddm.expert.config import ConfigError
+    from ddm.core.config import ConfigError
     from ddm.router.config import RouterJobConfig
 
     try:

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddm.expert import checkpoint, flow, storage
+from ddm.core import checkpoint, storage
+from ddm.expert import flow
 from ddm.expert.data import ImageDataset
-from ddm.expert.ema import EMA
-from ddm.expert.heartbeat import Heartbeat
-from ddm.expert.metrics_log import MetricsLog
+from ddm.core.ema import EMA
+from ddm.core.heartbeat import Heartbeat
+from ddm.core.metrics_log import MetricsLog
 from ddm.expert.shards import read_shards
 from ddm.expert.trainer import (
     BatchOrder,
@@ -53,7 +54,7 @@ from ddm.expert.trainer import (
 )
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterConfig, RouterNet, router_config
-from ddm.expert.progress import progress_bar
+from ddm.core.progress import progress_bar
 
 ACCURACY_JSON = "accuracy_vs_t.json"
 ACCURACY_PNG = "accuracy_vs_t.png"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.model import DiT, DiTConfig
 from ddm.router.model import RouterConfig, RouterNet
 

@@ -37,7 +37,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _figures(result: Any, ckpt_dir: Path) -> dict[str, Any]:
-    from ddm.expert import checkpoint
+    from ddm.core import checkpoint
 
     ckpt = checkpoint.load(str(ckpt_dir))
     return {

@@ -12,7 +12,7 @@ import torch
 from ddm.coordinator.config import load_run_config
 from ddm.coordinator.islands import load_islands
 from ddm.coordinator.manifest import Manifest
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.load import load_model
 from ddm.expert.shards import read_shards, write_shards
 

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from ddm.expert import checkpoint, storage
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core import checkpoint, parallel, storage
+from ddm.core.checkpoint import CheckpointError
 
 
 def tensors(step):
@@ -32,10 +32,10 @@ def test_optimizer_state_round_trips_without_pickle():
     opt = torch.optim.AdamW(net.parameters(), lr=0.1)
     net(torch.randn(4, 3)).sum().backward()
     opt.step()
-    flat = checkpoint.optimizer_tensors(opt)
+    flat = parallel.optimizer_tensors(opt)
     net2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(net2.parameters(), lr=0.1)
-    checkpoint.load_optimizer_tensors(opt2, flat)
+    parallel.load_optimizer_tensors(opt2, flat)
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
         assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
 

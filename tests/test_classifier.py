@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.classifier import (
     ClassifierTrainConfig,
     SmallCNN,

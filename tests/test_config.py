@@ -6,7 +6,8 @@ import pytest
 
 from ddm.coordinator.config import RunConfig, default_config_text, load_run_config
 from ddm.coordinator.islands import load_islands
-from ddm.expert.config import ConfigError, ExpertJobConfig, load_config
+from ddm.core.config import ConfigError, load_config
+from ddm.expert.config import ExpertJobConfig
 
 
 def test_embedded_default_loads_and_matches_the_demo_promise():

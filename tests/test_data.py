@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.config import DataConfig
 from ddm.expert.data import (
     FASHION_MNIST_CLASSES,

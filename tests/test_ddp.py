@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from ddm.expert import checkpoint, heartbeat
+from ddm.core import checkpoint, heartbeat
 from ddm.expert.config import ExpertJobConfig
-from ddm.expert.metrics_log import read_rows
+from ddm.core.metrics_log import read_rows
 from ddm.expert.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

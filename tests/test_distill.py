@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm.expert import checkpoint, flow
+from ddm.core import checkpoint
+from ddm.expert import flow
 from ddm.expert.analytic import GaussianDenoiser
 from ddm.expert.config import SampleConfig
 from ddm.expert.denoiser import ModuleDenoiser
@@ -233,7 +234,7 @@ def test_trainer_resumes_exactly_and_the_checkpoint_loads_as_a_student(setup, tm
 
 
 def test_config_errors_name_the_field(setup, tmp_path: Path) -> None:
-    from ddm.expert.config import ConfigError, parse_config
+    from ddm.core.config import ConfigError, parse_config
 
     root, experts = setup
     base = dict(name="s", output=str(tmp_path), experts=experts, data=dict(root=str(root), k=2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.classifier import ClassifierTrainConfig, get_classifier
 from ddm.expert.config import DataConfig, SampleConfig
 from ddm.expert.data import ImageDataset, load_fashion_mnist

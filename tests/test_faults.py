@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddm.expert import checkpoint, heartbeat
+from ddm.core import checkpoint, heartbeat
 from ddm.expert.train import EXIT_OK, main
 from ddm.expert.trainer import train
 from test_trainer import job_toml, tiny_job
@@ -72,7 +72,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     import torch
-    from ddm.expert import checkpoint, storage
+    from ddm.core import checkpoint, storage
 
     class HalfThenHang:  # writes half of what it is given, then tells the parent and waits to be killed
         def __init__(self, f):

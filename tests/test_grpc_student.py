@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddm.coordinator.cli import main as ddm_main
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.guidance import with_guidance
 from ddm.expert.load import load_denoiser
 from ddm.expert.model import DiT

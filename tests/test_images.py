@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.images import (
     decode_image,
     make_grid,

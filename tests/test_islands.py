@@ -6,7 +6,7 @@ import pytest
 
 from ddm.coordinator import components
 from ddm.coordinator.islands import IslandsConfig, load_islands, parse_j
-from ddm.expert.config import ConfigError
+from ddm.core.config import ConfigError
 
 
 def write(tmp_path, text):

@@ -14,7 +14,7 @@ from torchx.runner import get_runner
 from ddm.coordinator.islands import Island, IslandsConfig
 from ddm.coordinator.launcher import JobSpec, Launcher
 from ddm.coordinator.manifest import Manifest
-from ddm.expert import heartbeat
+from ddm.core import heartbeat
 
 
 def script_job(name: str, out: str, code: str, island: str = "local") -> JobSpec:

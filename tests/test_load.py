@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import ddm
-from ddm.expert import checkpoint
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core import checkpoint
+from ddm.core.checkpoint import CheckpointError
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.load import load_denoiser, load_model

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from ddm.expert import checkpoint, heartbeat
-from ddm.expert.checkpoint import CheckpointError
+from ddm.core import checkpoint, heartbeat
+from ddm.core.checkpoint import CheckpointError
 from ddm.expert.data import load_fashion_mnist
-from ddm.expert.metrics_log import read_rows
+from ddm.core.metrics_log import read_rows
 from ddm.expert.shards import write_shards
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterNet, load_router, load_router_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.shards import read_index
 
 pytestmark = pytest.mark.slow

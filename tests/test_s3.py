@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddm.coordinator.manifest import Manifest, ManifestConflict
-from ddm.expert import checkpoint, storage
+from ddm.core import checkpoint, storage
 from grpc_fixtures import expert_checkpoint, router_checkpoint
 from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture, subprocess_env  # noqa: F401 - fixtures
 
@@ -267,7 +267,7 @@ def test_jobs_get_the_storage_settings_but_never_credentials(s3: S3, monkeypatch
 
 def test_storage_endpoint_url_is_validated() -> None:
     from ddm.coordinator.config import load_run_config
-    from ddm.expert.config import ConfigError
+    from ddm.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"storage\.endpoint_url.*http:// or https://"):
         load_run_config(None, {"storage.endpoint_url": "127.0.0.1:9000"})

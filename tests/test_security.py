@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from ddm.expert import checkpoint
+from ddm.core import checkpoint
 from ddm.expert.load import load_model
 from ddm.expert.server import ExpertServer
 from ddm.expert.shards import read_shards, write_shards

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 import torch
 
-from ddm.expert import storage
+from ddm.core import storage
 from ddm.expert.config import DataConfig
 from ddm.expert.data import DataError, build_dataset
 from ddm.expert.shards import (

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from ddm.expert import checkpoint, heartbeat
+from ddm.core import checkpoint, heartbeat
 from ddm.expert.config import ExpertJobConfig
-from ddm.expert.ema import EMA, ema_decay_at
+from ddm.core.ema import EMA, ema_decay_at
 from ddm.expert.load import load_model
-from ddm.expert.metrics_log import read_rows
+from ddm.core.metrics_log import read_rows
 from ddm.expert.train import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, main
 from ddm.expert.trainer import BatchOrder, Distributed, _train, derive_seed, drop_labels, lr_at, train
 

@@ -35,13 +35,16 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 class EMA:
     """EMA of ``model``'s parameters. Bound to ``model`` at construction; call ``update(step)`` after
-    every optimizer step. Only parameters are averaged (the DiT's one buffer is a fixed constant)."""
+    every optimizer step. Only parameters are averaged (the DiT's one buffer is a fixed constant).
 
-    def __init__(self, model: nn.Module, decay: float):
+    ``module``: the averaged copy when the caller made it (under FSDP, a twin sharded like ``model``, so
+    the average is sharded too); by default a deep copy of ``model``."""
+
+    def __init__(self, model: nn.Module, decay: float, *, module: nn.Module | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module = (copy.deepcopy(model) if module is None else module).eval().requires_grad_(False)
         self._source = list(model.parameters())
         self._target = list(self.module.parameters())
         assert len(self._source) == len(self._target)

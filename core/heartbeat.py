@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Any
 
-from ddm.expert import storage
+from ddm.core import storage
 
 FILE = "heartbeat.json"
 

@@ -13,7 +13,7 @@ import io
 import math
 from collections.abc import Sequence
 
-from ddm.expert import storage
+from ddm.core import storage
 
 FIELDS: tuple[str, ...] = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ddm.expert import storage
+from ddm.core import storage
 
 FORMAT_VERSION = 1
 META_KEY = "ddm"
@@ -135,24 +135,3 @@ def load(url: str) -> Checkpoint:
         raise CheckpointError(f"{url}: format_version {meta['format_version']} is newer than this ddm understands ({FORMAT_VERSION}); upgrade ddm")
     return Checkpoint(url=url, tensors=tensors, meta=meta)
 
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Flatten an optimizer's per-parameter state into named tensors (no pickling)."""
-    out: dict[str, torch.Tensor] = {}
-    for idx, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return out
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of ``optimizer_tensors``; hyper-parameters come from the optimizer as constructed."""
-    sd = optimizer.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if not name.startswith("optim."):
-            continue
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value.clone()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)

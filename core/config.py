@@ -1,0 +1,88 @@
+"""The config base every job shares: strict typed models (unknown keys are errors), TOML loading, error
+messages that name the file and the field, and the training loop's own settings (``TrainConfig``).
+
+Every field carries its help text, so ``--help``, the docs and the error messages come from one
+definition.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddm.core import storage
+from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN, PRECISION_HELP
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, the field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(128, ge=1, description="global batch size (split across torchrun processes)")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2")
+    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 disables)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights used for sampling")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="probability of replacing the class by the null class (classifier-free guidance)")
+    time_sampling: Literal["uniform", "logit-normal"] = Field("logit-normal", description="distribution of training times t")
+    logit_mean: float = Field(0.0, description="mean of the logit-normal time distribution")
+    logit_std: float = Field(1.0, gt=0, description="std of the logit-normal time distribution")
+    time_shift: float = Field(1.0, gt=0, description="resolution-dependent time shift applied to sampled t (1 = none)")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=PRECISION_HELP)
+    compile: bool = Field(False, description="torch.compile the network (opt-in: the first steps pay the compile time)")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several processes (torchrun): 'ddp' replicates the model on every device, "
+        "'fsdp' shards parameters, gradients and optimizer state (FSDP2) for models larger than one device",
+    )
+    seed: int = Field(0, description="seed for initialisation, data order, noise and times")
+    checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="keep only the newest N checkpoints")
+    log_every: int = Field(25, ge=1, description="write metrics every N steps")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling against the documented fields"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_toml(url: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(storage.read_bytes(url).decode())
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{url}: not valid TOML ({e})") from None
+
+
+def load_config(cls: type[T], url: str) -> T:
+    return parse_config(cls, load_toml(url), url)
