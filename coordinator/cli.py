@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "assign": ("ddm.coordinator.assign_cmd", "place new images in a finished run's clusters (which expert owns them)"),
     "cancel": ("ddm.coordinator.jobs_cmd", "cancel a run's running jobs", "add_cancel_arguments", "run_cancel"),
     "logs": ("ddm.coordinator.jobs_cmd", "print (or follow) the logs of one of a run's jobs", "add_logs_arguments", "run_logs"),
-    "train-expert": ("ddm.expert.train", "train one expert (or the monolith) from an expert job config"),
+    "train": ("ddm.train", "train one job (an expert or the monolith, the router, the student) from its job config"),
     "sample": ("ddm.coordinator.sample_cmd", "sample images from a checkpoint and write a PNG grid"),
     "serve": ("ddm.coordinator.serve_cmd", "serve an expert checkpoint or the router over gRPC (until SIGTERM)"),
     "eval": ("ddm.coordinator.eval_cmd", "evaluate a checkpoint: FD, KID, precision/recall, class accuracy"),

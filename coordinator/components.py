@@ -82,56 +82,21 @@ def python_job(
     )
 
 
-def expert_trainer(config: str, *, name: str, image: str, python: str = "python", j: str = "1x1", cpu: int = 1,
-                   gpu: int = 0, memMB: int = 4096, env: dict[str, str] | None = None) -> specs.AppDef:  # fmt: skip
-    """Train one expert on its partition: ``python -m ddm.expert.train --config CONFIG`` (resumes by default).
+def trainer(config: str, *, name: str, image: str, python: str = "python", j: str = "1x1", cpu: int = 1,
+            gpu: int = 0, memMB: int = 4096, env: dict[str, str] | None = None) -> specs.AppDef:  # fmt: skip
+    """Train one job - an expert, the router or the student, by the config's ``kind`` - with
+    ``python -m ddm.train --config CONFIG`` (resumes by default).
 
     Args:
-        config: URL of the expert's job config (TOML on the run root)
+        config: URL of the job's config (TOML on the run root)
         name: job name, e.g. ``demo-expert-0``
         image: container image, or the working directory for local_cwd
         python: the python executable inside the image
-        j: ``NODESxPROCS``; more than one process trains with DDP under torchrun
+        j: ``NODESxPROCS``; more than one process trains under torchrun (DDP, or FSDP by train.parallelism)
         cpu: CPUs per node
         gpu: GPUs per node
         memMB: memory per node in MB
         env: extra environment variables
     """
-    return python_job("ddm.expert.train", "--config", config, name=name, image=image, python=python, j=j, cpu=cpu,
-                      gpu=gpu, memMB=memMB, env=env)  # fmt: skip
-
-
-def router_trainer(config: str, *, name: str, image: str, python: str = "python", cpu: int = 1, gpu: int = 0,
-                   memMB: int = 4096, env: dict[str, str] | None = None) -> specs.AppDef:  # fmt: skip
-    """Train the router on every partition: ``python -m ddm.router.train --config CONFIG`` (resumes by default).
-
-    Args:
-        config: URL of the router's job config (TOML on the run root)
-        name: job name, e.g. ``demo-router``
-        image: container image, or the working directory for local_cwd
-        python: the python executable inside the image
-        cpu: CPUs
-        gpu: GPUs
-        memMB: memory in MB
-        env: extra environment variables
-    """
-    return python_job("ddm.router.train", "--config", config, name=name, image=image, python=python, cpu=cpu,
-                      gpu=gpu, memMB=memMB, env=env)  # fmt: skip
-
-
-def distill_trainer(config: str, *, name: str, image: str, python: str = "python", cpu: int = 1, gpu: int = 0,
-                    memMB: int = 4096, env: dict[str, str] | None = None) -> specs.AppDef:  # fmt: skip
-    """Distil the experts into one student: ``python -m ddm.router.distill_train --config CONFIG`` (resumes by default).
-
-    Args:
-        config: URL of the distillation job config (TOML on the run root)
-        name: job name, e.g. ``demo-distill``
-        image: container image, or the working directory for local_cwd
-        python: the python executable inside the image
-        cpu: CPUs
-        gpu: GPUs
-        memMB: memory in MB
-        env: extra environment variables
-    """
-    return python_job("ddm.router.distill_train", "--config", config, name=name, image=image, python=python, cpu=cpu,
+    return python_job("ddm.train", "--config", config, name=name, image=image, python=python, j=j, cpu=cpu,
                       gpu=gpu, memMB=memMB, env=env)  # fmt: skip

@@ -169,7 +169,7 @@ def run_distill_stage(pipeline: Any) -> dict[str, Any]:
         raise ValueError(f"distill.island {island!r} is not defined in the islands file")
     dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
     output = distill_output(cfg.root)
-    job = pipeline._job("distill", distill_job(cfg, dirs, router_url), output, island, components.distill_trainer,
+    job = pipeline._job("distill", distill_job(cfg, dirs, router_url), output, island, components.trainer,
                         lambda: trained_to(output, dc.train.steps))  # fmt: skip
     pipeline._launch([job], cfg.experts.max_attempts)
     student_url = student_checkpoint(cfg.root)

@@ -65,7 +65,7 @@ def distill_jobs(pipeline: Any) -> list:
         raise ValueError(f"distill.island {island!r} is not defined in the islands file")
     dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
     job_cfg = distill_job(cfg, dirs, router_dir)
-    return [pipeline._job("distill", job_cfg, distill_output(cfg.root), island, components.distill_trainer, lambda: False)]
+    return [pipeline._job("distill", job_cfg, distill_output(cfg.root), island, components.trainer, lambda: False)]
 
 
 def render_run(pipeline: Any) -> list[RenderedJob]:

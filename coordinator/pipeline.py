@@ -32,6 +32,7 @@ from ddm.coordinator.config import RunConfig
 from ddm.coordinator.islands import IslandsConfig
 from ddm.coordinator.manifest import DONE, FAILED, RUNNING, SUCCEEDED, Manifest
 from ddm.core import checkpoint, storage
+from ddm.core.config import to_toml
 from ddm.expert.config import DataConfig, ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_dataset
 
@@ -200,7 +201,8 @@ class Pipeline:
         return ExpertJobConfig(name=name, output=expert_output(cfg, name), data=data, model=cfg.experts.model, train=cfg.experts.train)
 
     def _job(self, name: str, job_cfg: Any, output: str, island_name: str, component: Callable, complete: Callable[[], bool], **resources: Any):
-        """Write the job's config next to its output and describe it for the launcher."""
+        """Write the job's config next to its output and describe it for the launcher; the job runs as the
+        island's ``j`` processes (torchrun for more than one: every trainer is data-parallel)."""
         from ddm.coordinator.launcher import JobSpec
 
         island = self.islands.island[island_name]
@@ -211,7 +213,7 @@ class Pipeline:
             )
         config_url = storage.join(output, "job.toml")
         if not self.dry_run:
-            storage.write_bytes(config_url, _to_toml(job_cfg.model_dump(mode="json")).encode())
+            storage.write_bytes(config_url, to_toml(job_cfg.model_dump(mode="json")).encode())
         local = island.scheduler.startswith("local")
         # The job reaches the run root as the coordinator does: the S3 endpoint and region go into its
         # environment (credentials do not: local jobs inherit them, cluster jobs get them from a Secret),
@@ -223,7 +225,8 @@ class Pipeline:
             name=f"{self.cfg.name}-{name}",
             image=_cwd() if island.scheduler == "local_cwd" else (island.image or ""),
             python=sys.executable if local else "python",
-            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env={**storage_env, **island.env}, **resources,
+            cpu=island.cpu, gpu=island.gpu, memMB=island.memMB, env={**storage_env, **island.env}, j=island.j,
+            **resources,
         )  # fmt: skip
         return JobSpec(name=name, island=island_name, app=app, output=output, is_complete=complete)
 
@@ -252,9 +255,8 @@ class Pipeline:
         jobs = []
         for k, name in enumerate(names):
             job_cfg = self.expert_job(name)
-            island = self.islands.island[self.islands.island_for(k)]
-            jobs.append(self._job(name, job_cfg, job_cfg.output, self.islands.island_for(k), components.expert_trainer,
-                                  lambda n=name: expert_is_complete(self.cfg, n), j=island.j))  # fmt: skip
+            jobs.append(self._job(name, job_cfg, job_cfg.output, self.islands.island_for(k), components.trainer,
+                                  lambda n=name: expert_is_complete(self.cfg, n)))  # fmt: skip
         return jobs
 
     def stage_experts(self) -> dict[str, Any]:
@@ -277,7 +279,7 @@ class Pipeline:
         if island not in self.islands.island:
             raise ValueError(f"router.island {island!r} is not defined in the islands file")
         steps = self.cfg.router.train.steps
-        return [self._job("router", self.router_job(), router_output(self.cfg), island, components.router_trainer,
+        return [self._job("router", self.router_job(), router_output(self.cfg), island, components.trainer,
                           lambda: trained_to(router_output(self.cfg), steps))]  # fmt: skip
 
     def router_job(self) -> Any:
@@ -368,25 +370,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return obj
-
-
-def _to_toml(d: dict[str, Any]) -> str:
-    """Minimal TOML writer for our flat-of-tables configs (scalars and one level of tables)."""
-
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    lines = [f"{k} = {scalar(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {scalar(vv)}" for kk, vv in v.items() if vv is not None]
-    return "\n".join(lines) + "\n"

@@ -54,6 +54,16 @@ class TrainConfig(Strict):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
 
 
+class JobConfig(Strict):
+    """The base of every training job's config (expert, router, student): a name, an output directory
+    and the training loop's settings; each job adds its data, model and objective sections."""
+
+    kind: str = Field(description="which trainer runs the job: expert, router or student (ddm.train's JOBS)")
+    name: str = Field(description="job name, used in paths and logs")
+    output: str = Field(description="output directory (local or s3://): checkpoints/, metrics.csv, heartbeat.json")
+    train: TrainConfig = TrainConfig()
+
+
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -86,3 +96,26 @@ def load_toml(url: str) -> dict[str, Any]:
 
 def load_config(cls: type[T], url: str) -> T:
     return parse_config(cls, load_toml(url), url)
+
+
+def to_toml(d: dict[str, Any]) -> str:
+    """Minimal TOML writer for our flat-of-tables configs (scalars and one level of tables): what the
+    coordinator writes as each job's ``job.toml``, and what ``load_config`` reads back."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines = [f"{k} = {scalar(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {scalar(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

@@ -118,12 +118,14 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sd = optimizer.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
+    # Sorted: re-sharding is collective, so every rank must go through the tensors in one order (the
+    # dict safetensors loads is in hash order, which differs between processes).
+    for name in sorted(tensors):
         if not name.startswith("optim."):
             continue
         _, idx, key = name.split(".", 2)
         param = params[int(idx)]
-        value = value.clone()
+        value = tensors[name].clone()
         if isinstance(param, DTensor) and value.shape == param.shape:
             value = like(value, param)
         state.setdefault(int(idx), {})[key] = value

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ddm.core.config import Strict, TrainConfig
+from ddm.core.config import JobConfig, Strict, TrainConfig
 from ddm.expert.model import DIT_ARCHS
 
 
@@ -48,9 +48,10 @@ class SampleConfig(Strict):
     churn: float = Field(0.5, ge=0, le=1, description="stochastic sampler: 0 = deterministic (Euler), 1 = ancestral (DDPM-like), between = DDIM eta")
 
 
-class ExpertJobConfig(Strict):
+class ExpertJobConfig(JobConfig):
     """One expert training job: a data partition (or the whole set: the monolith) -> checkpoints."""
 
+    kind: Literal["expert"] = Field("expert", description="the job kind (ddm.train picks the trainer by it)")
     name: str = Field("monolith", description="expert name, used in paths and logs")
     output: str = Field("runs/monolith", description="output directory (local or s3://): checkpoints/, metrics.csv, samples")
     data: DataConfig = DataConfig()

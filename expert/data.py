@@ -114,8 +114,13 @@ class ImageDataset(Dataset):
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x float (B, C, H, W) in [-1, 1], y int64 (B,)) for integer indices (B,)."""
+        images, labels = self.batch_uint8(index)
+        return to_model_range(images), labels  # (B, C, H, W), (B,)
+
+    def batch_uint8(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x uint8 (B, C, H, W), y int64 (B,)): what trainers send to the device before converting."""
         index = self._index(index)
-        return to_model_range(self.images[index]), self.labels[index]  # (B, C, H, W), (B,)
+        return self.images[index], self.labels[index]
 
     def subset(self, index: torch.Tensor | list[int] | slice | np.ndarray) -> ImageDataset:
         """A new dataset of the selected examples (ids, class names and meta carried over)."""

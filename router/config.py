@@ -19,12 +19,12 @@ uniformly as in the paper, not logit-normal as for experts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ddm.core import storage
-from ddm.core.config import Strict, TrainConfig
+from ddm.core.config import JobConfig, Strict, TrainConfig
 from ddm.router.model import ROUTER_ARCHS
 
 # Router training defaults that differ from an expert's:
@@ -107,9 +107,10 @@ class RouterEvalConfig(Strict):
     batch_size: int = Field(500, ge=1, description="router forward batch size during evaluation")
 
 
-class RouterJobConfig(Strict):
+class RouterJobConfig(JobConfig):
     """One router training job: all partitions -> a classifier of x_t's partition, accuracy vs t."""
 
+    kind: Literal["router"] = Field("router", description="the job kind (ddm.train picks the trainer by it)")
     name: str = Field("router", description="job name, used in logs")
     output: str = Field(
         "runs/router",

@@ -33,52 +33,34 @@ needs log2(N) sequential rounds and one model per step count; consistency distil
 2023) predicts x_0, so its multi-step sampling re-noises and does not fit the velocity samplers.
 Its bootstrap costs two extra no-grad student passes per shortcut row and no teacher passes.
 
-The loop reuses the expert trainer's machinery (imported, not copied): per-step seeding, the epoch
-permutation, the bias-corrected EMA, ``Checkpointer`` (kind "student"), ``StopSignal`` (SIGTERM ->
-checkpoint, then stop), ``Heartbeat`` and ``MetricsLog``; resuming is exact from the step number.
+The loop is the one training loop (``ddm.core.trainer.Trainer``: per-step seeding, data order, EMA,
+precision, DDP or FSDP, checkpoints of kind "student", signals, heartbeat, metrics); resuming is exact
+from the step number. The teachers run on the student's device.
 Checkpoints are a DiT with ``guidance_embed`` (and ``step_embed``) in the metadata, loadable by
 ``ddm.expert.load`` like an expert's.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from ddm.core import checkpoint
-from ddm.expert import flow
+from ddm.core import device as device_policy
 from ddm.core.checkpoint import CheckpointError
+from ddm.core.trainer import Trainer, TrainResult, seeded
+from ddm.expert import flow
 from ddm.expert.denoiser import Denoiser
-from ddm.core.ema import EMA
 from ddm.expert.guidance import guided
-from ddm.core.heartbeat import Heartbeat
+from ddm.expert.images import to_model_range
 from ddm.expert.load import load_denoiser, load_model
-from ddm.core.metrics_log import MetricsLog
 from ddm.expert.model import DiT, DiTConfig, dit_config
-from ddm.core.progress import progress_bar
-from ddm.expert.trainer import (
-    BatchOrder,
-    Checkpointer,
-    StepStats,
-    StopSignal,
-    TrainResult,
-    build_optimizer,
-    derive_seed,
-    drop_labels,
-    init_distributed,
-    lr_at,
-    precision_context,
-    sample_times,
-)
+from ddm.expert.trainer import drop_labels, sample_times
 from ddm.router.distill_config import DistillJobConfig, ShortcutConfig
 from ddm.router.ensemble import select_weights
-from ddm.router.trainer import read_partitions
-from torch import nn
+from ddm.router.trainer import PartitionData, read_partitions
 
 Student = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -184,9 +166,7 @@ def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int]) -> 
 def build_student(job: DistillJobConfig, cfg: DiTConfig) -> DiT:
     """The student, from ``train.seed`` or (``model.init = "expert"``) expert 0's EMA weights: then it
     starts as that expert's conditional velocity (the w and d embeddings start at zero output)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.train.seed)
-        model = DiT(cfg)
+    model: DiT = seeded(lambda: DiT(cfg), job.train.seed)  # type: ignore[assignment]
     if job.model.init == "expert":
         expert, meta = load_model(job.experts[0])
         base = {k: v for k, v in cfg.to_dict().items() if k not in ("guidance_embed", "step_embed")}
@@ -203,10 +183,10 @@ def build_student(job: DistillJobConfig, cfg: DiTConfig) -> DiT:
     return model
 
 
-def load_experts(urls: Sequence[str], num_classes: int) -> list[Denoiser]:
+def load_experts(urls: Sequence[str], num_classes: int, device: torch.device | str = "cpu") -> list[Denoiser]:
     experts = []
     for url in urls:
-        expert = load_denoiser(url)
+        expert = load_denoiser(url, device=device)
         if expert.num_classes != num_classes:
             raise ValueError(
                 f"{url}: the expert has {expert.num_classes} classes but model.num_classes is {num_classes}"
@@ -216,17 +196,96 @@ def load_experts(urls: Sequence[str], num_classes: int) -> list[Denoiser]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loop.
+# The trainer.
 
 
-@dataclass
-class Batch:
-    x_t: torch.Tensor  # (B, C, H, W)
-    t: torch.Tensor  # (B,)
-    y: torch.Tensor  # (B,)
-    w: torch.Tensor  # (B,) guidance scale
-    d: torch.Tensor  # (B,) step size input (0 on teacher rows)
-    target: torch.Tensor  # (B, C, H, W)
+class StudentTrainer(Trainer[DistillJobConfig]):
+    kind = "student"
+    loss_label = "distillation loss"
+
+    def build_data(self) -> PartitionData:
+        job, tch, sc, tc = self.job, self.job.teacher, self.job.shortcut, self.tc
+        self.urls = job.data.urls()
+        data = read_partitions(self.urls, limit=job.data.limit)
+        if data.dataset.num_classes > job.model.num_classes:
+            raise ValueError(
+                f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
+                f"{job.model.num_classes}; set it to the experts' num_classes"
+            )
+        self.class_names = data.dataset.class_names
+        self.image_shape = data.dataset.image_shape
+        self.cfg = student_config(job, self.image_shape)
+        self.n_boot = round(tc.batch_size * sc.fraction) if sc.enabled else 0
+        self.n_flow = tc.batch_size - self.n_boot
+        if self.n_flow < 1:
+            raise ValueError(
+                f"train.batch_size {tc.batch_size} leaves no teacher rows; raise it or lower shortcut.fraction"
+            )
+        self.experts = load_experts(job.experts, self.cfg.num_classes, self.device)
+        for url in job.experts:
+            device_policy.announce(f"{job.name}: teacher expert {url}", self.device, tc.device)
+        self.router = None
+        if tch.kind == "ensemble":
+            from ddm.router.model import load_router
+
+            self.router = load_router(tch.router, device=self.device)
+            device_policy.announce(f"{job.name}: teacher router {tch.router}", self.device, tc.device)
+        return data
+
+    def build_model(self) -> DiT:
+        return build_student(self.job, self.cfg)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        job = self.job
+        return dict(
+            experts=list(job.experts),
+            partitions=self.urls,
+            teacher=job.teacher.model_dump(mode="json"),
+            shortcut=job.shortcut.model_dump(mode="json"),
+            class_names=self.class_names,
+        )
+
+    def student(self, net: nn.Module) -> Student:
+        """``net`` as ``s(x, t, y, w, d)`` in the job's precision (d ignored without shortcut models)."""
+        shortcut = self.job.shortcut.enabled
+
+        def s(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return net(x, t, y, w=w, d=d if shortcut else None).float()
+
+        return s
+
+    def loss(self, step: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        tc, sc, tch, rows = self.tc, self.job.shortcut, self.job.teacher, self.rows
+        n = tc.batch_size  # the global batch: rows [0, n_flow) learn the teacher, the rest self-consistency
+        eps = torch.randn((n, *self.image_shape), generator=gen)  # (B, C, H, W)
+        t_flow = sample_times(self.n_flow, tc, gen)  # (B_f,)
+        t_boot, size = shortcut_times(self.n_boot, sc, gen)  # (B_s,) each
+        u_drop = torch.rand(n, generator=gen)  # (B,)
+        w = tch.guidance_min + (tch.guidance_max - tch.guidance_min) * torch.rand(n, generator=gen)  # (B,)
+        t = torch.cat([t_flow, t_boot])  # (B,)
+        d_in = torch.cat([torch.zeros(self.n_flow), size])  # (B,) step-size input, 0 on teacher rows
+        eps, t, u_drop, w, d_in = (v[rows] for v in (eps, t, u_drop, w, d_in))
+        images, y, k = self.data.batch_uint8(index)  # uint8 (b, C, H, W), (b,), (b,)
+        y = drop_labels(y, u_drop, tc.label_dropout, self.cfg.num_classes)
+        images, y, k, eps, t, w, d_in = self.to_device(images, y, k, eps, t, w, d_in)
+        x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)
+        n_f = min(max(self.n_flow - rows.start, 0), rows.stop - rows.start)  # this rank's teacher rows
+        f, b = slice(0, n_f), slice(n_f, None)
+        if self.router is None:
+            weights = partition_weights(k[f], len(self.experts))
+        else:
+            with torch.no_grad():
+                probs = self.router.probabilities(x_t[f], t[f], y[f])  # (b_f, K)
+            weights = select_weights(probs, "top-k" if tch.strategy == "top-k" else "full", top_k=tch.top_k)
+        target = teacher_velocity(self.experts, x_t[f], t[f], y[f], weights, w[f])  # (b_f, C, H, W)
+        if n_f < x_t.shape[0]:
+            self.model.eval()
+            boot = shortcut_target(self.student(self.model), x_t[b], t[b], y[b], w[b], d_in[b], sc.min_step)
+            self.model.train()
+            target = torch.cat([target, boot])
+        v_pred = self.student(self.net)(x_t, t, y, w, d_in)  # (b, C, H, W)
+        return torch.mean((v_pred - target.float()) ** 2)
 
 
 def train(
@@ -237,169 +296,5 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train the student to ``job.train.steps``, resuming from the newest checkpoint when ``resume``;
-    ``stop_after`` and ``on_step`` as in the expert trainer. One process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("the distillation trainer runs in one process; launch it with python, not torchrun")
-    threads = torch.get_num_threads()
-    if job.train.num_threads:
-        torch.set_num_threads(job.train.num_threads)
-    try:
-        return _train(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(
-    job: DistillJobConfig,
-    *,
-    resume: bool,
-    stop_after: int | None,
-    progress: bool,
-    on_step: Callable[[int], None] | None,
-) -> TrainResult:
-    tc, sc, tch = job.train, job.shortcut, job.teacher
-    d = init_distributed()
-    urls = job.data.urls()
-    data = read_partitions(urls, limit=job.data.limit)
-    if data.dataset.num_classes > job.model.num_classes:
-        raise ValueError(
-            f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
-            f"{job.model.num_classes}; set it to the experts' num_classes"
-        )
-    image_shape = data.dataset.image_shape
-    cfg = student_config(job, image_shape)
-    experts = load_experts(job.experts, cfg.num_classes)
-    router = None
-    if tch.kind == "ensemble":
-        from ddm.router.model import load_router
-
-        router = load_router(tch.router)
-    model = build_student(job, cfg).to(d.device)
-    ema = EMA(model, tc.ema_decay)
-    optimizer = build_optimizer(model, tc)
-    checkpointer = Checkpointer(job, cfg, 1, kind="student")  # type: ignore[arg-type]
-    checkpointer.meta.update(
-        experts=list(job.experts),
-        partitions=urls,
-        teacher=tch.model_dump(mode="json"),
-        shortcut=sc.model_dump(mode="json"),
-        class_names=data.dataset.class_names,
-    )
-    order = BatchOrder(len(data), tc.batch_size, tc.seed)
-
-    start_step, elapsed_before, last_loss = 0, 0.0, math.nan
-    if resume:
-        restored = checkpointer.restore(model, ema, optimizer)
-        if restored is not None:
-            start_step = restored.step
-            elapsed_before = float(restored.meta.get("elapsed_s", 0.0))
-            last_loss = float(restored.meta.get("loss", math.nan))
-    else:
-        checkpointer.clear()
-    if start_step >= tc.steps:
-        return TrainResult(start_step, last_loss, checkpoint.latest(checkpointer.directory), 0.0, 0)
-
-    metrics = MetricsLog(job.output, resume_step=start_step, title=f"{job.name} ({job.model.arch})", ylabel="distillation loss")
-    heartbeat = Heartbeat(job.output, tc.steps)
-    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-    n_boot = round(tc.batch_size * sc.fraction) if sc.enabled else 0
-    n_flow = tc.batch_size - n_boot
-    if n_flow < 1:
-        raise ValueError(f"train.batch_size {tc.batch_size} leaves no teacher rows; raise it or lower shortcut.fraction")
-
-    def student_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
-        with precision_context(tc.precision, d.device):
-            return model(x, t, y, w=w, d=dd if sc.enabled else None).float()
-
-    def make_batch(step: int) -> Batch:
-        gen = torch.Generator().manual_seed(derive_seed(tc.seed, "step", step))
-        eps = torch.randn((tc.batch_size, *image_shape), generator=gen)  # (B, C, H, W)
-        t_flow = sample_times(n_flow, tc, gen)  # (B_f,)
-        t_boot, size = shortcut_times(n_boot, sc, gen)  # (B_s,) each
-        u_drop = torch.rand(tc.batch_size, generator=gen)  # (B,)
-        w = tch.guidance_min + (tch.guidance_max - tch.guidance_min) * torch.rand(tc.batch_size, generator=gen)
-        x_0, y, k = data.batch(order.indices(step))  # (B, C, H, W), (B,), (B,)
-        y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
-        t = torch.cat([t_flow, t_boot])  # (B,)
-        x_0, y, k, eps, t, w, size = (v.to(d.device) for v in (x_0, y, k, eps, t, w, size))
-        x_t = flow.interpolate(x_0, eps, t)  # (B, C, H, W)
-        f = slice(0, n_flow)
-        if router is None:
-            weights = partition_weights(k[f], len(experts))
-        else:
-            with torch.no_grad():
-                probs = router.probabilities(x_t[f], t[f], y[f])  # (B_f, K)
-            weights = select_weights(probs, "top-k" if tch.strategy == "top-k" else "full", top_k=tch.top_k)
-        target_flow = teacher_velocity(experts, x_t[f], t[f], y[f], weights, w[f])  # (B_f, C, H, W)
-        dd = torch.zeros_like(t)
-        if n_boot:
-            b = slice(n_flow, None)
-            dd[b] = size
-            model.eval()
-            target_boot = shortcut_target(student_fn, x_t[b], t[b], y[b], w[b], size, sc.min_step)
-            model.train()
-            target = torch.cat([target_flow, target_boot])
-        else:
-            target = target_flow
-        return Batch(x_t, t, y, w, dd, target)
-
-    def train_step(step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = make_batch(step)
-        v_pred = student_fn(batch.x_t, batch.t, batch.y, batch.w, batch.d)  # (B, C, H, W)
-        loss = torch.mean((v_pred - batch.target.float()) ** 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-        optimizer.step()
-        ema.update(step)
-        return loss.detach(), grad_norm.detach(), lr
-
-    bar = progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step") if progress else None
-    stats = StepStats(d, tc.batch_size)
-    ckpt_url: str | None = None
-    step, interrupted, finished = start_step, False, False
-    heartbeat.beat(start_step, force=True)
-    model.train()
-    t0 = time.perf_counter()
-    try:
-        with StopSignal() as stop:
-            for step in range(start_step + 1, tc.steps + 1):
-                loss, grad_norm, lr = train_step(step)
-                stats.add(loss, grad_norm)
-                heartbeat.beat(step)
-                if bar is not None:
-                    bar.update(1)
-                interrupted = stop.requested or (stop_after is not None and step >= stop_after)
-                save_now = step % tc.checkpoint_every == 0 or step == tc.steps or interrupted
-                if step % tc.log_every == 0 or save_now:
-                    row = stats.row(step, lr, elapsed_s=elapsed_before + time.perf_counter() - t0)
-                    metrics.append(**row)
-                    metrics.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if save_now:
-                    metrics.plot()
-                    elapsed = elapsed_before + time.perf_counter() - t0
-                    ckpt_url = checkpointer.save(step, model, ema, optimizer, loss=stats.losses[-1], elapsed_s=elapsed)
-                if on_step is not None:
-                    on_step(step)
-                if interrupted:
-                    break
-        finished = True
-    finally:
-        if bar is not None:
-            bar.close()
-        heartbeat.beat(step, state="done" if finished and step >= tc.steps else "stopped", force=True)
-    return TrainResult(
-        step=step,
-        final_loss=stats.losses[-1] if stats.losses else last_loss,
-        checkpoint_url=ckpt_url,
-        seconds=time.perf_counter() - t0,
-        images_seen=(step - start_step) * tc.batch_size,
-        losses=stats.losses,
-        interrupted=interrupted and step < tc.steps,
-    )
+    """Train the student (see ``ddm.core.trainer.Trainer`` for the arguments)."""
+    return StudentTrainer(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step).run()

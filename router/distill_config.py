@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from ddm.core.config import Strict, TrainConfig
+from ddm.core.config import JobConfig, Strict, TrainConfig
 from ddm.expert.model import DIT_ARCHS
 from ddm.router.config import RouterDataConfig
 from pydantic import Field, field_validator, model_validator
@@ -125,9 +125,10 @@ class ShortcutConfig(Strict):
         return round(-math.log2(self.min_step))
 
 
-class DistillJobConfig(Strict):
+class DistillJobConfig(JobConfig):
     """One distillation job: K experts (+ router) and their partitions -> one student checkpoint."""
 
+    kind: Literal["student"] = Field("student", description="the job kind (ddm.train picks the trainer by it)")
     name: str = Field("student", description="job name, used in logs")
     output: str = Field("runs/distill", description="output directory (local or s3://): checkpoints/, metrics.csv")
     experts: list[str] = Field(description="expert checkpoint files or directories, in partition order")

@@ -6,11 +6,9 @@ label to the null class with probability ``label_dropout`` (so unconditional pas
 minimise cross-entropy(router(x_t, t, y), k). The minimiser is the posterior p(k | x_t, t, y), exactly
 the ensemble's weights.
 
-The pieces are the expert trainer's (imported, not copied): per-step seeding by ``derive_seed``, the
-epoch permutation ``BatchOrder``, the bias-corrected ``EMA``, ``Checkpointer`` (kind="router"),
-``StopSignal`` (SIGTERM/SIGINT -> checkpoint, then stop), ``Heartbeat`` and ``MetricsLog``. So resuming
-is exact from the step number alone, as for experts. One process: the router is a few % of the
-experts' compute; data-parallel training would follow the expert trainer's DDP path.
+A short specialisation of the one training loop (``ddm.core.trainer.Trainer``: seeding, data order,
+EMA, precision, DDP or FSDP, checkpoints of kind "router", signals, heartbeat, metrics), so resuming is
+exact from the step number alone and the router trains data-parallel under torchrun like an expert.
 
 A fixed fraction of each partition is held out (seeded) and, when training ends (and every
 ``eval.every`` steps), the EMA router's accuracy in equal-width bins of t is written to
@@ -21,9 +19,6 @@ share (unconditional) or the class-given prior (conditional) as t -> 1, where x_
 from __future__ import annotations
 
 import io
-import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,39 +26,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddm.core import checkpoint, storage
+from ddm.core import storage
+from ddm.core.schedule import derive_seed
+from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.data import ImageDataset
-from ddm.core.ema import EMA
-from ddm.core.heartbeat import Heartbeat
-from ddm.core.metrics_log import MetricsLog
+from ddm.expert.images import to_model_range
 from ddm.expert.shards import read_shards
-from ddm.expert.trainer import (
-    BatchOrder,
-    Checkpointer,
-    StepStats,
-    StopSignal,
-    TrainResult,
-    build_optimizer,
-    derive_seed,
-    drop_labels,
-    init_distributed,
-    lr_at,
-    precision_context,
-    sample_times,
-)
+from ddm.expert.trainer import drop_labels, sample_times
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterConfig, RouterNet, router_config
-from ddm.core.progress import progress_bar
 
 ACCURACY_JSON = "accuracy_vs_t.json"
 ACCURACY_PNG = "accuracy_vs_t.png"
 EVAL_HISTORY = "eval.json"  # [{step, conditional, unconditional}] mean accuracy over the t bins
-
-
-@dataclass
-class RouterTrainResult(TrainResult):
-    accuracy: dict[str, Any] | None = None  # the accuracy-vs-t report, when this invocation wrote one
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,6 +62,11 @@ class PartitionData:
         """(x_0 float (B, C, H, W) in [-1, 1], class labels (B,), partition labels (B,))."""
         x_0, y = self.dataset.batch(index)
         return x_0, y, self.partition[index]
+
+    def batch_uint8(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``batch`` with the images still uint8 (B, C, H, W), for the trainers' device copies."""
+        images, y = self.dataset.batch_uint8(index)
+        return images, y, self.partition[index]
 
     def counts(self) -> list[int]:
         return torch.bincount(self.partition, minlength=self.num_partitions).tolist()
@@ -218,14 +199,102 @@ def plot_accuracy(report: dict[str, Any], url: str, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loop.
+# The trainer.
 
 
 def build_router(cfg: RouterConfig, seed: int) -> RouterNet:
     """The router initialised from ``seed`` without disturbing the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return RouterNet(cfg)
+    return seeded(lambda: RouterNet(cfg), seed)  # type: ignore[return-value]
+
+
+class RouterTrainer(Trainer[RouterJobConfig]):
+    kind = "router"
+    loss_label = "cross-entropy"
+
+    def build_data(self) -> PartitionData:
+        job = self.job
+        self.urls = job.data.urls()
+        data = read_partitions(self.urls, limit=job.data.limit)
+        c, h, w = data.dataset.image_shape
+        if h != w:
+            raise ValueError(f"{self.urls[0]}: images are {h}x{w}; the router needs square images")
+        if data.dataset.num_classes > job.model.num_classes:
+            raise ValueError(
+                f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
+                f"{job.model.num_classes}; set it to the experts' num_classes"
+            )
+        self.class_names = data.dataset.class_names
+        train_data, self.heldout = split_holdout(data, job.data.holdout, self.tc.seed)
+        self.cfg = router_config(
+            job.model.arch, image_size=h, in_channels=c, num_classes=job.model.num_classes, num_experts=len(self.urls)
+        )
+        return train_data
+
+    def build_model(self) -> RouterNet:
+        return build_router(self.cfg, self.tc.seed)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return dict(
+            partitions=self.urls,
+            train_counts=self.data.counts(),
+            heldout_counts=self.heldout.counts(),
+            class_names=self.class_names,
+        )
+
+    def loss(self, step: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        tc, cfg, rows = self.tc, self.cfg, self.rows
+        eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[rows]
+        t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
+        u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
+        images, y, k = self.data.batch_uint8(index)  # uint8 (b, C, H, W), (b,), (b,)
+        y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
+        images, y, k, eps, t = self.to_device(images, y, k, eps, t)
+        x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)
+        with self.autocast():
+            logits = self.net(x_t, t, y)  # (b, K)
+        return F.cross_entropy(logits.float(), k)
+
+    # --- accuracy against t on the held-out split: every ``eval.every`` steps and at the end ---------
+
+    def restored(self, step: int) -> None:
+        out = self.job.output
+        self.acc_url, self.png_url = storage.join(out, ACCURACY_JSON), storage.join(out, ACCURACY_PNG)
+        self.history_url = storage.join(out, EVAL_HISTORY)
+        self.history = [r for r in _read_history(self.history_url) if r["step"] <= step]
+
+    def eval_due(self, step: int) -> bool:
+        every = self.job.eval.every
+        return bool(every) and step % every == 0
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        ec, job = self.job.eval, self.job
+        report = accuracy_vs_t(
+            self.ema.module, self.heldout, bins=ec.bins, samples_per_bin=ec.samples_per_bin, seed=self.tc.seed,
+            batch_size=ec.batch_size,
+        )  # fmt: skip
+        report = {"step": step, "weights": "ema", "partitions": self.urls, **report}
+        mean = {m: sum(report[m]) / len(report[m]) for m in ("conditional", "unconditional")}
+        self.history.append({"step": step, **mean})
+        if self.d.is_main:
+            storage.write_json(self.acc_url, report)
+            plot_accuracy(report, self.png_url, f"{job.name} ({job.model.arch}), step {step}")
+            storage.write_json(self.history_url, self.history)
+        return report
+
+    def finished_before(self, step: int) -> dict[str, Any] | None:
+        """A complete job is a no-op, unless its final evaluation never got written."""
+        return None if storage.exists(self.acc_url) else self.evaluate(step)
+
+    def summary(self, result: TrainResult) -> str:
+        line = super().summary(result)
+        acc = result.evaluation
+        if acc is None:
+            return line
+        return line + (
+            f"; held-out accuracy at t ~ {acc['t_mid'][0]:.2f}: {acc['conditional'][0]:.3f} (class), "
+            f"{acc['unconditional'][0]:.3f} (null); at t ~ {acc['t_mid'][-1]:.2f}: "
+            f"{acc['unconditional'][-1]:.3f} (null; largest share {acc['prior_accuracy']:.3f})"
+        )
 
 
 def train(
@@ -235,176 +304,10 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-) -> RouterTrainResult:
-    """Train ``job`` to ``job.train.steps``, resuming from the newest checkpoint when ``resume``;
-    ``stop_after`` and ``on_step`` as in the expert trainer."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            "the router trainer runs in one process; launch it with python, not torchrun --nproc-per-node > 1"
-        )
-    threads = torch.get_num_threads()
-    if job.train.num_threads:
-        torch.set_num_threads(job.train.num_threads)
-    try:
-        return _train(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(
-    job: RouterJobConfig,
-    *,
-    resume: bool,
-    stop_after: int | None,
-    progress: bool,
-    on_step: Callable[[int], None] | None,
-) -> RouterTrainResult:
-    tc, ec = job.train, job.eval
-    d = init_distributed()  # one process here: picks the device and gives StepStats its context
-    urls = job.data.urls()
-    data = read_partitions(urls, limit=job.data.limit)
-    c, h, w = data.dataset.image_shape
-    if h != w:
-        raise ValueError(f"{urls[0]}: images are {h}x{w}; the router needs square images")
-    if data.dataset.num_classes > job.model.num_classes:
-        raise ValueError(
-            f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
-            f"{job.model.num_classes}; set it to the experts' num_classes"
-        )
-    train_data, heldout = split_holdout(data, job.data.holdout, tc.seed)
-    cfg = router_config(
-        job.model.arch, image_size=h, in_channels=c, num_classes=job.model.num_classes, num_experts=len(urls)
-    )
-    model = build_router(cfg, tc.seed).to(d.device)
-    ema = EMA(model, tc.ema_decay)
-    optimizer = build_optimizer(model, tc)
-    # The expert's Checkpointer: a router job has the same name/output/data/model.arch/train fields.
-    checkpointer = Checkpointer(job, cfg, 1, kind="router")  # type: ignore[arg-type]
-    checkpointer.meta.update(
-        partitions=urls,
-        train_counts=train_data.counts(),
-        heldout_counts=heldout.counts(),
-        class_names=data.dataset.class_names,
-    )
-    order = BatchOrder(len(train_data), tc.batch_size, tc.seed)
-    acc_url, png_url = storage.join(job.output, ACCURACY_JSON), storage.join(job.output, ACCURACY_PNG)
-    history_url = storage.join(job.output, EVAL_HISTORY)
-
-    start_step, elapsed_before, last_loss = 0, 0.0, math.nan
-    if resume:
-        restored = checkpointer.restore(model, ema, optimizer)
-        if restored is not None:
-            start_step = restored.step
-            elapsed_before = float(restored.meta.get("elapsed_s", 0.0))
-            last_loss = float(restored.meta.get("loss", math.nan))
-    else:
-        checkpointer.clear()
-    history = [r for r in _read_history(history_url) if r["step"] <= start_step]
-
-    def evaluate(step: int) -> dict[str, Any]:
-        report = accuracy_vs_t(
-            ema.module,
-            heldout,
-            bins=ec.bins,
-            samples_per_bin=ec.samples_per_bin,
-            seed=tc.seed,
-            batch_size=ec.batch_size,
-        )
-        report = {"step": step, "weights": "ema", "partitions": urls, **report}
-        storage.write_json(acc_url, report)
-        plot_accuracy(report, png_url, f"{job.name} ({job.model.arch}), step {step}")
-        mean = {m: sum(report[m]) / len(report[m]) for m in ("conditional", "unconditional")}
-        history.append({"step": step, **mean})
-        storage.write_json(history_url, history)
-        return report
-
-    if start_step >= tc.steps:  # already complete: a no-op, unless the final evaluation never got written
-        report = None if storage.exists(acc_url) else evaluate(start_step)
-        return RouterTrainResult(
-            start_step, last_loss, checkpoint.latest(checkpointer.directory), 0.0, 0, accuracy=report
-        )
-
-    metrics = MetricsLog(
-        job.output, resume_step=start_step, title=f"{job.name} ({job.model.arch})", ylabel="cross-entropy"
-    )
-    heartbeat = Heartbeat(job.output, tc.steps)
-    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-    sample_shape = (tc.batch_size, c, h, w)
-
-    def train_step(step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(derive_seed(tc.seed, "step", step))
-        eps = torch.randn(sample_shape, generator=gen)  # (B, C, H, W)
-        t = sample_times(tc.batch_size, tc, gen)  # (B,)
-        u_drop = torch.rand(tc.batch_size, generator=gen)  # (B,)
-        x_0, y, k = train_data.batch(order.indices(step))  # (B, C, H, W), (B,), (B,)
-        y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
-        x_0, y, k, eps, t = (v.to(d.device, non_blocking=True) for v in (x_0, y, k, eps, t))
-        x_t = flow.interpolate(x_0, eps, t)  # (B, C, H, W)
-        with precision_context(tc.precision, d.device):
-            logits = model(x_t, t, y)  # (B, K)
-        loss = F.cross_entropy(logits.float(), k)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-        optimizer.step()
-        ema.update(step)
-        return loss.detach(), grad_norm.detach(), lr
-
-    bar = None
-    if progress:
-        bar = progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step")
-    stats = StepStats(d, tc.batch_size)
-    ckpt_url: str | None = None
-    report: dict[str, Any] | None = None
-    step, interrupted, finished = start_step, False, False
-    heartbeat.beat(start_step, force=True)
-    t0 = time.perf_counter()
-    try:
-        with StopSignal() as stop:
-            for step in range(start_step + 1, tc.steps + 1):
-                loss, grad_norm, lr = train_step(step)
-                stats.add(loss, grad_norm)
-                heartbeat.beat(step)
-                if bar is not None:
-                    bar.update(1)
-                interrupted = stop.requested or (stop_after is not None and step >= stop_after)
-                save_now = step % tc.checkpoint_every == 0 or step == tc.steps or interrupted
-                if step % tc.log_every == 0 or save_now:
-                    row = stats.row(step, lr, elapsed_s=elapsed_before + time.perf_counter() - t0)
-                    metrics.append(**row)
-                    metrics.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if save_now:
-                    metrics.plot()
-                    elapsed = elapsed_before + time.perf_counter() - t0
-                    ckpt_url = checkpointer.save(
-                        step, model, ema, optimizer, loss=stats.losses[-1], elapsed_s=elapsed
-                    )
-                if step == tc.steps or (ec.every and step % ec.every == 0):
-                    report = evaluate(step)
-                if on_step is not None:
-                    on_step(step)
-                if interrupted:
-                    break
-        finished = True
-    finally:  # also on errors, so the coordinator sees that the job is no longer running
-        if bar is not None:
-            bar.close()
-        heartbeat.beat(step, state="done" if finished and step >= tc.steps else "stopped", force=True)
-    return RouterTrainResult(
-        step=step,
-        final_loss=stats.losses[-1] if stats.losses else last_loss,
-        checkpoint_url=ckpt_url,
-        seconds=time.perf_counter() - t0,
-        images_seen=(step - start_step) * tc.batch_size,
-        losses=stats.losses,
-        interrupted=interrupted and step < tc.steps,
-        accuracy=report,
-    )
+) -> TrainResult:
+    """Train the router (see ``ddm.core.trainer.Trainer`` for the arguments); ``evaluation`` holds the
+    accuracy-vs-t report when this invocation wrote one."""
+    return RouterTrainer(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step).run()
 
 
 def _read_history(url: str) -> list[dict[str, Any]]:

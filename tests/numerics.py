@@ -94,7 +94,7 @@ def run_all(work: Path) -> dict[str, Any]:
     ))  # fmt: skip
     result = train_router(router, progress=False)
     out["router"] = _figures(result, root / "router" / "checkpoints")
-    out["router"]["accuracy"] = [result.accuracy["conditional"], result.accuracy["unconditional"]]
+    out["router"]["accuracy"] = [result.evaluation["conditional"], result.evaluation["unconditional"]]
 
     for teacher in ("partition", "ensemble"):
         student = DistillJobConfig.model_validate(dict(

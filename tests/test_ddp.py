@@ -46,7 +46,7 @@ def tiny_job(output: Path, **train_settings: Any) -> ExpertJobConfig:
 def write_toml(job: ExpertJobConfig, path: Path) -> None:
     t = job.train
     path.write_text(
-        f'name = "{job.name}"\noutput = "{job.output}"\n'
+        f'kind = "expert"\nname = "{job.name}"\noutput = "{job.output}"\n'
         f"[data]\nlimit = {job.data.limit}\n"
         f'[model]\narch = "{job.model.arch}"\n'
         f"[train]\nsteps = {t.steps}\nbatch_size = {t.batch_size}\nwarmup_steps = {t.warmup_steps}\n"
@@ -59,10 +59,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun_cmd(*args: str) -> list[str]:
-    """``torchrun --standalone --nproc-per-node 2 -m ddm.expert.train ARGS`` (a free port is picked)."""
+    """``torchrun --standalone --nproc-per-node 2 -m ddm.train ARGS`` (a free port is picked)."""
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    return [*cmd, "--standalone", "--nproc-per-node", "2", "-m", "ddm.expert.train", *args]
+    return [*cmd, "--standalone", "--nproc-per-node", "2", "-m", "ddm.train", *args]
 
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

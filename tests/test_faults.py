@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddm.core import checkpoint, heartbeat
-from ddm.expert.train import EXIT_OK, main
+from ddm.train import EXIT_OK, main
 from ddm.expert.trainer import train
 from test_trainer import job_toml, tiny_job
 
@@ -38,7 +38,7 @@ def test_trainer_sigkilled_mid_run_resumes_to_the_uninterrupted_weights(tmp_path
     out = tmp_path / "killed"
     cfg = tmp_path / "job.toml"
     cfg.write_text(job_toml(tiny_job(out, **settings)))
-    cmd = [sys.executable, "-m", "ddm.expert.train", "--config", str(cfg), "--no-progress"]
+    cmd = [sys.executable, "-m", "ddm.train", "--config", str(cfg), "--no-progress"]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

@@ -79,20 +79,20 @@ def test_parse_j_rejects(j):
 
 
 def test_single_process_component_runs_the_module_directly():
-    app = components.expert_trainer("/r/job.toml", name="demo-expert-0", image="/work", python=sys.executable, cpu=2)
+    app = components.trainer("/r/job.toml", name="demo-expert-0", image="/work", python=sys.executable, cpu=2)
     role = app.roles[0]
     assert role.entrypoint == sys.executable
-    assert role.args == ["-m", "ddm.expert.train", "--config", "/r/job.toml"]
+    assert role.args == ["-m", "ddm.train", "--config", "/r/job.toml"]
     assert role.env["OMP_NUM_THREADS"] == "2" and role.resource.cpu == 2
 
 
 def test_multi_process_component_uses_torchrun():
-    app = components.expert_trainer("s3://b/r/job.toml", name="e", image="img", j="2x4", gpu=4)
+    app = components.trainer("s3://b/r/job.toml", name="e", image="img", j="2x4", gpu=4)
     role = app.roles[0]
     assert role.entrypoint == "bash" and role.num_replicas == 2
     script = role.args[1]
     assert "-m torch.distributed.run" in script and "--nnodes 2" in script and "--nproc-per-node 4" in script
-    assert "--rdzv-backend c10d" in script and script.endswith("-m ddm.expert.train --config s3://b/r/job.toml")
+    assert "--rdzv-backend c10d" in script and script.endswith("-m ddm.train --config s3://b/r/job.toml")
     assert "OMP_NUM_THREADS" not in role.env  # GPU jobs keep torch's own thread choice
 
 

@@ -138,7 +138,7 @@ def vcjob(kube, name: str) -> dict | None:
 def test_expert_job_through_torchx_and_the_coordinator_follows_its_phases(kube, installed, tmp_path):
     islands = IslandsConfig(default="k8s", island={"k8s": island(kube.coordinator_kubeconfig)})
     manifest = Manifest.open(str(tmp_path / "root"), {"name": "k8s"})
-    app = components.expert_trainer("s3://ddm-local/tiny/experts/expert-0/job.toml", name="k8s-expert-0", image="ddm:dev")
+    app = components.trainer("s3://ddm-local/tiny/experts/expert-0/job.toml", name="k8s-expert-0", image="ddm:dev")
     complete = threading.Event()
     job = JobSpec("expert-0", "k8s", app, output=str(tmp_path / "out"), is_complete=complete.is_set)
     outcomes: dict = {}
@@ -183,7 +183,7 @@ def test_expert_job_through_torchx_and_the_coordinator_follows_its_phases(kube, 
 def test_cancel_deletes_the_volcano_job(kube, installed, tmp_path):
     islands = IslandsConfig(default="k8s", island={"k8s": island(kube.coordinator_kubeconfig)})
     manifest = Manifest.open(str(tmp_path / "root"), {"name": "k8s"})
-    app = components.expert_trainer("s3://b/r/experts/expert-1/job.toml", name="k8s-expert-1", image="ddm:dev")
+    app = components.trainer("s3://b/r/experts/expert-1/job.toml", name="k8s-expert-1", image="ddm:dev")
     job = JobSpec("expert-1", "k8s", app, output=str(tmp_path / "out"), is_complete=lambda: False)
     with make_runner(islands) as runner:
         Launcher(manifest, islands, runner)._submit(job)
@@ -201,7 +201,7 @@ def test_each_island_uses_its_own_cluster_credentials(kube, installed, tmp_path)
 
     bad = Path(kube.write_kubeconfig("revoked", "not-a-valid-token", "ddm"))
     islands = IslandsConfig(default="good", island={"good": island(kube.coordinator_kubeconfig), "bad": island(str(bad))})
-    app = components.expert_trainer("s3://b/r/job.toml", name="k8s-islands", image="ddm:dev")
+    app = components.trainer("s3://b/r/job.toml", name="k8s-islands", image="ddm:dev")
     with make_runner(islands) as runner:
         with pytest.raises(ApiException) as e:
             runner.run(app, scheduler="kubernetes@bad", cfg=islands.island["bad"].run_cfg())

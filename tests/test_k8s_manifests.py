@@ -251,8 +251,8 @@ def test_dry_run_renders_every_job_without_a_cluster_or_writes(tmp_path, capsys,
     docs = [d for d in yaml.safe_load_all(stdout) if d]
     assert "# job expert-0 on island local (scheduler local_cwd)" in stdout
     local_cmds = [shlex.split(line[4:]) for line in stdout.splitlines() if line.startswith("# $ ")]
-    assert local_cmds[0][-4:] == ["-m", "ddm.expert.train", "--config", "s3://bucket/run/experts/expert-0/job.toml"]
-    assert local_cmds[1][-4:] == ["-m", "ddm.router.distill_train", "--config", "s3://bucket/run/distill/job.toml"]
+    assert local_cmds[0][-4:] == ["-m", "ddm.train", "--config", "s3://bucket/run/experts/expert-0/job.toml"]
+    assert local_cmds[1][-4:] == ["-m", "ddm.train", "--config", "s3://bucket/run/distill/job.toml"]
     jobs = {d["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["command"][-1].split("/")[-2]: d for d in docs}
     assert set(jobs) == {"expert-1", "router"}
     expert = jobs["expert-1"]

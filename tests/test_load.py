@@ -17,7 +17,8 @@ from ddm.expert.config import ExpertJobConfig
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig
-from ddm.expert.trainer import TrainResult, train
+from ddm.core.trainer import TrainResult
+from ddm.expert.trainer import train
 
 
 def tiny_job(output: Path | str, arch: str = "DiT-T/4", **train_settings: Any) -> ExpertJobConfig:

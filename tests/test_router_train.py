@@ -23,7 +23,7 @@ from ddm.core.metrics_log import read_rows
 from ddm.expert.shards import write_shards
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterNet, load_router, load_router_checkpoint
-from ddm.router.train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, main
+from ddm.train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, main
 from ddm.router.trainer import accuracy_vs_t, read_partitions, split_holdout, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_router_learns_to_route_real_partitions(trained) -> None:
     cfg, result, sizes = trained
     out = Path(cfg.output)
     report = json.loads((out / "accuracy_vs_t.json").read_text())
-    assert report == result.accuracy and report["step"] == 100 and report["bins"] == 10
+    assert report == result.evaluation and report["step"] == 100 and report["bins"] == 10
     assert (out / "accuracy_vs_t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cond, uncond = report["conditional"], report["unconditional"]
     # Knowing the class makes routing trivial here (classes 0-4 vs 5-9): right at every t.
@@ -141,8 +141,8 @@ def test_load_router_rebuilds_the_evaluated_router(trained) -> None:
     data = read_partitions(cfg.data.urls())
     _, heldout = split_holdout(data, cfg.data.holdout, cfg.train.seed)
     again = accuracy_vs_t(router, heldout, bins=10, samples_per_bin=100, seed=cfg.train.seed, batch_size=64)
-    assert again["unconditional"] == result.accuracy["unconditional"]
-    assert again["conditional"] == result.accuracy["conditional"]
+    assert again["unconditional"] == result.evaluation["unconditional"]
+    assert again["conditional"] == result.evaluation["conditional"]
     raw = load_router(url, ema=False)
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), router.parameters()))
 
@@ -222,7 +222,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_root: Path, tmp_p
     )
     a = train(job(small_root, tmp_path / "a", **settings), progress=False)
     b1 = train(job(small_root, tmp_path / "b", **settings), stop_after=5, progress=False)
-    assert b1.interrupted and b1.step == 5 and b1.accuracy["step"] == 4  # eval.every = 4
+    assert b1.interrupted and b1.step == 5 and b1.evaluation["step"] == 4  # eval.every = 4
     b2 = train(job(small_root, tmp_path / "b", **settings), progress=False)
     assert not b2.interrupted and b2.step == 8 and b2.images_seen == 3 * 8
     assert b1.losses + b2.losses == a.losses and len(a.losses) == 8  # exact, step by step
@@ -235,7 +235,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_root: Path, tmp_p
     )
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
-    assert b2.accuracy == a.accuracy  # the same EMA router evaluated on the same draws
+    assert b2.evaluation == a.evaluation  # the same EMA router evaluated on the same draws
     history = [json.loads((tmp_path / run / "eval.json").read_text()) for run in ("a", "b")]
     assert history[0] == history[1] and [r["step"] for r in history[1]] == [
         4,
@@ -244,7 +244,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_root: Path, tmp_p
     rows = read_rows(str(tmp_path / "b" / "metrics.csv"))
     assert [r["step"] for r in rows] == [2, 3, 4, 5, 6, 8]
     again = train(job(small_root, tmp_path / "b", **settings), progress=False)  # finished: a no-op
-    assert again.step == 8 and again.images_seen == 0 and again.accuracy is None
+    assert again.step == 8 and again.images_seen == 0 and again.evaluation is None
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(small_root: Path, tmp_path: Path) -> None:
@@ -268,7 +268,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(small_root: Path, tmp_path: Path) 
 def toml(cfg: RouterJobConfig) -> str:
     t = cfg.train
     return (
-        f'name = "{cfg.name}"\noutput = "{cfg.output}"\n'
+        f'kind = "router"\nname = "{cfg.name}"\noutput = "{cfg.output}"\n'
         f'[data]\nroot = "{cfg.data.root}"\nk = {cfg.data.k}\n'
         f'[model]\narch = "{cfg.model.arch}"\n'
         f"[train]\nsteps = {t.steps}\nbatch_size = {t.batch_size}\nwarmup_steps = {t.warmup_steps}\n"
@@ -296,15 +296,15 @@ def test_entry_point_trains_and_reports(
 @pytest.mark.parametrize(
     "text, match",
     [
-        ('name = "r"\n', "data: Field required"),
-        ('[data]\nroot = "x"\n', "set data.partitions"),
-        ('[data]\npartitions = ["a"]\n', "at least 2"),
+        ('kind = "router"\nname = "r"\n', "data: Field required"),
+        ('kind = "router"\n[data]\nroot = "x"\n', "set data.partitions"),
+        ('kind = "router"\n[data]\npartitions = ["a"]\n', "at least 2"),
         (
-            '[data]\nroot = "x"\nk = 2\n[model]\narch = "DiT-T/4"\n',
+            'kind = "router"\n[data]\nroot = "x"\nk = 2\n[model]\narch = "DiT-T/4"\n',
             "model.arch: .*unknown router architecture",
         ),
-        ('[data]\nroot = "x"\nk = 2\n[train]\nstpes = 3\n', "train.stpes: unknown field"),
-        ('[data]\nroot = "x"\nk = 2\n[eval]\nbins = 1\n', "eval.bins"),
+        ('kind = "router"\n[data]\nroot = "x"\nk = 2\n[train]\nstpes = 3\n', "train.stpes: unknown field"),
+        ('kind = "router"\n[data]\nroot = "x"\nk = 2\n[eval]\nbins = 1\n', "eval.bins"),
     ],
 )
 def test_entry_point_names_config_errors(
@@ -322,7 +322,7 @@ def test_entry_point_names_config_errors(
 
 def test_entry_point_reports_a_missing_partition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "job.toml"
-    path.write_text(f'output = "{tmp_path / "out"}"\n[data]\nroot = "{tmp_path / "run"}"\nk = 2\n')
+    path.write_text(f'kind = "router"\noutput = "{tmp_path / "out"}"\n[data]\nroot = "{tmp_path / "run"}"\nk = 2\n')
     assert main(["--config", str(path), "--no-progress"]) == EXIT_FAILED
     assert "partitions/expert-0/index.json: incomplete partition" in capsys.readouterr().err
 
@@ -333,7 +333,7 @@ def test_sigterm_in_a_real_job_exits_75_and_resumes(small_root: Path, tmp_path: 
     path = tmp_path / "job.toml"
     path.write_text(toml(job(small_root, out, steps=100_000)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ddm.router.train", "--config", str(path), "--no-progress"]
+    cmd = [sys.executable, "-m", "ddm.train", "--config", str(path), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

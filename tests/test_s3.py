@@ -248,7 +248,7 @@ def test_jobs_get_the_storage_settings_but_never_credentials(s3: S3, monkeypatch
             pipe.router_job(),
             s3.url("run", "router"),
             island,
-            components.router_trainer,
+            components.trainer,
             lambda: False,
         )
         return job.app.roles[0].env
@@ -262,7 +262,7 @@ def test_jobs_get_the_storage_settings_but_never_credentials(s3: S3, monkeypatch
     assert "AWS_ENDPOINT_URL_S3" not in env("configured") and "AWS_DEFAULT_REGION" not in env("configured")
     assert env("overridden")["AWS_ENDPOINT_URL_S3"] == "http://minio.ddm.svc:9000"
     # The job's config went to the configured endpoint, not the one the environment had before.
-    assert storage.read_bytes(s3.url("run", "router", "job.toml")).startswith(b"name = ")
+    assert storage.read_bytes(s3.url("run", "router", "job.toml")).startswith(b'kind = "router"')
 
 
 def test_storage_endpoint_url_is_validated() -> None:

@@ -21,8 +21,10 @@ from ddm.expert.config import ExpertJobConfig
 from ddm.core.ema import EMA, ema_decay_at
 from ddm.expert.load import load_model
 from ddm.core.metrics_log import read_rows
-from ddm.expert.train import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, main
-from ddm.expert.trainer import BatchOrder, Distributed, _train, derive_seed, drop_labels, lr_at, train
+from ddm.train import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, main
+from ddm.core.distributed import Distributed
+from ddm.core.schedule import BatchOrder, derive_seed, lr_at
+from ddm.expert.trainer import ExpertTrainer, drop_labels, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def toml_value(value: object) -> str:
 
 def job_toml(job: ExpertJobConfig) -> str:
     """The job as TOML (what the coordinator writes for each expert)."""
-    lines = [f"name = {toml_value(job.name)}", f"output = {toml_value(job.output)}"]
+    lines = [f"kind = {toml_value(job.kind)}", f"name = {toml_value(job.name)}", f"output = {toml_value(job.output)}"]
     for section in ("data", "model", "train"):
         lines.append(f"[{section}]")
         lines += [
@@ -127,9 +129,11 @@ def test_batch_order_is_a_permutation_per_epoch_and_a_function_of_the_step() -> 
 
 
 def test_batch_size_must_divide_by_the_world_size(tmp_path: Path) -> None:
-    d = Distributed(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    trainer = ExpertTrainer(tiny_job(tmp_path), progress=False)
+    trainer.d = Distributed(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    trainer.device = trainer.d.device
     with pytest.raises(ValueError, match="batch_size 16 does not divide by the 3"):
-        _train(tiny_job(tmp_path), d, resume=True, stop_after=None, progress=False, on_step=None)
+        trainer._run()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +215,7 @@ def test_entry_point_reports_config_errors_with_exit_code_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "job.toml"
-    bad.write_text('name = "x"\n[train]\nstpes = 3\n')
+    bad.write_text('kind = "expert"\nname = "x"\n[train]\nstpes = 3\n')
     assert main(["--config", str(bad)]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert str(bad) in err and "train.stpes" in err
@@ -232,13 +236,48 @@ def test_entry_point_overrides_output_and_steps(tmp_path: Path) -> None:
     assert not (tmp_path / "ignored").exists()
 
 
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_entry_point_takes_the_device_policy_and_says_what_it_chose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str
+) -> None:
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(job_toml(tiny_job(tmp_path / "out", steps=1)))
+    assert main(["--config", str(cfg), "--device", device, "--no-progress"]) == EXIT_OK
+    err = capsys.readouterr().err
+    why = "; no CUDA device" if device == "auto" else ""
+    assert f"ddm: tiny (expert DiT-T/4, " in err and f"on cpu (1 threads) (device = {device!r}{why})" in err, err
+    _, meta = load_model(str(tmp_path / "out" / "checkpoints"))
+    assert meta["train"]["device"] == device
+
+
+def test_entry_point_refuses_cuda_without_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(job_toml(tiny_job(tmp_path / "out", steps=1)))
+    assert main(["--config", str(cfg), "--device", "cuda", "--no-progress"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "train.device = 'cuda' but torch sees no CUDA device" in err and "'cpu' or 'auto'" in err
+    with pytest.raises(SystemExit):  # not a device at all: argparse names the choices
+        main(["--config", str(cfg), "--device", "gpu0"])
+    assert "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+
+
+def test_entry_point_rejects_an_unknown_job_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('kind = "teacher"\nname = "x"\noutput = "y"\n')
+    assert main(["--config", str(cfg)]) == EXIT_CONFIG
+    assert "kind = 'teacher' is not a job kind; set kind to one of 'expert', 'router', 'student'" in capsys.readouterr().err
+    cfg.write_text('name = "x"\noutput = "y"\n')
+    assert main(["--config", str(cfg)]) == EXIT_CONFIG
+    assert "has no kind; set kind to one of" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_job_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = tmp_path / "job.toml"
     cfg.write_text(job_toml(tiny_job(out, steps=100_000, checkpoint_every=100_000, log_every=1)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ddm.expert.train", "--config", str(cfg), "--no-progress"]
+    cmd = [sys.executable, "-m", "ddm.train", "--config", str(cfg), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
