@@ -37,12 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--json", action="store_true",
-        help="print a JSON list instead of the table: arch, kind, parameters, gflops, flops (2 per multiply-add), tokens",
+        help="print a JSON list instead of the table: arch, kind, parameters, gflops, "
+        "flops (2 per multiply-add), tokens",
     )  # fmt: skip
 
 
 def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per architecture (or just ``args.arch``); a shape that does not fit the image gets ``error``."""
+    """One row per architecture (or ``args.arch``); a shape that does not fit the image gets ``error``."""
     from ddm.expert.model import DIT_ARCHS, dit_config
     from ddm.expert.model_cost import dit_cost
     from ddm.router.model import ROUTER_ARCHS, router_config
@@ -63,7 +64,9 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         except ValueError as e:  # e.g. patch 8 does not divide 28
             out.append({**row, "error": str(e)})
             continue
-        row.update(parameters=cost.parameters, gflops=round(cost.gflops, 3), flops=cost.flops, tokens=cost.tokens)
+        row.update(
+            parameters=cost.parameters, gflops=round(cost.gflops, 3), flops=cost.flops, tokens=cost.tokens
+        )
         out.append(row)
     return out
 
@@ -84,7 +87,8 @@ def short_gflops(g: float) -> str:
 def print_table(table: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"at {args.image_size}x{args.image_size}x{args.channels}, {args.num_classes} classes (+ null), "
-        f"routers over {args.num_experts} experts; GFLOPs = 1e9 multiply-adds per image, forward (DiT's convention)"
+        f"routers over {args.num_experts} experts; GFLOPs = 1e9 multiply-adds per image, forward "
+        "(DiT's convention)"
     )
     print(f"{'arch':<14}{'kind':<8}{'tokens':>7}{'parameters':>16}{'params':>8}{'GFLOPs':>10}")
     for r in table:
@@ -100,7 +104,8 @@ def print_table(table: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("image_size", "channels", "num_classes", "num_experts"):
         if getattr(args, name) < 1:
-            print(f"ddm models: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            flag = "--" + name.replace("_", "-")
+            print(f"ddm models: {flag} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
     try:
         table = rows(args)

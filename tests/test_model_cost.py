@@ -109,8 +109,9 @@ def counted_macs(net, *inputs) -> int:
 
 
 def test_macs_equal_torchs_flop_counter_exactly():
-    cfg = dit_config("DiT-T/4", image_size=28, in_channels=1, num_classes=10, guidance_embed=True, step_embed=True)
+    image = {"image_size": 28, "in_channels": 1, "num_classes": 10}
+    cfg = dit_config("DiT-T/4", **image, guidance_embed=True, step_embed=True)
     x, t, y = torch.randn(1, 1, 28, 28), torch.rand(1), torch.tensor([3])
     assert counted_macs(DiT(cfg), x, t, y, torch.rand(1), torch.rand(1)) == dit_cost(cfg).macs
-    rcfg = router_config("Router-T/4", image_size=28, in_channels=1, num_classes=10, num_experts=4)
+    rcfg = router_config("Router-T/4", **image, num_experts=4)
     assert counted_macs(RouterNet(rcfg), x, t, y) == router_cost(rcfg).macs

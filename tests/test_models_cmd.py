@@ -25,8 +25,8 @@ def test_json_for_one_arch(capsys):
 
 
 def test_other_shapes_and_router_outputs(capsys):
-    assert main(["models", "--image-size", "28", "--channels", "1", "--num-classes", "10", "--num-experts", "4",
-                 "--arch", "Router-T/4", "--json"]) == 0  # fmt: skip
+    shape = ["--image-size", "28", "--channels", "1", "--num-classes", "10", "--num-experts", "4"]
+    assert main(["models", *shape, "--arch", "Router-T/4", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["tokens"] == 49 and row["kind"] == "router"
 
