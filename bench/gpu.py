@@ -252,8 +252,15 @@ def measure_model(arch: str, batch_size: int, *, steps: int, device: Any, peak: 
         f"({eager['ms_per_step']:.1f} ms/step), MFU {out['mfu_bf16']:.1%} of measured bf16 mm, "
         f"peak memory {eager['peak_mem_gib']:.1f} GiB")  # fmt: skip
     if compile_model:
-        compiled = train_throughput(arch, batch_size=batch_size, steps=steps, warmup=3, device=device,
-                                    compile_model=True)  # fmt: skip
+        try:
+            compiled = train_throughput(arch, batch_size=batch_size, steps=steps, warmup=3, device=device,
+                                        compile_model=True)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - e.g. no C compiler for Triton: keep the eager figures
+            gc.collect()
+            torch.cuda.empty_cache()
+            out["compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            say(f"{arch} compiled: failed, {out['compile_error']}")
+            return out
         out.update(
             images_per_s_compiled=compiled["images_per_s"],
             mfu_bf16_compiled=mfu(compiled["train_flops_per_image"], compiled["images_per_s"], peak),

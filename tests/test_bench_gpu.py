@@ -75,3 +75,21 @@ def test_training_loop_runs_and_reports_throughput():
         image={"image_size": 16, "in_channels": 4, "num_classes": 10}, precision="fp32",
     )  # fmt: skip
     assert out["images_per_s"] > 0 and out["train_flops_per_image"] > 0
+
+
+def test_the_mfu_part_needs_only_torch():
+    """The GPU machine lacks pydantic, faiss and torchx: part (b) must run with none of the pipeline's
+    packages importable (a None entry in sys.modules makes an import fail)."""
+    blocked = [m.split(".")[0] for m in gpu.PIPELINE_IMPORTS if m.split(".")[0] not in ("numpy",)]
+    code = (
+        "import sys, importlib.util, torch\n"
+        f"for m in {blocked!r}: sys.modules[m] = None\n"
+        f"spec = importlib.util.spec_from_file_location('g', {str(REPO / 'bench/gpu.py')!r})\n"
+        "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
+        "out = g.train_throughput('DiT-T/8', batch_size=2, steps=1, warmup=0, device=torch.device('cpu'),\n"
+        "    compile_model=False, image={'image_size': 16, 'in_channels': 4, 'num_classes': 10}, precision='fp32')\n"
+        "print(g.mfu(out['train_flops_per_image'], out['images_per_s'], 1e12) > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
