@@ -51,8 +51,10 @@ def matched_monolith(cfg: RunConfig, root: str) -> RunConfig:
 
 def training_cost(cfg: RunConfig, mono: RunConfig) -> dict[str, dict[str, float]]:
     """Training images and FLOPs (3 × forward: forward + backward) of the experts, the router and the monolith."""
-    from ddm.expert.model import DiT, dit_config
-    from ddm.router.model import RouterNet, router_config
+    from ddm.expert.model import dit_config
+    from ddm.expert.model_cost import dit_cost
+    from ddm.router.model import router_config
+    from ddm.router.model_cost import router_cost
 
     image = {"image_size": cfg.data.image_size, "in_channels": cfg.data.channels, "num_classes": cfg.experts.model.num_classes}
 
@@ -60,12 +62,12 @@ def training_cost(cfg: RunConfig, mono: RunConfig) -> dict[str, dict[str, float]
         return {"images": images, "flops": 3 * forward_flops * images}
 
     k, et, mt = cfg.partition.k, cfg.experts.train, mono.experts.train
-    expert_flops = DiT(dit_config(cfg.experts.model.arch, **image)).flops_per_image()
+    expert_flops = dit_cost(dit_config(cfg.experts.model.arch, **image)).flops  # analytic: no weights built
     out = {"experts": cost(et.steps * et.batch_size * k, expert_flops)}
     if cfg.router.enabled:
-        router = RouterNet(router_config(cfg.router.model.arch, num_experts=k, **image))
-        out["router"] = cost(cfg.router.train.steps * cfg.router.train.batch_size, router.flops_per_image())
-    out["monolith"] = cost(mt.steps * mt.batch_size, DiT(dit_config(mono.experts.model.arch, **image)).flops_per_image())
+        router = router_cost(router_config(cfg.router.model.arch, num_experts=k, **image))
+        out["router"] = cost(cfg.router.train.steps * cfg.router.train.batch_size, router.flops)
+    out["monolith"] = cost(mt.steps * mt.batch_size, dit_cost(dit_config(mono.experts.model.arch, **image)).flops)
     return out
 
 

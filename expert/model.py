@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddm.expert.model_cost import dit_cost
+
 
 @dataclass(frozen=True, kw_only=True)
 class DiTConfig:
@@ -62,7 +64,11 @@ class DiTConfig:
         return cls(**d)
 
 
-# Size registry: (depth, hidden, heads). The T/M sizes are for CPUs; S/B/L/XL are the DiT paper's.
+# Size registry: (depth, hidden, heads), mlp ratio 4. The T/M sizes are for CPUs; S/B/L/XL are the DiT
+# paper's (Table 4; DDM's ImageNet experts are DiT-B/2 and DiT-XL/2). 3B stands for DDM's LAION experts,
+# whose shape the paper does not give: DiT's scaling family one step past XL (deeper and wider, L/XL's 16
+# heads, head dim 128, a power-of-two width for tensor cores and FSDP shards): at 32x32x4 latents with
+# patch 2, 3,036,360,720 parameters and 527.2 GFLOPs (multiply-adds) per image (`ddm models`).
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "T": (4, 128, 4),
     "M": (6, 192, 6),
@@ -70,6 +76,7 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "B": (12, 768, 12),
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
+    "3B": (40, 2048, 16),
 }
 DIT_ARCHS: tuple[str, ...] = tuple(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
 
@@ -260,11 +267,6 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (N, C, H, W)
 
     def flops_per_image(self) -> float:
-        """Forward matmul FLOPs per image (2 * MACs), for MFU. Backward is ~2x forward."""
-        cfg = self.config
-        t, d = cfg.num_tokens, cfg.hidden_size
-        mlp = int(d * cfg.mlp_ratio)
-        per_block = 2 * t * (3 * d * d + d * d + 2 * d * mlp) + 2 * 2 * t * t * d + 2 * 6 * d * d
-        patch = 2 * t * d * cfg.in_channels * cfg.patch_size**2
-        final = 2 * t * d * cfg.patch_size**2 * cfg.in_channels + 2 * 2 * d * d
-        return float(cfg.depth * per_block + patch + final)
+        """Forward matmul FLOPs per image (2 per multiply-add; ``ddm.expert.model_cost``), for MFU.
+        Backward is ~2x forward."""
+        return float(dit_cost(self.config).flops)

@@ -24,6 +24,44 @@ def test_every_shipped_config_loads(path):
         assert isinstance(load_run_config(path), RunConfig)
 
 
+@pytest.mark.parametrize("path", [p for p in sorted(glob.glob("configs/*.toml")) if "islands" not in p])
+def test_every_shipped_config_builds_its_networks_on_meta(path):
+    """The expert, router and student of each run config instantiate at the config's image shape
+    (on the meta device: no memory, milliseconds even for DiT-XL/2), with the analytic counts."""
+    import torch
+
+    from ddm.expert.model import DiT, dit_config
+    from ddm.expert.model_cost import dit_cost
+    from ddm.router.model import RouterNet, router_config
+    from ddm.router.model_cost import router_cost
+
+    cfg = load_run_config(path)
+    image = {"image_size": cfg.data.image_size, "in_channels": cfg.data.channels}
+    expert = dit_config(cfg.experts.model.arch, **image, num_classes=cfg.experts.model.num_classes)
+    router = router_config(
+        cfg.router.model.arch, **image, num_classes=cfg.router.model.num_classes, num_experts=cfg.partition.k
+    )
+    student = dit_config(
+        cfg.distill.model.arch, **image, num_classes=cfg.distill.model.num_classes,
+        guidance_embed=True, step_embed=cfg.distill.shortcut.enabled,
+    )  # fmt: skip
+    networks = ((DiT, expert, dit_cost), (RouterNet, router, router_cost), (DiT, student, dit_cost))
+    for module_cls, net_cfg, cost in networks:
+        with torch.device("meta"):
+            net = module_cls(net_cfg)
+        assert sum(p.numel() for p in net.parameters()) == cost(net_cfg).parameters
+
+
+def test_paper_imagenet_config_uses_the_papers_sizes():
+    cfg = load_run_config("configs/paper-imagenet.toml")
+    assert cfg.partition.k == 8
+    assert cfg.experts.model.arch == "DiT-XL/2" and cfg.router.model.arch == "Router-B/2"
+    classes = {cfg.experts.model.num_classes, cfg.router.model.num_classes, cfg.distill.model.num_classes}
+    assert classes == {1000}
+    for train in (cfg.experts.train, cfg.router.train, cfg.distill.train):
+        assert train.device == "cuda" and train.precision == "bf16"
+
+
 def test_unknown_and_invalid_fields_are_named(tmp_path):
     p = tmp_path / "job.toml"
     p.write_text('name = "e"\n[train]\nsteps = -1\nlearning_rate = 3\n[model]\narch = "DiT-Z/9"\n')
