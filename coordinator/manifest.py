@@ -33,10 +33,19 @@ class ManifestConflict(ManifestError):
     """Another writer changed the manifest since this process read it; nothing was overwritten."""
 
 
+# Settings that say where and how a job runs, not what it computes: a job may resume on a GPU, under
+# torch.compile or sharded, and its checkpoints stay the same files.
+PLACEMENT_KEYS = frozenset({"device", "compile", "parallelism", "num_threads"})
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """What changed from the recorded config ``a`` to ``b``. Placement settings are not changes, nor
+    are settings ``a`` lacks altogether (added by a newer ddm since the run started)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
+            if key in PLACEMENT_KEYS or key not in a:
+                continue
             out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]

@@ -138,3 +138,17 @@ def test_manifest_refuses_a_different_config(tmp_path):
     Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 4}})
     with pytest.raises(ValueError, match=r"partition.k: 4 -> 8"):
         Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 8}})
+
+
+def test_manifest_takes_new_settings_and_placement_but_not_a_changed_recipe(tmp_path):
+    """A root started by an older ddm (no experts.train.device recorded) reopens with the new field;
+    moving a job to another device, compiler or parallelism is not a new recipe; its steps are."""
+    recorded = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32"}}}
+    Manifest.open(str(tmp_path), recorded)
+    newer = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32", "device": "auto", "compile": False}}}
+    Manifest.open(str(tmp_path), newer)
+    moved = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32", "device": "cuda", "compile": True,
+                                                "parallelism": "fsdp"}}}  # fmt: skip
+    Manifest.open(str(tmp_path), moved)
+    with pytest.raises(ValueError, match=r"experts.train.steps: 10 -> 20"):
+        Manifest.open(str(tmp_path), {**moved, "experts": {"train": {**moved["experts"]["train"], "steps": 20}}})
