@@ -13,7 +13,7 @@ with t from ``train.time_sampling`` and y replaced by the null class with probab
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -99,13 +99,6 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
         return flow.flow_loss(v_pred, x_0, eps)
 
 
-def train(
-    job: ExpertJobConfig,
-    *,
-    resume: bool = True,
-    stop_after: int | None = None,
-    progress: bool = True,
-    on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """Train one expert (see ``ddm.core.trainer.Trainer`` for the arguments)."""
-    return ExpertTrainer(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step).run()
+def train(job: ExpertJobConfig, **options: Any) -> TrainResult:
+    """Train one expert (options as ``ddm.core.trainer.Trainer``: resume, stop_after, progress, on_step)."""
+    return ExpertTrainer(job, **options).run()

@@ -288,13 +288,6 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         return torch.mean((v_pred - target.float()) ** 2)
 
 
-def train(
-    job: DistillJobConfig,
-    *,
-    resume: bool = True,
-    stop_after: int | None = None,
-    progress: bool = True,
-    on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """Train the student (see ``ddm.core.trainer.Trainer`` for the arguments)."""
-    return StudentTrainer(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step).run()
+def train(job: DistillJobConfig, **options: Any) -> TrainResult:
+    """Train the student (options as ``ddm.core.trainer.Trainer``: resume, stop_after, progress, on_step)."""
+    return StudentTrainer(job, **options).run()

@@ -19,7 +19,6 @@ share (unconditional) or the class-given prior (conditional) as t -> 1, where x_
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,17 +296,10 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         )
 
 
-def train(
-    job: RouterJobConfig,
-    *,
-    resume: bool = True,
-    stop_after: int | None = None,
-    progress: bool = True,
-    on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """Train the router (see ``ddm.core.trainer.Trainer`` for the arguments); ``evaluation`` holds the
+def train(job: RouterJobConfig, **options: Any) -> TrainResult:
+    """Train the router (options as ``ddm.core.trainer.Trainer``); ``evaluation`` holds the
     accuracy-vs-t report when this invocation wrote one."""
-    return RouterTrainer(job, resume=resume, stop_after=stop_after, progress=progress, on_step=on_step).run()
+    return RouterTrainer(job, **options).run()
 
 
 def _read_history(url: str) -> list[dict[str, Any]]:

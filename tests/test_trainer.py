@@ -245,7 +245,7 @@ def test_entry_point_takes_the_device_policy_and_says_what_it_chose(
     assert main(["--config", str(cfg), "--device", device, "--no-progress"]) == EXIT_OK
     err = capsys.readouterr().err
     why = "; no CUDA device" if device == "auto" else ""
-    assert f"ddm: tiny (expert DiT-T/4, " in err and f"on cpu (1 threads) (device = {device!r}{why})" in err, err
+    assert "ddm: tiny (expert DiT-T/4, " in err and f"on cpu (1 threads) (device = {device!r}{why})" in err, err
     _, meta = load_model(str(tmp_path / "out" / "checkpoints"))
     assert meta["train"]["device"] == device
 
