@@ -349,7 +349,8 @@ def build_features(
     other constants).
     """
     if spec == MODEL_NAME:
-        return EfficientNetFeatures(image_size or DEFAULT_IMAGE_SIZE, batch_size=batch_size, progress=progress, device=device)
+        size = image_size or DEFAULT_IMAGE_SIZE
+        return EfficientNetFeatures(size, batch_size=batch_size, progress=progress, device=device)
     if spec == "pixels":
         return PixelFeatures()
     if spec.startswith("torchscript:"):

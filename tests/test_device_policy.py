@@ -95,7 +95,8 @@ def fm_run(root: Path, *, features: str = "pixels", encoder: str = "efficientnet
     })  # fmt: skip
     Manifest.open(str(root), cfg.model_dump(mode="json"))
     for k in range(2):
-        save(root / "experts" / f"expert-{k}" / "checkpoints", DiT(FM_EXPERT), {"kind": "expert", "name": f"expert-{k}"}, 10 + k)
+        meta = {"kind": "expert", "name": f"expert-{k}"}
+        save(root / "experts" / f"expert-{k}" / "checkpoints", DiT(FM_EXPERT), meta, 10 + k)
     save(root / "router" / "checkpoints", RouterNet(FM_ROUTER), {"kind": "router", "name": "router"}, 2)
     return cfg
 
@@ -167,7 +168,10 @@ def test_commands_listed_as_network_free_build_no_network(command: str) -> None:
     assert not found, f"ddm {command} builds a network ({found}); give it --device and drop it from NO_NETWORK"
 
 
-@pytest.mark.parametrize("command", sorted(n for n in _leaf_commands() if n.split()[0] not in {**NO_NETWORK, **DEVICE_FROM_JOB_CONFIG}))
+NETWORK_COMMANDS = sorted(n for n in _leaf_commands() if n.split()[0] not in {**NO_NETWORK, **DEVICE_FROM_JOB_CONFIG})
+
+
+@pytest.mark.parametrize("command", NETWORK_COMMANDS)
 def test_a_malformed_device_is_refused_by_argparse_naming_the_choices(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args([*command.split(), "--device", "gpu0"])
@@ -216,10 +220,26 @@ def test_the_same_seed_gives_the_same_noise_on_any_device() -> None:
     """The stochastic sampler draws fresh noise from the (CPU) generator and moves it to x's device."""
     from ddm.expert.sampling import _fresh_noise
 
-    x = torch.zeros(2, 1, 4, 4, device="cuda" if CUDA else "cpu")
-    a = _fresh_noise(x, torch.Generator().manual_seed(3))
-    b = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    assert a.device == x.device and torch.equal(a.cpu(), b)
+    b = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    for device in ["cpu", "cuda" if CUDA else "meta"]:  # meta: a second device on a CPU-only machine
+        x = torch.zeros(2, 1, 4, 4, device=device)
+        a = _fresh_noise(x, torch.Generator().manual_seed(3))
+        assert a.device == x.device
+        assert device == "meta" or torch.equal(a.cpu(), b)
+
+
+def test_a_decoded_reply_lands_on_the_callers_device() -> None:
+    """The wire is where tensors cross: an expert's reply is decoded onto the device of the x_t it
+    answers (the router's), whatever that device is."""
+    from ddm.proto.ddm.v1 import ddm_pb2 as pb
+    from ddm.proto.tensors import to_proto
+    from ddm.router.client import ExpertClient
+
+    v = torch.randn(2, 1, 8, 8)
+    reply = pb.PredictResponse(v=to_proto(v))
+    assert torch.equal(ExpertClient.velocity_of(reply, torch.empty(2, 1, 8, 8)), v)
+    elsewhere = torch.empty(2, 1, 8, 8, device="cuda" if CUDA else "meta")
+    assert ExpertClient.velocity_of(reply, elsewhere).device == elsewhere.device
 
 
 # FD over 1280 EfficientNet features costs seconds (an eigh of 1280 x 1280), so one case of each pair
@@ -272,7 +292,7 @@ def _serve_args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_serve_expert_and_router_run_where_told_and_the_wire_is_the_only_crossing(spec: str, tmp_path: Path, capsys) -> None:
+def test_serve_expert_and_router_run_where_told_and_say_so(spec: str, tmp_path: Path, capsys) -> None:
     from ddm.router.client import ExpertClient, RouterClient
 
     experts = [expert_checkpoint(tmp_path, k) for k in range(2)]
