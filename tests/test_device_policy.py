@@ -383,6 +383,17 @@ def test_run_config_device_follows_the_policy(capsys) -> None:
     assert "device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_run_embeds_on_its_device_and_resumes_on_another(spec: str, tmp_path: Path, capsys) -> None:
+    small = ["--set", "data.limit=32", "--set", "partition.k=2", "--set", "partition.fine_k=4", "--set",
+             "partition.sample_size=32", "--set", "partition.embed_image_size=32", "--quiet"]  # fmt: skip
+    assert cli.main(["run", "--root", str(tmp_path), *small, "--stages", "curate", "--device", spec]) == 0
+    announced(capsys.readouterr().err, "curation embeddings: feature extractor efficientnet-lite0@32", spec)
+    other = "auto" if spec == "cpu" else "cpu"
+    assert cli.main(["run", "--root", str(tmp_path), *small, "--stages", "curate,partition", "--device", other]) == 0
+    assert Manifest.load(str(tmp_path)).data["config"]["device"] == other
+
+
 @needs_no_cuda
 def test_run_refuses_cuda_here_before_writing_anything(tmp_path: Path, capsys) -> None:
     rc = cli.main(["run", "--root", str(tmp_path / "r"), "--device", "cuda", "--quiet"])
