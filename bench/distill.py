@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, help="images per row (default: 250 quick, else the run's eval.num_samples)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", help="output folder (default: runs/bench-distill/RUN_NAME)")
+    from ddm.core.device import add_argument as add_device_argument
+
+    add_device_argument(p)
     args = p.parse_args(argv)
 
     import torch
@@ -40,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
     from ddm.core import checkpoint, storage
+    from ddm.core.placement import Placement
 
     torch.set_num_threads(args.threads)
+    placement = Placement.resolve(args.device, field="--device")
     manifest = Manifest.load(args.run)
     cfg = RunConfig.model_validate({**manifest.data["config"], "root": args.run})
     if cfg.mode != "experts":
@@ -53,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         missing = "student (run the distill stage or pass --student)" if student is None else "router"
         print(f"bench/distill.py: {args.run} has no {missing}", file=sys.stderr)
         return 2
-    context = eval_context(cfg, progress=False)
+    context = eval_context(cfg, progress=False, placement=placement)
     context["num_samples"] = args.num_samples or (250 if args.quick else cfg.eval.num_samples)
     out = args.out or os.path.join("runs", "bench-distill", cfg.name + ("-quick" if args.quick else ""))
     started = time.perf_counter()
     table = distill_table(
-        experts=load_experts({n: expert_output(cfg, n) for n in expert_names(cfg)}),
+        experts=load_experts({n: expert_output(cfg, n) for n in expert_names(cfg)}, placement, purpose="bench"),
         router_url=router,
         student_url=student,
         context=context,
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance=cfg.eval.sample.guidance,
         out_dir=out,
         say=lambda msg: print(msg, file=sys.stderr, flush=True),
+        placement=placement,
     )
     print(markdown_table(table["rows"]), end="")
     e32 = next(r for r in table["rows"] if r["model"] == "ensemble" and r["steps"] == 32)

@@ -1,10 +1,14 @@
-"""``ddm assign RUN``: place new images in a finished run's clusters (which expert would own them)."""
+"""``ddm assign RUN``: place new images in a finished run's clusters (which expert would own them).
+
+The run's encoder embeds the new images on ``--device`` (default: the run config's ``device``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from ddm.core.placement import add_override_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--balanced", action="store_true", help="balance the new batch across clusters within the run's tolerance")
     p.add_argument("--out", help="write per-image assignments here as JSON (local or s3://); default: only print counts")
+    add_override_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,19 +29,23 @@ def run(args: argparse.Namespace) -> int:
     from ddm.coordinator.config import RunConfig
     from ddm.coordinator.manifest import Manifest
     from ddm.core import storage
+    from ddm.core.placement import Placement
     from ddm.expert.config import DataConfig
     from ddm.expert.data import build_dataset
-    from ddm.expert.features import build_features
+    from ddm.expert.features import announce_features, build_features
 
     manifest = Manifest.load(args.root)
     if not manifest.stage_done("partition"):
         print(f"ddm assign: {args.root}: the partition stage is not done yet; run `ddm run` first", file=sys.stderr)
         return 2
     cfg = RunConfig.model_validate(manifest.data["config"])
+    placement = Placement.resolve(args.device or cfg.device, field="--device" if args.device else "device")
     clustering = Clustering.load(storage.join(args.root, "clusters", "clustering"))
     data = build_dataset(DataConfig(source=args.source, path=args.path, split=args.split, limit=args.limit,
                                     image_size=cfg.data.image_size, channels=cfg.data.channels))  # fmt: skip
-    extractor = build_features(cfg.partition.encoder, image_size=cfg.partition.embed_image_size, batch_size=cfg.partition.embed_batch_size, progress=True)
+    extractor = build_features(cfg.partition.encoder, image_size=cfg.partition.embed_image_size,
+                               batch_size=cfg.partition.embed_batch_size, progress=True, device=placement.device)  # fmt: skip
+    announce_features(extractor, placement, "assign")
     feats = extractor(data.images)
     labels = clustering.assign(np.asarray(feats, dtype=np.float32), balanced=args.balanced)
     counts = np.bincount(labels, minlength=clustering.k).tolist()

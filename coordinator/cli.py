@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ddm.coordinator.manifest import ManifestError
     from ddm.core.config import ConfigError
+    from ddm.core.device import DeviceError
 
     if args.s3_endpoint_url:
         from ddm.core import storage
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(importlib.import_module(args._module), args._run)(args) or 0)
     except ConfigError as e:
+        print(f"ddm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except DeviceError as e:  # e.g. --device cuda on a machine without CUDA: the message says what to set
         print(f"ddm {args.command}: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:

@@ -8,7 +8,9 @@ paper: about 4%) is reported apart. The monolith is trained as its own resumable
 sampled and scored with one evaluation context (same real set, features, classifier, seed, sampler,
 steps and guidance) into ``RUN/compare/eval/NAME/``. ``RUN/compare/results.json`` and ``table.md`` hold the
 table, ``grid.png`` one labelled row of samples per model. A model already scored under identical
-settings is not sampled again, so an interrupted comparison carries on where it stopped.
+settings is not sampled again, so an interrupted comparison carries on where it stopped. The
+coordinator's own networks (the monolith run's embeddings, every model scored) run on the run's
+``device`` or ``device=`` given here, resolved once; where they ran is not part of a score's settings.
 """
 
 from __future__ import annotations
@@ -78,25 +80,32 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
             "classifier": ev.classifier, "threshold": ev.threshold, "sample": ev.sample.model_dump(mode="json")}  # fmt: skip
 
 
-def train_monolith(mono: RunConfig, *, progress: bool, say: Callable[[str], None]) -> None:
+def train_monolith(mono: RunConfig, *, progress: bool, say: Callable[[str], None], placement: Any = None) -> None:
     from ddm.coordinator.islands import load_islands
     from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.pipeline import Pipeline
 
     manifest = Manifest.open(mono.root, mono.model_dump(mode="json"))
-    Pipeline(mono, load_islands(mono.islands), manifest, progress=progress, say=say).run(("curate", "partition", "experts"))
+    Pipeline(mono, load_islands(mono.islands), manifest, progress=progress, say=say, placement=placement).run(
+        ("curate", "partition", "experts")
+    )
 
 
 def run_compare(root: str, *, models: list[str] | None = None, monolith_root: str | None = None,
-                num_samples: int | None = None, progress: bool = True,
+                num_samples: int | None = None, progress: bool = True, device: str | None = None,
                 say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:  # fmt: skip
-    """Train the matched monolith (if not yet), score it and the run's ensembles, write the table."""
+    """Train the matched monolith (if not yet), score it and the run's ensembles, write the table.
+    ``device``: where the coordinator's networks run (default: the run config's ``device``)."""
     from ddm.coordinator.eval_stage import eval_context, evaluate_model, load_experts, say_result
     from ddm.coordinator.pipeline import expert_names, expert_output, router_output
     from ddm.core import checkpoint
+    from ddm.core.placement import Placement
 
     root = root if "://" in root else os.path.abspath(root)  # markers name checkpoints by absolute path
     cfg = load_run(root)
+    if device is not None:
+        cfg = cfg.model_copy(update={"device": device})
+    placement = Placement.resolve(cfg.device, field="--device" if device is not None else "device")
     if num_samples is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_samples": num_samples})})
     models = list(models or EVAL_MODELS)
@@ -115,7 +124,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     mono = matched_monolith(cfg, monolith_root or storage.join(out_root, "monolith"))
     say(f"[compare] monolith: {mono.experts.model.arch}, batch {mono.experts.train.batch_size} × "
         f"{mono.experts.train.steps} steps at {mono.root}")  # fmt: skip
-    train_monolith(mono, progress=progress, say=say)
+    train_monolith(mono, progress=progress, say=say, placement=placement)
 
     settings = eval_settings(cfg)
     context: dict[str, Any] | None = None
@@ -133,12 +142,13 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
             results[model] = summary_from(storage.read_json(storage.join(out, "metrics.json")))
             say(f"[compare] {model}: scored before with the same settings, reused")
         else:
-            context = context or eval_context(cfg, progress=progress)
+            context = context or eval_context(cfg, progress=progress, placement=placement)
             side = "monolith" if model == "monolith" else "experts"
             if side not in loaded:
                 dirs = {"monolith": expert_output(mono, "monolith")} if side == "monolith" else expert_dirs
-                loaded[side] = load_experts(dirs)
-            results[model] = summary_from(evaluate_model(cfg, model, loaded[side], router_url, out, context).to_dict())
+                loaded[side] = load_experts(dirs, placement, purpose=f"compare ({side})")
+            result = evaluate_model(cfg, model, loaded[side], router_url, out, context, placement)
+            results[model] = summary_from(result.to_dict())
             storage.write_json(storage.join(out, "settings.json"), marker)
         say_result(model, results[model], say)
 

@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from ddm.core.placement import add_override_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ddm.coordinator.config import EVAL_MODELS
@@ -22,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--monolith-root", help="where the matched monolith trains (default: ROOT/compare/monolith)")
     p.add_argument("--num-samples", type=int, help="generated images per model (default: the run's eval.num_samples)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_override_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         run_compare(args.root, models=models, monolith_root=args.monolith_root, num_samples=args.num_samples,
-                    progress=not args.quiet)  # fmt: skip
+                    progress=not args.quiet, device=args.device)  # fmt: skip
     except ValueError as e:
         print(f"ddm compare: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ddm.core.config import Strict, TrainConfig, load_config, load_toml, parse_config
+from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN
 from ddm.expert.config import DataConfig, ModelConfig, SampleConfig
 from ddm.router.config import ROUTER_TRAIN_DEFAULTS, RouterEvalConfig, RouterModelConfig
 from ddm.router.distill_config import DistillStageConfig
@@ -124,6 +125,11 @@ class RunConfig(Strict):
     mode: Literal["experts", "monolith"] = Field(
         "experts", description="'experts' partitions the data and trains k isolated experts; 'monolith' trains one model on all data"
     )
+    device: str = Field(
+        "auto", pattern=DEVICE_PATTERN,
+        description=f"{DEVICE_HELP}: the networks the coordinator runs itself (curation embeddings, the eval stage, "
+        "the distillation table); training jobs have their own `train.device`",
+    )  # fmt: skip
     data: DataConfig = DataConfig()
     curate: CurateConfig = CurateConfig()
     partition: PartitionConfig = PartitionConfig()

@@ -20,13 +20,16 @@ from safetensors.numpy import save as np_save
 
 from ddm.coordinator.config import CurateConfig, PartitionConfig
 from ddm.core import storage
+from ddm.core.placement import Placement
 from ddm.expert.data import ImageDataset
 
 log = logging.getLogger("ddm.curate")
 
 
-def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, progress: bool = True) -> np.ndarray:
-    """(N, D) float32 embeddings of every image; read from ``cache_url`` when a previous run made them."""
+def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, progress: bool = True,
+                  placement: Placement | None = None) -> np.ndarray:  # fmt: skip
+    """(N, D) float32 embeddings of every image; read from ``cache_url`` when a previous run made them.
+    The encoder runs on ``placement`` (default: the CPU)."""
     key = f"{cfg.encoder}@{cfg.embed_image_size}|{len(data)}|{hashlib.sha256(data.ids.numpy().tobytes()).hexdigest()[:16]}"
     if storage.exists(cache_url):
         try:
@@ -39,9 +42,12 @@ def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, p
         if cached_key == key:
             log.info("embeddings: cached at %s", cache_url)
             return cached["features"]
-    from ddm.expert.features import build_features
+    from ddm.expert.features import announce_features, build_features
 
-    extractor = build_features(cfg.encoder, image_size=cfg.embed_image_size, batch_size=cfg.embed_batch_size, progress=progress)
+    placement = placement or Placement.cpu()
+    extractor = build_features(cfg.encoder, image_size=cfg.embed_image_size, batch_size=cfg.embed_batch_size,
+                               progress=progress, device=placement.device)  # fmt: skip
+    announce_features(extractor, placement, "curation embeddings")
     feats = np.ascontiguousarray(extractor(data.images), dtype=np.float32)  # (N, D)
     storage.write_bytes(cache_url, np_save({"features": feats, "key": np.frombuffer(key.encode(), dtype=np.uint8)}))
     return feats

@@ -6,7 +6,8 @@ process and one run so wall times compare, the guided top-1 ensemble at ``distil
 and the student at ``distill.eval.student_steps`` with the run's eval settings (real set, features,
 classifier, guidance): FD, KID, precision/recall, class accuracy, expert calls and wall time per
 sample. Outputs under ``{root}/distill/eval/``: one folder per row (samples.png, metrics.json), and
-``table.json`` / ``table.md`` with the benchmark's two ratios.
+``table.json`` / ``table.md`` with the benchmark's two ratios. The table's networks (experts, router,
+student, feature extractor, classifier) run on the run's ``device``, resolved once by the pipeline.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ddm.core import checkpoint, storage
+from ddm.core.placement import Placement
 
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"
@@ -99,12 +101,15 @@ def distill_table(
     guidance: float,
     out_dir: str,
     say: Callable[[str], None] = print,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """Evaluate every row into ``out_dir``/NAME and write table.json / table.md there; returns the table.
 
     ``context``: ``evaluate``'s shared keyword arguments (``eval_stage.eval_context``); its
-    ``sample_cfg`` gives the sampler, with steps and guidance set per row here.
+    ``sample_cfg`` gives the sampler, with steps and guidance set per row here. The router and the
+    student load on ``placement`` (default: the CPU), which must be where ``experts`` and ``context`` are.
     """
+    placement = placement or Placement.cpu()
     from ddm.expert.evaluate import evaluate
     from ddm.expert.load import load_denoiser
 
@@ -128,10 +133,12 @@ def distill_table(
         from ddm.router.ensemble import Ensemble
         from ddm.router.model import load_router
 
-        router = load_router(router_url)
+        router = load_router(router_url, device=placement.device)
+        placement.announce(f"distill table: router net ({router_url})")
         for steps in ensemble_steps:
             run(Ensemble(experts, router, strategy="top-k", top_k=1), "ensemble", steps, steps)
-    student = load_denoiser(student_url)
+    student = load_denoiser(student_url, device=placement.device)
+    placement.announce(f"distill table: student ({student_url})")
     for steps in student_steps:
         run(student.with_counter(), "student", steps, 0)
     table = {
@@ -176,11 +183,12 @@ def run_distill_stage(pipeline: Any) -> dict[str, Any]:
     info: dict[str, Any] = {"student": student_url}
     if not dc.eval.enabled:
         return info
-    context = eval_context(cfg, progress=pipeline.progress)
+    placement = pipeline.where()
+    context = eval_context(cfg, progress=pipeline.progress, placement=placement)
     if dc.eval.num_samples is not None:
         context["num_samples"] = dc.eval.num_samples
     table = distill_table(
-        experts=load_experts({n: d for n, d in zip(expert_names(cfg), dirs)}),
+        experts=load_experts({n: d for n, d in zip(expert_names(cfg), dirs)}, placement, purpose="distill table"),
         router_url=router_url,
         student_url=student_url,
         context=context,
@@ -189,6 +197,7 @@ def run_distill_stage(pipeline: Any) -> dict[str, Any]:
         guidance=dc.eval.guidance if dc.eval.guidance is not None else cfg.eval.sample.guidance,
         out_dir=storage.join(output, "eval"),
         say=pipeline.say,
+        placement=placement,
     )
     pipeline.say(f"[distill] {table['fd_ratio_4step']=} {table['time_ratio_4step']=}")
     return {**info, "table": storage.join(output, "eval", TABLE_JSON),

@@ -1,10 +1,15 @@
-"""``ddm eval``: FD, KID, precision/recall and class accuracy of a checkpoint's guided samples."""
+"""``ddm eval``: FD, KID, precision/recall and class accuracy of a checkpoint's guided samples.
+
+The model, the feature extractor and the classifier run on ``--device`` (default ``auto``), each
+announced on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+
+from ddm.core.device import add_argument as add_device_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,28 +28,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
     p.add_argument("--out", default="eval", help="output directory for metrics.json and samples.png (local or s3://)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from ddm.coordinator.eval_stage import machine_cache
+    from ddm.core.placement import Placement
     from ddm.expert.classifier import get_classifier
     from ddm.expert.config import DataConfig, SampleConfig
     from ddm.expert.data import build_dataset
     from ddm.expert.evaluate import evaluate
-    from ddm.expert.features import build_features
+    from ddm.expert.features import announce_features, build_features
     from ddm.expert.load import load_denoiser
 
-    denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema)
+    placement = Placement.resolve(args.device, field="--device")
+    denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
+    placement.announce(f"eval: model ({args.checkpoint})")
     data_cfg = DataConfig(source="fashion-mnist", path=args.data, split=args.split, limit=args.real_samples)
     real = build_dataset(data_cfg)
     sample_cfg = SampleConfig(steps=args.steps, sampler=args.sampler, guidance=args.guidance, time_shift=args.time_shift)
     classifier = None
     if not args.no_classifier:
-        classifier = get_classifier(DataConfig(source="fashion-mnist", path=args.data), machine_cache(), progress=True)
+        classifier = get_classifier(DataConfig(source="fashion-mnist", path=args.data), machine_cache(), progress=True,
+                                    device=placement.device)  # fmt: skip
+        placement.announce("eval: classifier")
+    features = build_features(args.features, progress=True, device=placement.device)
+    announce_features(features, placement, "eval")
     result = evaluate(
-        denoiser, real=real, num_samples=args.num_samples, sample_cfg=sample_cfg,
-        features=build_features(args.features, progress=True), classifier=classifier,
+        denoiser, real=real, num_samples=args.num_samples, sample_cfg=sample_cfg, features=features, classifier=classifier,
         seed=args.seed, batch_size=args.batch_size, out_dir=args.out, cache_dir=os.path.join(machine_cache(), "reference"),
+        device=placement.device,
     )  # fmt: skip
     print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str))
     return 0

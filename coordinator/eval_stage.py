@@ -8,6 +8,9 @@
   so it measures the experts themselves, without a router.
 
 Everything lands in ``{root}/eval/NAME/`` (samples.png, metrics.json) and a summary in the manifest.
+
+Every network (experts, router, feature extractor, classifier) runs on one :class:`Placement`, the
+run's ``device`` resolved once, and is announced there; ``eval_context`` carries it to ``evaluate``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from ddm.coordinator.config import RunConfig
 from ddm.core import checkpoint, storage
+from ddm.core.placement import Placement
 from ddm.expert.data import ImageDataset, build_dataset
 from ddm.expert.evaluate import EvalResult, balanced_labels, evaluate, generate, score
 from ddm.expert.images import to_uint8
@@ -67,7 +71,7 @@ def mixture_assignment(y: torch.Tensor, class_counts: np.ndarray, seed: int) -> 
 
 def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageDataset, num_samples: int, sample_cfg,
                      features, classifier, seed: int, batch_size: int, out_dir: str, progress: bool,
-                     cache_dir: str | None = None) -> EvalResult:  # fmt: skip
+                     cache_dir: str | None = None, device: str | torch.device = "cpu") -> EvalResult:  # fmt: skip
     """Sample the partition mixture one expert at a time, then score the union like any model."""
     started = time.perf_counter()
     y = balanced_labels(num_samples, real.num_classes)  # (N,)
@@ -81,7 +85,8 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
             continue
         counter = CountingDenoiser(expert)
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        x[idx] = generate(counter, y[idx], real.image_shape, sample_cfg, generator=gen, batch_size=batch_size, progress=progress)
+        x[idx] = generate(counter, y[idx], real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
+                          progress=progress, device=device)  # fmt: skip
         rows, batches = rows + counter.rows, batches + counter.calls
     sampling_seconds = time.perf_counter() - t0
     result = score(
@@ -94,37 +99,46 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
     return result
 
 
-def routed_ensemble(experts: list, router_url: str, model: str, threshold: float):
-    """The router-weighted ensemble for an eval model name: top-1, top-2, full or threshold."""
+def routed_ensemble(experts: list, router_url: str, model: str, threshold: float, placement: Placement | None = None):
+    """The router-weighted ensemble for an eval model name: top-1, top-2, full or threshold (the router
+    on ``placement``, default the CPU, where the experts must be too)."""
     from ddm.router.ensemble import Ensemble
     from ddm.router.model import load_router
 
-    router = load_router(router_url)
+    placement = placement or Placement.cpu()
+    router = load_router(router_url, device=placement.device)
+    placement.announce(f"eval: router net ({router_url})")
     if model.startswith("top-"):
         return Ensemble(experts, router, strategy="top-k", top_k=int(model[4:]))
     return Ensemble(experts, router, strategy=model, threshold=threshold)
 
 
-def eval_context(cfg: RunConfig, *, progress: bool) -> dict[str, Any]:
-    """What every evaluation of a run shares (real set, feature extractor, classifier, sampling settings),
-    as keyword arguments of ``evaluate`` / ``evaluate_mixture``; built once, used for each model."""
+def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None = None) -> dict[str, Any]:
+    """What every evaluation of a run shares (real set, feature extractor, classifier, sampling settings,
+    the device), as keyword arguments of ``evaluate`` / ``evaluate_mixture``; built once, used for each
+    model. ``placement``: where the networks run (default: ``cfg.device`` resolved here)."""
     from ddm.expert.classifier import get_classifier
-    from ddm.expert.features import build_features
+    from ddm.expert.features import announce_features, build_features
 
+    placement = placement or Placement.resolve(cfg.device)
     ev = cfg.eval
     real = reference_set(cfg, ev.real_samples)
-    features = build_features(ev.features, progress=progress)
+    features = build_features(ev.features, progress=progress, device=placement.device)
+    announce_features(features, placement, "eval")
     classifier = None
     if ev.classifier and cfg.data.source == "fashion-mnist":
-        classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg), progress=progress)
+        classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg),
+                                    progress=progress, device=placement.device)  # fmt: skip
+        placement.announce("eval: classifier")
     reference_cache = storage.join(classifier_cache(cfg), "reference")  # real-set features, keyed by image hash
     return dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
-                seed=0, batch_size=250, progress=progress, cache_dir=reference_cache)  # fmt: skip
+                seed=0, batch_size=250, progress=progress, cache_dir=reference_cache, device=placement.device)  # fmt: skip
 
 
 def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | None, out_dir: str,
-                   context: dict[str, Any]) -> EvalResult:  # fmt: skip
-    """Evaluate one of ``EVAL_MODELS`` (or "monolith": the single model in ``experts``) into ``out_dir``."""
+                   context: dict[str, Any], placement: Placement | None = None) -> EvalResult:  # fmt: skip
+    """Evaluate one of ``EVAL_MODELS`` (or "monolith": the single model in ``experts``) into ``out_dir``;
+    the router (when the model needs one) loads on ``placement``, which must be ``context``'s device."""
     if model == "monolith":
         return evaluate(experts[0], out_dir=out_dir, **context)
     if model == "mixture":
@@ -132,11 +146,18 @@ def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | 
         return evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out_dir, **context)
     if router_url is None:
         raise ValueError(f"eval.models asks for {model!r}, which needs the router; enable router or use 'mixture'")
-    return evaluate(routed_ensemble(experts, router_url, model, cfg.eval.threshold), out_dir=out_dir, **context)
+    ensemble = routed_ensemble(experts, router_url, model, cfg.eval.threshold, placement)
+    return evaluate(ensemble, out_dir=out_dir, **context)
 
 
-def load_experts(expert_dirs: dict[str, str]) -> list:
-    return [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints"))) for d in expert_dirs.values()]
+def load_experts(expert_dirs: dict[str, str], placement: Placement | None = None, *, purpose: str = "eval") -> list:
+    """Each directory's newest checkpoint as a denoiser on ``placement`` (default: the CPU), announced."""
+    placement = placement or Placement.cpu()
+    experts = [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints")), device=placement.device)
+               for d in expert_dirs.values()]  # fmt: skip
+    names = ", ".join(expert_dirs)
+    placement.announce(f"{purpose}: {len(experts)} model(s) ({names})" if len(experts) > 1 else f"{purpose}: {names}")
+    return experts
 
 
 def say_result(name: str, r: dict[str, Any], say=print) -> None:
@@ -147,13 +168,15 @@ def say_result(name: str, r: dict[str, Any], say=print) -> None:
     )
 
 
-def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None, *, progress: bool, say=print) -> dict[str, Any]:
-    context = eval_context(cfg, progress=progress)
-    experts = load_experts(expert_dirs)
+def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None, *, progress: bool, say=print,
+             placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
+    placement = placement or Placement.resolve(cfg.device)
+    context = eval_context(cfg, progress=progress, placement=placement)
+    experts = load_experts(expert_dirs, placement)
     models = ["monolith"] if cfg.mode == "monolith" else cfg.eval.models
     results: dict[str, Any] = {}
     for model in models:
         out = storage.join(cfg.root, "eval", model)
-        results[model] = summary(evaluate_model(cfg, model, experts, router_url, out, context))
+        results[model] = summary(evaluate_model(cfg, model, experts, router_url, out, context, placement))
         say_result(model, results[model], say)
     return results

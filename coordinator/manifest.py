@@ -60,11 +60,12 @@ class Manifest:
 
     @classmethod
     def open(
-        cls, root: str, config: dict[str, Any], *, resumable_keys: tuple[str, ...] = ("eval", "storage", "distill")
-    ) -> "Manifest":
+        cls, root: str, config: dict[str, Any], *,
+        resumable_keys: tuple[str, ...] = ("eval", "storage", "distill", "device"),
+    ) -> "Manifest":  # fmt: skip
         """Load the run's manifest, or create it. A rerun with a different config is refused (except for
-        ``resumable_keys``, which only affect later stages or how the root is reached) so two configs
-        never mix in one run root."""
+        ``resumable_keys``, which only affect later stages, how the root is reached or where the
+        coordinator's own networks run) so two configs never mix in one run root."""
         url = storage.join(root, MANIFEST)
         try:
             stored = storage.read_versioned(url)

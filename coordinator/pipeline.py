@@ -33,6 +33,7 @@ from ddm.coordinator.islands import IslandsConfig
 from ddm.coordinator.manifest import DONE, FAILED, RUNNING, SUCCEEDED, Manifest
 from ddm.core import checkpoint, storage
 from ddm.core.config import to_toml
+from ddm.core.placement import Placement
 from ddm.expert.config import DataConfig, ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_dataset
 
@@ -100,7 +101,16 @@ class Pipeline:
     progress: bool = True
     say: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
     dry_run: bool = False  # build jobs without writing their configs (``ddm run --dry-run``)
+    # Where the in-process stages' networks run (embeddings, eval, distillation table); None: resolved
+    # from ``cfg.device`` the first time a stage needs it.
+    placement: Placement | None = None
     _data: ImageDataset | None = None
+
+    def where(self) -> Placement:
+        """The coordinator's device, resolved once per pipeline (``cfg.device``)."""
+        if self.placement is None:
+            self.placement = Placement.resolve(self.cfg.device)
+        return self.placement
 
     def data(self) -> ImageDataset:
         if self._data is None:
@@ -132,7 +142,8 @@ class Pipeline:
         from ddm.coordinator.curate import curate, embed_dataset, save_pairs_png
 
         data = self.data()
-        feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"), progress=self.progress)
+        feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"),
+                              progress=self.progress, placement=self.where())  # fmt: skip
         result = curate(data, feats, self.cfg.curate)
         report = {
             "images": len(data),
@@ -162,7 +173,8 @@ class Pipeline:
 
         data = self.data()
         keep = torch.from_numpy(_load_npy(storage.read_bytes(storage.join(self.cfg.root, "curate", "keep.npy"))))
-        feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"), progress=self.progress)
+        feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"),
+                              progress=self.progress, placement=self.where())  # fmt: skip
         p = self.cfg.partition
         ccfg = ClusterConfig(k=p.k, fine_k=min(p.fine_k, len(keep)), sample_size=p.sample_size, niter=p.niter,
                              seed=p.seed, balanced=p.balanced, tolerance=p.tolerance)  # fmt: skip
@@ -313,7 +325,7 @@ class Pipeline:
         router = None
         if self.cfg.mode == "experts" and self.manifest.stage("router").get("skipped") is None:
             router = checkpoint.latest(storage.join(router_output(self.cfg), "checkpoints"))
-        return run_eval(self.cfg, dirs, router, progress=self.progress, say=self.say)
+        return run_eval(self.cfg, dirs, router, progress=self.progress, say=self.say, placement=self.where())
 
     def _job_progress(self, states: dict[str, str]) -> None:
         from ddm.core import heartbeat

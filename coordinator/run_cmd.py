@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from ddm.core.placement import add_override_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="run config TOML (local or s3://); default: the embedded default config")
@@ -16,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set experts.train.steps=200 (TOML value syntax; repeatable)",
     )  # fmt: skip
+    add_override_argument(p)
     p.add_argument("--stages", help="comma-separated subset of stages to run (default: all, in order)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["root"] = args.root
     if args.islands:
         overrides["islands"] = args.islands
+    if args.device:
+        overrides["device"] = args.device
     cfg = load_run_config(args.config, overrides)
     from ddm.core import storage
 
@@ -93,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         sys.stdout.write(format_stream(jobs))
         return 0
+    from ddm.core.placement import Placement
+
+    placement = Placement.resolve(cfg.device)  # before anything is written: a DeviceError names `device`
     try:
         manifest = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
     except ManifestError as e:
@@ -102,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from torchx.schedulers.local_scheduler import SignalException
 
     try:
-        Pipeline(cfg, islands, manifest, progress=not args.quiet).run(stages)
+        Pipeline(cfg, islands, manifest, progress=not args.quiet, placement=placement).run(stages)
     except (SignalException, KeyboardInterrupt):
         # Local jobs were stopped with SIGTERM and checkpointed; the manifest knows where we were.
         print(f"ddm run: interrupted; run the same command again to carry on ({cfg.root})", file=sys.stderr)
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if serve_at:
         from ddm.coordinator.cli import main  # `ddm serve run ROOT` with the router's defaults
 
-        return main(["serve", "run", cfg.root, "--host", serve_at[0], "--port", serve_at[1]])
+        return main(["serve", "run", cfg.root, "--host", serve_at[0], "--port", serve_at[1], "--device", cfg.device])
     return 0
 
 

@@ -3,11 +3,17 @@ router server (``--router HOST:PORT``: the ensemble of remote experts, with a pr
 
 A distilled student's checkpoint samples locally like an expert's; it guides itself (w is its input:
 one pass per step) and uses the step count as its shortcut step size. ``--router ... --model student``
-asks the router for the student it serves."""
+asks the router for the student it serves.
+
+Locally the network runs on ``--device`` (default ``auto``: CUDA when present), announced on stderr;
+the noise is drawn from ``--seed`` on the CPU and moved there, so a seed gives the same starting noise
+on any device. Through a router, the router's and experts' servers place their own networks."""
 
 from __future__ import annotations
 
 import argparse
+
+from ddm.core.device import add_argument as add_device_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", default="samples.png", help="output PNG (local or s3://)")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
+    add_device_argument(p)
     r = p.add_argument_group("through a router (--router)")
     r.add_argument(
         "--strategy", choices=["top-k", "full", "threshold"], help="expert selection (default: the router's)"
@@ -85,13 +92,16 @@ def run(args: argparse.Namespace) -> int:
     from ddm.expert.images import save_grid, to_uint8
     from ddm.expert.load import load_denoiser
     from ddm.expert.sampling import sample
+    from ddm.core.placement import Placement
     from ddm.expert.student import for_sampling
 
-    denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema)
-    y = parse_labels(args.labels, args.n, denoiser.num_classes)
+    placement = Placement.resolve(args.device, field="--device")
+    denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
+    placement.announce(f"sample: {'student' if hasattr(denoiser, 'for_schedule') else 'model'} ({args.checkpoint})")
+    y = placement.to(parse_labels(args.labels, args.n, denoiser.num_classes))
     shape = denoiser.image_shape
-    gen = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(args.n, *shape, generator=gen)
+    gen = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise for a seed on any device
+    noise = placement.to(torch.randn(args.n, *shape, generator=gen))
     if args.model == "student" and not hasattr(denoiser, "for_schedule"):
         raise ValueError(f"--model student: {args.checkpoint} is not a distilled student checkpoint")
     scheduled = for_sampling(denoiser, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift)
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen
     )
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
-    save_grid(to_uint8(x0), args.out, nrow=nrow)
+    save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 
@@ -121,6 +131,13 @@ def run_remote(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_ca or args.tls_cert or args.tls_key:
         tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
+    if args.device != "auto":
+        print(
+            "ddm sample: --device applies to --checkpoint only; the router's and experts' servers place "
+            "their own networks (`ddm serve ... --device`)",
+            file=sys.stderr,
+        )
+        return 2
     if args.no_ema:
         print(
             "ddm sample: --no-ema applies to --checkpoint only; "

@@ -6,7 +6,9 @@
 
 Each prints one line ``ddm serve <kind>: serving ... on HOST:PORT`` once ready (with ``--port 0`` the
 port the system picked), which scripts and tests wait for. Bearer tokens are read from a file (or the
-environment), never from the command line, where ``ps`` would show them.
+environment), never from the command line, where ``ps`` would show them. ``--device`` (default ``auto``:
+CUDA when present) places every network the command serves; ``serve run`` passes it on to its expert
+server processes. Each process logs the device of each network it loaded (``ddm: ... on ...``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import logging
 import signal
 import sys
 import threading
+
+from ddm.core.device import add_argument as add_device_argument
 
 
 def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -39,6 +43,7 @@ def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds running calls get to finish on shutdown"
     )
+    add_device_argument(p)
 
 
 def _add_sampling_defaults(p: argparse.ArgumentParser) -> None:
@@ -142,6 +147,13 @@ def _server_tls(args: argparse.Namespace):
     return ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
+def _placement(args: argparse.Namespace):
+    """The process's device, resolved once (a DeviceError naming --device when it cannot be honoured)."""
+    from ddm.core.placement import Placement
+
+    return Placement.resolve(args.device, field="--device")
+
+
 def _build_expert(args: argparse.Namespace, address: str, token: str | None):
     from ddm.expert.server import ExpertServer
 
@@ -158,6 +170,7 @@ def _build_expert(args: argparse.Namespace, address: str, token: str | None):
         name=args.name,
         expert_index=args.expert_index,
         ema=not args.no_ema,
+        device=_placement(args),
     )
 
 
@@ -191,6 +204,7 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
         expert_token=expert_token,
         expert_timeout=args.expert_timeout,
         connect_timeout=args.connect_timeout,
+        device=_placement(args),
         **_router_options(args),
     )
 
@@ -228,14 +242,18 @@ def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Ev
     import torch
 
     from ddm.coordinator.stack import LocalStack
+    from ddm.core.device import DeviceError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         stack = LocalStack(
             args.root, host=args.host, port=args.port, expert_threads=args.expert_threads, token=token,
-            router_options=_router_options(args),
+            router_options=_router_options(args), device=_placement(args),
         ).start()  # fmt: skip
+    except DeviceError as e:  # the setting cannot be honoured here: a usage error, like a bad flag
+        print(f"ddm serve run: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError, TimeoutError) as e:
         print(f"ddm serve run: {e}", file=sys.stderr)
         return 1

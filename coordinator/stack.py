@@ -5,7 +5,8 @@ Experts run as separate processes, as they would on separate hosts: each loads i
 batches its own traffic, and the router reaches them only over gRPC, so what a client sees here is
 what it sees on a cluster. Each expert process gets the bearer token through its environment (never
 its command line, where ``ps`` would show it) and dies with this process (``PR_SET_PDEATHSIG``), so a
-killed stack leaves no orphan servers behind.
+killed stack leaves no orphan servers behind. Every process resolves the same device setting
+(``--device``, passed on to each expert server): with ``auto`` on a GPU machine all of them share its GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ddm.core import checkpoint, storage
+from ddm.core.placement import Placement
 
 READY = re.compile(r"ddm serve expert: serving (\S+) on (\S+):(\d+)")
 
@@ -105,9 +107,11 @@ class LocalStack:
         token: str | None = None,
         router_options: dict[str, Any] | None = None,
         start_timeout: float = 180.0,
+        device: str | Placement = "cpu",
     ):
         if expert_threads < 1:
             raise ValueError(f"expert_threads must be >= 1, got {expert_threads}")
+        self.placement = Placement.of(device)  # the router's; the setting itself goes to every expert process
         self.root, self.host, self.port = root, host, port
         self.expert_threads, self.token = expert_threads, token
         self.router_options = router_options or {}
@@ -131,7 +135,7 @@ class LocalStack:
             for name, ckpts in experts:
                 args = [sys.executable, "-m", "ddm.coordinator.cli", "serve", "expert", "--checkpoint", ckpts,
                         "--name", name, "--host", "127.0.0.1", "--port", "0",
-                        "--threads", str(self.expert_threads)]  # fmt: skip
+                        "--threads", str(self.expert_threads), "--device", self.placement.spec]  # fmt: skip
                 proc = subprocess.Popen(
                     args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                     preexec_fn=_die_with_parent if sys.platform == "linux" else None,
@@ -142,7 +146,7 @@ class LocalStack:
             addresses = [e.wait_ready(deadline) for e in self.experts]
             self.router = RouterServer(
                 storage.join(self.root, "router", "checkpoints"), addresses, address=f"{self.host}:{self.port}",
-                token=self.token, expert_token=self.token, **self.router_options,
+                token=self.token, expert_token=self.token, device=self.placement, **self.router_options,
             )  # fmt: skip
             self.router.start(wait=False)
             self.router.wait_ready(max(1.0, deadline - time.monotonic()))

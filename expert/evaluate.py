@@ -11,6 +11,10 @@ so evaluating many checkpoints against one real set embeds it once.
 FD is biased upward for small sample counts, so compare runs with equal ``num_samples``. The floor
 (Fashion-MNIST train vs the 10k test images, EfficientNet-Lite0 at 96 px) is FD 98 at 1k samples, 51
 at 2k, 25 at 5k and 16.8 at 10k; KID (unbiased) is ~0 at every size, precision/recall ~0.80-0.81.
+
+Sampling runs on ``device`` (where the denoiser's networks are): the initial noise is drawn from the
+seeded CPU generator and moved there, so a seed gives the same starting noise on any device; finished
+batches come back to the host for scoring (the feature extractor and classifier place their own).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from safetensors.numpy import load as st_load_numpy
 from safetensors.numpy import save as st_save_numpy
 
 from ddm.core import storage
+from ddm.core.device import to_device
 from ddm.expert.classifier import Classifier
 from ddm.expert.config import SampleConfig
 from ddm.expert.data import ImageDataset
@@ -95,12 +100,14 @@ def generate(
     generator: torch.Generator,
     batch_size: int,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Guided samples for labels y (N,): float (N, C, H, W) in the model range (not clamped).
+    """Guided samples for labels y (N,): float (N, C, H, W) on the host, in the model range (not clamped).
 
-    All initial noise is drawn up front, so the samples do not depend on ``batch_size`` for the
-    deterministic samplers.
+    All initial noise is drawn up front (on the CPU generator), so the samples do not depend on
+    ``batch_size`` for the deterministic samplers. Each batch is sampled on ``device``.
     """
+    device = torch.device(device)
     noise = torch.randn((len(y), *image_shape), generator=generator)  # (N, C, H, W)
     # A shortcut student is told the schedule (its step size is an input); others are unchanged.
     scheduled = for_sampling(denoiser, steps=sample_cfg.steps, sampler=sample_cfg.sampler, time_shift=sample_cfg.time_shift)
@@ -110,15 +117,15 @@ def generate(
         for start in range(0, len(y), batch_size):
             x = sample(
                 guided,
-                noise[start : start + batch_size],
-                y[start : start + batch_size],
+                to_device(noise[start : start + batch_size], device),
+                to_device(y[start : start + batch_size], device),
                 steps=sample_cfg.steps,
                 sampler=sample_cfg.sampler,
                 time_shift=sample_cfg.time_shift,
                 churn=sample_cfg.churn,
                 generator=generator,
             )  # (B, C, H, W)
-            out.append(x)
+            out.append(x.cpu())
             bar.update(len(x))
     return torch.cat(out)
 
@@ -198,8 +205,10 @@ def evaluate(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> EvalResult:
-    """Sample ``num_samples`` class-balanced images from ``denoiser`` and score them against ``real``.
+    """Sample ``num_samples`` class-balanced images from ``denoiser`` (its networks on ``device``) and
+    score them against ``real``.
 
     FD and KID use all of ``real``; precision/recall use a seeded random subset of ``real`` of the same
     size as the samples (the k-NN radii depend on set size). Deterministic for a seed. Writes
@@ -230,7 +239,8 @@ def evaluate(
     rows0, batches0 = (ensemble_calls.total_rows, ensemble_calls.total_batches) if ensemble_calls is not None else (0, 0)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    x = generate(counter or denoiser, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size, progress=progress)
+    x = generate(counter or denoiser, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
+                 progress=progress, device=device)  # fmt: skip
     sampling_seconds = time.perf_counter() - t0
     rows = counter.rows if counter is not None else ensemble_calls.total_rows - rows0
     batches = counter.calls if counter is not None else ensemble_calls.total_batches - batches0

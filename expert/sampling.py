@@ -154,6 +154,13 @@ def stochastic_update(
     return (1 - t_next) * x0_hat + t_next * (math.sqrt(1 - rho * rho) * eps_hat + rho * fresh)
 
 
+def _fresh_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) like x, drawn on the generator's device and moved to x's: a seeded CPU generator gives
+    the same noise whether the model runs on the CPU or a GPU."""
+    where = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=where).to(x.device)
+
+
 def iter_sample(
     denoiser: Denoiser,
     noise: torch.Tensor,
@@ -206,7 +213,7 @@ def _iterate(
                 v_next = _velocity(denoiser, x_euler, t_next, y)
                 x = x + dt * 0.5 * (v + v_next)
         else:  # stochastic
-            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            fresh = _fresh_noise(x, generator)
             x = stochastic_update(x, v, t, t_next, churn, fresh)
         yield Step(index=i, total=steps, t=t, t_next=t_next, x=x, x0_pred=x0_pred)
 

@@ -11,6 +11,11 @@ orchestrator can tell "starting" from "gone". Then:
 * Message limits come from ``max_batch`` x the size of one row, with headroom.
 * Optional TLS (mutual with a client CA) and a bearer token (UNAUTHENTICATED without it).
 * Prometheus metrics on an optional HTTP port: requests by code, rows, batch sizes, latency, queue.
+
+The model runs on ``device`` (``core.device`` policy: ``auto`` is CUDA when present), announced once
+loaded. Requests are decoded and batched on the host; each batched forward copies its rows to the
+device once (pinned, non-blocking) and its velocities back once, so tensors cross only at the wire.
+Inference is fp32 (TF32 matmuls on CUDA).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ddm.core import checkpoint, storage
+from ddm.core.placement import Placement
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
 from ddm.expert.load import load_model
 from ddm.proto import rpc
@@ -104,11 +110,13 @@ class ExpertServer(rpc.LoadingServer):
         name: str | None = None,
         expert_index: int | None = None,
         ema: bool = True,
+        device: str | Placement = "cpu",
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.placement = Placement.of(device)  # DeviceError (a ValueError) before any port opens
         super().__init__(address, tls=tls, token=token)
         self.checkpoint = checkpoint
         self.max_batch = max_batch
@@ -167,7 +175,7 @@ class ExpertServer(rpc.LoadingServer):
         return rpc.message_limit(self.max_batch, _row_bytes(shape))
 
     def _load_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
-        return load_model(self.checkpoint, ema=self.ema)
+        return load_model(self.checkpoint, ema=self.ema, device=self.placement.device)
 
     def _load(self) -> None:
         if self.num_threads is not None:
@@ -194,10 +202,11 @@ class ExpertServer(rpc.LoadingServer):
                 "message limit; lower --max-batch"
             )
         self.metrics = ExpertMetrics(name)
+        to = self.placement.to
 
         @torch.inference_mode()
         def forward(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return model(x_t, t, y).float()
+            return model(to(x_t), to(t), to(y)).float().cpu()  # (B, C, H, W) back on the host for encoding
 
         self.batcher = DynamicBatcher(
             forward,
@@ -209,6 +218,7 @@ class ExpertServer(rpc.LoadingServer):
         )
         if self.metrics_port is not None:
             self._http = start_http_server(self.metrics_port, registry=self.metrics.registry)
+        self.placement.announce(f"expert server: {name} ({self.info.arch or 'DiT'}, step {self.info.step})")
         log.info(
             "expert %s (%s, step %d) loaded from %s", name, self.info.arch, self.info.step, self.checkpoint
         )

@@ -118,11 +118,11 @@ class StudentDenoiser:
         d = torch.zeros_like(t, dtype=torch.float32)
         if self.grid is None:
             return d
-        grid = torch.tensor(self.grid, dtype=torch.float64)  # (S + 1,), decreasing
-        dist = (t.detach().double().cpu()[:, None] - grid[None, :-1]).abs()  # (N, S)
+        grid = torch.tensor(self.grid, dtype=torch.float64, device=t.device)  # (S + 1,), decreasing
+        dist = (t.detach().double()[:, None] - grid[None, :-1]).abs()  # (N, S), on t's device: no host sync
         near, idx = dist.min(dim=1)
         steps = (grid[:-1] - grid[1:])[idx].float()  # (N,)
-        return torch.where(near < 1e-6, steps, torch.zeros_like(steps)).to(t.device)
+        return torch.where(near < 1e-6, steps, torch.zeros_like(steps))
 
     @torch.no_grad()
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

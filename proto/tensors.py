@@ -48,7 +48,8 @@ def _le_bytes(flat: torch.Tensor) -> bytes:
 
 
 def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode a CPU-able tensor of a supported dtype (into ``out`` if given, e.g. a message field)."""
+    """Encode a tensor of a supported dtype from any device (into ``out`` if given, e.g. a message
+    field). This is where tensors leave a GPU: the bytes are copied to the host here and nowhere else."""
     if tensor.dtype not in NAMES:
         raise ValueError(f"cannot send dtype {tensor.dtype}; supported: {', '.join(str(d) for d in NAMES)}")
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from ddm.core.device import to_device
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
@@ -87,11 +88,13 @@ class ExpertClient(_Client):
 
     @staticmethod
     def velocity_of(reply: pb.PredictResponse, like: torch.Tensor) -> torch.Tensor:
-        """The reply's v, checked to have x_t's shape (a mismatched server fails loudly)."""
+        """The reply's v, checked to have x_t's shape (a mismatched server fails loudly), on x_t's device:
+        the wire is the only place tensors leave (``to_proto``) and re-enter a device."""
         try:
-            return from_proto(reply.v, "v", dtypes=FLOATS, shape=tuple(like.shape))
+            v = from_proto(reply.v, "v", dtypes=FLOATS, shape=tuple(like.shape))  # (N, C, H, W) on the host
         except TensorError as e:
             raise ValueError(f"expert reply: {e}") from None
+        return to_device(v, like.device)
 
     def predict(
         self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, timeout: float | None = None

@@ -80,7 +80,7 @@ class Degradation:
             probs = probabilities(x_t, t, y)  # (N, K)
             if not self.absent:
                 return probs
-            live = torch.ones(probs.shape[1], dtype=torch.bool)
+            live = torch.ones(probs.shape[1], dtype=torch.bool, device=probs.device)
             live[sorted(self.absent)] = False
             probs = torch.where(live, probs, torch.zeros_like(probs))
             empty = probs.sum(1) <= 0  # (N,)

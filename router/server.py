@@ -18,6 +18,12 @@ the sampling at the next step and stops waiting for (or cancels) its expert call
 mid-sample ends the call with UNAVAILABLE naming it, unless the request allows degraded sampling
 (``router.degraded``: drop it, renormalise over the live experts, report it). Health and reflection
 are served; health is SERVING once the router is loaded and every expert answered Info.
+
+The router network, the student and the ensemble's math (mixing weights x remote velocities, guidance,
+the sampler's state) run on ``device`` (``core.device`` policy), announced once loaded. Initial noise
+is drawn from the request's seed on the host (the same images for a seed on any device) and moved
+there; tensors cross to the host only at the wire: x_t encoded for each expert call, velocities
+decoded back onto the device (``ExpertClient.velocity_of``), images encoded into the Result.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ddm.core.placement import Placement
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
 from ddm.expert.sampling import iter_sample
 from ddm.proto import rpc
@@ -118,11 +125,13 @@ class RouterServer(rpc.LoadingServer):
         cohort_delay: float = 0.005,
         cohort_rows: int = 512,
         student: str | None = None,
+        device: str | Placement = "cpu",
     ):
         if not experts:
             raise ValueError("experts: give at least one expert address (host:port)")
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self.placement = Placement.of(device)  # DeviceError (a ValueError) before any port opens
         super().__init__(address, tls=tls, token=token)
         self.router_source = router
         self.student_source = student  # a distilled student checkpoint: SampleRequest.model = "student"
@@ -183,11 +192,13 @@ class RouterServer(rpc.LoadingServer):
             expert.close()
 
     def _load(self) -> None:
+        device = self.placement.device
         if isinstance(self.router_source, RouterNet):
-            self.router = self.router_source.eval()
+            self.router = self.router_source.to(device).eval()
         else:
-            self.router, meta = load_router_checkpoint(self.router_source)
+            self.router, meta = load_router_checkpoint(self.router_source, device=device)
             self.checkpoint = str(meta.get("url", self.router_source))
+        self.placement.announce(f"router server: router net ({self.checkpoint or 'in memory'})")
         # Concurrent cohorts' router passes share one forward, as the experts' Predicts do. No added
         # delay: it only gathers what queued while the previous forward ran.
         self.router_batcher = DynamicBatcher(
@@ -213,8 +224,11 @@ class RouterServer(rpc.LoadingServer):
         if self.student_source:
             from ddm.router.student_serving import StudentRunner, load_student
 
-            student = load_student(self.student_source, num_classes=self.router.num_classes, image_shape=self.image_shape)
-            self.student_runner = StudentRunner(student)
+            student = load_student(
+                self.student_source, num_classes=self.router.num_classes, image_shape=self.image_shape, device=device
+            )
+            self.student_runner = StudentRunner(student, self.placement)
+            self.placement.announce(f"router server: student ({self.student_source})")
         log.info("router connected to experts %s", [e.name for e in self.experts])
 
     @torch.inference_mode()
@@ -311,7 +325,7 @@ class RouterServer(rpc.LoadingServer):
             )
         try:
             noises, gens = zip(*(initial_noise(m.n, self.image_shape, m.params.seed) for m in members))
-            noise = torch.cat(noises)  # (N, C, H, W), each member's rows from its own seed
+            noise = self.placement.to(torch.cat(noises))  # (N, C, H, W), each member's rows from its own seed
             degradation = Degradation(self.experts, allowed=p.allow_degraded)
             ensemble = Ensemble(
                 [e.scoped(scope) for e in self.experts],
@@ -325,7 +339,7 @@ class RouterServer(rpc.LoadingServer):
             for step in iter_sample(
                 degradation.denoiser(ensemble.guided(p.guidance)),
                 noise,
-                torch.cat([m.params.labels for m in members]),
+                self.placement.to(torch.cat([m.params.labels for m in members])),
                 steps=p.steps,
                 sampler=p.sampler,
                 time_shift=p.time_shift,

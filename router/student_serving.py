@@ -4,7 +4,8 @@ The router process loads the student (one dense network, usually the size of one
 locally: guidance and the step size are the student's inputs, so a step is one forward pass and no
 expert or router call. Requests keep the ensemble's contract: the same cohorts (the model is part of
 the cohort key), the same initial noise for a seed, one Progress per step, then a Result whose
-``expert_calls`` has one entry, ``"student"``, counting the student's passes.
+``expert_calls`` has one entry, ``"student"``, counting the student's passes. The student and its
+sampler state run on the router's device; the seeded noise is drawn on the host and moved there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 import torch
 
 from ddm.core.checkpoint import CheckpointError
+from ddm.core.placement import Placement
 from ddm.expert.guidance import with_guidance
 from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import iter_sample
@@ -30,9 +32,12 @@ log = logging.getLogger(__name__)
 STUDENT = "student"
 
 
-def load_student(url: str, *, num_classes: int, image_shape: tuple[int, int, int]) -> StudentDenoiser:
-    """The student from its checkpoint, checked against what the router serves (classes, image shape)."""
-    student = load_denoiser(url)
+def load_student(
+    url: str, *, num_classes: int, image_shape: tuple[int, int, int], device: str | torch.device = "cpu"
+) -> StudentDenoiser:
+    """The student from its checkpoint on ``device``, checked against what the router serves (classes,
+    image shape)."""
+    student = load_denoiser(url, device=device)
     if not isinstance(student, StudentDenoiser):
         raise CheckpointError(f"{url}: not a distilled student (no guidance input); train one with the distill stage")
     if student.num_classes != num_classes or student.image_shape != tuple(image_shape):
@@ -54,8 +59,9 @@ class StudentRunner:
     """Runs cohorts of student requests. One forward at a time (a lock): the CPU is the limit and
     concurrent forwards of one module would only contend for it; cohorts already batch requests."""
 
-    def __init__(self, student: StudentDenoiser):
+    def __init__(self, student: StudentDenoiser, placement: Placement | None = None):
         self.student = student
+        self.placement = placement or Placement.cpu()  # where the student's module is
         self._lock = threading.Lock()
 
     def run(
@@ -66,12 +72,12 @@ class StudentRunner:
         p = members[0].params
         try:
             noises, gens = zip(*(initial_noise(m.n, image_shape, m.params.seed) for m in members))
-            noise = torch.cat(noises)  # (N, C, H, W)
+            noise = self.placement.to(torch.cat(noises))  # (N, C, H, W)
             student = self.student.with_counter()
             denoiser = with_guidance(for_sampling(student, steps=p.steps, sampler=p.sampler, time_shift=p.time_shift), p.guidance)
             x = noise
             steps = iter_sample(
-                _Locked(denoiser, self._lock), noise, torch.cat([m.params.labels for m in members]),
+                _Locked(denoiser, self._lock), noise, self.placement.to(torch.cat([m.params.labels for m in members])),
                 steps=p.steps, sampler=p.sampler, time_shift=p.time_shift, churn=p.churn, generator=gens[0],
             )  # fmt: skip
             for step in steps:
