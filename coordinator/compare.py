@@ -37,8 +37,9 @@ def matched_monolith(cfg: RunConfig, root: str) -> RunConfig:
     if cfg.mode != "experts":
         raise ValueError(f"{cfg.root} is a {cfg.mode} run; compare needs an experts run")
     k = cfg.partition.k
+    threads = cfg.experts.train.num_threads  # unset: torch's choice for the monolith too
     train = cfg.experts.train.model_copy(
-        update={"batch_size": cfg.experts.train.batch_size * k, "num_threads": cfg.experts.train.num_threads * min(k, 2)}
+        update={"batch_size": cfg.experts.train.batch_size * k, "num_threads": threads and threads * min(k, 2)}
     )
     return cfg.model_copy(
         update={
