@@ -40,9 +40,8 @@ NO_NETWORK = {
     "cancel": "asks the run's schedulers to stop its jobs",
     "logs": "reads a job's log",
     "k8s": "writes kustomize files",
+    "models": "counts parameters and FLOPs from the architecture registry (analytic, no module built)",
 }
-# Commands whose network's device comes from their job config (``train.device``), not from a flag.
-DEVICE_FROM_JOB_CONFIG = {"train-expert": "the trainer's job config: train.device"}
 # What building a network looks like in a command module's source (a no-network command has none).
 NETWORK_BUILDERS = re.compile(
     r"load_denoiser|load_model|load_router|build_features|get_classifier|ExpertServer|RouterServer|"
@@ -147,7 +146,7 @@ def _has_device(p: argparse.ArgumentParser) -> bool:
 
 def test_every_command_that_runs_a_network_takes_device() -> None:
     leaves = _leaf_commands()
-    exempt = {**NO_NETWORK, **DEVICE_FROM_JOB_CONFIG}
+    exempt = NO_NETWORK
     commands = {name.split()[0] for name in leaves}
     assert set(exempt) <= commands, f"stale exemptions: {set(exempt) - commands}"
     missing = [name for name, p in leaves.items() if name.split()[0] not in exempt and not _has_device(p)]
@@ -168,7 +167,7 @@ def test_commands_listed_as_network_free_build_no_network(command: str) -> None:
     assert not found, f"ddm {command} builds a network ({found}); give it --device and drop it from NO_NETWORK"
 
 
-NETWORK_COMMANDS = sorted(n for n in _leaf_commands() if n.split()[0] not in {**NO_NETWORK, **DEVICE_FROM_JOB_CONFIG})
+NETWORK_COMMANDS = sorted(n for n in _leaf_commands() if n.split()[0] not in NO_NETWORK)
 
 
 @pytest.mark.parametrize("command", NETWORK_COMMANDS)
