@@ -16,7 +16,8 @@ few minutes:
 (a) then the tiny pipeline (configs/tiny.toml) through the real CLI in subprocesses: ``ddm run`` (curate,
     partition, 2 experts, router, eval, distil) with every training stage on ``device = "cuda"``, then
     ``ddm serve run`` and ``ddm sample --router`` over gRPC on loopback, as .ci/run does; the outputs must
-    exist. Eval, serve and sample have no device setting yet (they run their networks on the CPU); the
+    exist. The in-process stages (curation, eval, distill table) take the run config's ``device`` and the
+    servers ``--device``, all set to cuda; the
     data is Fashion-MNIST when /usr/share/datasets/fashion-mnist exists, else a generated image folder.
     Its imports are checked first: when one is missing, ``pipeline_ok`` is false with the reason and part
     (b) still runs. A failing step's stderr tail is printed above the JSON line.
@@ -330,6 +331,7 @@ def run_pipeline(work: Path, *, device: str = "cuda", fashion_mnist: Path | None
     on sys.path, where the repository's bare ddm/ folder would hide the installed (or shimmed) package."""
     root = work / "tiny"
     overrides = [f"{stage}.train.device={device}" for stage in ("experts", "router", "distill")]
+    overrides.append(f"device={device}")  # the in-process stages: curation embeddings, eval, distill table
     if fashion_mnist is not None and fashion_mnist.is_dir():
         data = "fashion-mnist"
     else:
@@ -341,7 +343,7 @@ def run_pipeline(work: Path, *, device: str = "cuda", fashion_mnist: Path | None
     tiny = str(REPO / "configs/tiny.toml")
     ddm_cli("run", tiny, "--root", str(root), "--quiet", *sets, timeout=600, step="ddm run", cwd=work)
     run_s = time.perf_counter() - start
-    say(f"pipeline: ddm run (tiny, {data}, training on {device}) took {run_s:.0f} s")
+    say(f"pipeline: ddm run (tiny, {data}, every stage on {device}) took {run_s:.0f} s")
     expected = [root / "eval/top-1/samples.png", root / "distill/eval/student-4/samples.png"]
     absent = [str(p.relative_to(root)) for p in expected if not p.is_file() or p.stat().st_size == 0]
     if absent:
@@ -351,7 +353,8 @@ def run_pipeline(work: Path, *, device: str = "cuda", fashion_mnist: Path | None
     log_path = work / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "ddm", "serve", "run", str(root), "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "ddm", "serve", "run", str(root), "--host", "127.0.0.1", "--port", str(port),
+             "--device", device],
             stdout=log, stderr=subprocess.STDOUT, cwd=work, text=True,
         )  # fmt: skip
     try:
@@ -445,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             except StepFailed as e:
                 say(f"pipeline: FAILED at {e.step}\n{e.detail}")
                 out.update(pipeline_ok=False, pipeline_error=f"{e.step}: {e.detail.splitlines()[0]}")
-        out["pipeline_note"] = "training stages on cuda; eval, serve and sample have no device setting yet"
+        out["pipeline_note"] = "every stage, the expert servers and the router on cuda (run config device, train.device, --device)"
 
         head = models.get("DiT-B/2", {})
         out.update(
