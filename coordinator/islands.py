@@ -7,7 +7,7 @@ Islands file (TOML)::
     [island.local]
     scheduler = "local_cwd"           # TorchX scheduler name
     max_concurrent = 2                # at most this many jobs of this run at once on the island
-    j = "1x1"                         # nodes x processes per node (torchrun DDP when > 1 process)
+    j = "1x1"                         # nodes x processes per node (torchrun, DDP or FSDP, when > 1 process)
     cpu = 1
     memMB = 4096
 
@@ -60,7 +60,7 @@ class Island(Strict):
     scheduler: str = Field("local_cwd", description=f"TorchX scheduler: one of {', '.join(KNOWN_SCHEDULERS)}")
     max_concurrent: int = Field(1, ge=1, description="most jobs of this run running at once on this island")
     experts: list[int] = Field(default_factory=list, description="expert indices placed on this island")
-    j: str = Field("1x1", description="nodes x processes per node; more than one process runs under torchrun (DDP)")
+    j: str = Field("1x1", description="nodes x processes per node for every job on the island (experts, router, student); more than one process runs under torchrun: DDP, or FSDP2 with train.parallelism = \"fsdp\"")
     cpu: int = Field(1, ge=1, description="CPUs per node")
     gpu: int = Field(0, ge=0, description="GPUs per node")
     memMB: int = Field(4096, ge=128, description="memory per node in MB")
