@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ddm.core.config import JobConfig, Strict, TrainConfig
-from ddm.expert.model import DIT_ARCHS
+from ddm.expert.sizes import DIT_ARCHS
 
 
 class DataConfig(Strict):

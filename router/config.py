@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ddm.core import storage
 from ddm.core.config import JobConfig, Strict, TrainConfig
-from ddm.router.model import ROUTER_ARCHS
+from ddm.router.sizes import ROUTER_ARCHS
 
 # Router training defaults that differ from an expert's:
 #  * uniform t: the router must be right at every t the sampler visits (paper: "uniformly sampled t");

@@ -29,7 +29,7 @@ import math
 from typing import Any, Literal
 
 from ddm.core.config import JobConfig, Strict, TrainConfig
-from ddm.expert.model import DIT_ARCHS
+from ddm.expert.sizes import DIT_ARCHS
 from ddm.router.config import RouterDataConfig
 from pydantic import Field, field_validator, model_validator
 

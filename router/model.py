@@ -25,6 +25,7 @@ from ddm.core import checkpoint
 from ddm.core.checkpoint import CheckpointError
 from ddm.expert.model import DiTBlock, FinalLayer, TimestepEmbedder, sincos_pos_embed
 from ddm.router.model_cost import router_cost
+from ddm.router.sizes import ROUTER_ARCHS, ROUTER_SIZES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,22 +67,6 @@ class RouterConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
         return cls(**d)
-
-
-# Size registry: (depth, hidden, heads). Against the demo's DiT-T/4 (1.28M parameters), Router-T/4 is
-# 31% of its parameters and 29% of its FLOPs, Router-XS/4 20% and 20%; the paper's router is ~18% of
-# an expert. Both reached the same held-out accuracy vs t on two Fashion-MNIST class-group partitions.
-# B is DiT-B's shape, the paper's router beside DiT-XL/2 experts: Router-B/2 at 32x32x4 with K = 8 is
-# 19.3% of DiT-XL/2's parameters and 19.4% of its FLOPs (`ddm models`). (Until this change B named a
-# (6, 384, 6) router that no config used; router checkpoints store their full shape, so they still load.)
-ROUTER_SIZES: dict[str, tuple[int, int, int]] = {
-    "XS": (3, 64, 4),
-    "T": (2, 96, 4),
-    "S": (3, 128, 4),
-    "M": (4, 192, 6),
-    "B": (12, 768, 12),
-}
-ROUTER_ARCHS: tuple[str, ...] = tuple(f"Router-{s}/{p}" for s in ROUTER_SIZES for p in (2, 4, 8))
 
 
 def router_config(

@@ -72,3 +72,17 @@ def test_parse_overrides_uses_toml_values():
     }  # fmt: skip
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["novalue"])
+
+
+def test_help_imports_no_torch_grpc_or_faiss() -> None:
+    """``ddm --help`` and every ``ddm CMD --help`` build the whole parser: that must not load the heavy
+    libraries (the architecture registries live in torch-free modules, expert/sizes.py, router/sizes.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom ddm.coordinator.cli import build_parser\nbuild_parser()\n"
+        "print(sorted(m for m in ('torch', 'grpc', 'faiss', 'torchx') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
