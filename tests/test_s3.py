@@ -369,3 +369,16 @@ def test_a_multipart_upload_killed_midway_leaves_the_previous_object_and_a_rerun
     assert storage.read_bytes(url) == new
     s3.client().abort_multipart_upload(Bucket=s3.bucket, Key=key, UploadId=uploads[0]["UploadId"])
     storage.remove(url)  # moto keeps objects in memory for the whole session
+
+
+def test_a_coordinator_takes_over_a_cancellation_written_on_s3(s3: S3) -> None:
+    root = s3.url("run")
+    ours = Manifest.open(root, {"name": "t"})
+    ours.update_job("expert-0", state="RUNNING", handle="local://x/e0", attempts=[{"handle": "local://x/e0"}])
+    version = ours.version
+    assert ours.adopt_cancellations() == [] and ours.version == version  # nothing foreign: no write at all
+    Manifest.load(root).update_job("expert-0", state="CANCELLED", cancelled_at=1.0)  # as `ddm cancel` does
+    assert ours.adopt_cancellations() == ["expert-0"] and ours.job("expert-0")["state"] == "CANCELLED"
+    ours.update_job("expert-1", state="PENDING")  # our copy is current again: an If-Match write succeeds
+    stored = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))["jobs"]
+    assert stored["expert-0"]["state"] == "CANCELLED" and stored["expert-1"]["state"] == "PENDING"
