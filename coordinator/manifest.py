@@ -7,10 +7,15 @@ to create), locally a compare-before-replace under a lock. A second coordinator 
 writer working from a stale copy, therefore gets a ``ManifestConflict`` naming the file instead of
 silently overwriting the other's record; only creating the manifest is retried (re-read, then checked
 like any existing manifest), because that is the one race where nothing has been decided yet.
+
+The one foreign write a live coordinator takes over is ``ddm cancel``'s: ``adopt_cancellations`` re-reads
+the stored manifest and, if the only changes since this copy are jobs marked CANCELLED, takes those
+records and keeps its own changes to the rest (anything else is still a ``ManifestConflict``).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -52,11 +57,21 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class Manifest:
-    def __init__(self, root: str, data: dict[str, Any], version: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        data: dict[str, Any],
+        version: str | None = None,
+        stored: dict[str, Any] | None = None,
+    ):
         self.root = root
         self.url = storage.join(root, MANIFEST)
         self.data = data
         self.version = version  # of the stored manifest this copy was read from / last wrote (None: not stored yet)
+        # What the store held at ``version`` (to tell another writer's changes from ours)
+        if stored is None and version is not None:
+            stored = copy.deepcopy(data)
+        self._stored = stored
 
     @classmethod
     def open(
@@ -88,8 +103,9 @@ class Manifest:
                 + "\n  ".join(changes[:20])
                 + "\nuse a new root (or restore the original config) so two configs never mix in one run"
             )
+        snapshot = copy.deepcopy(data)
         data["config"] = config
-        return cls(root, data, stored.version)
+        return cls(root, data, stored.version, snapshot)
 
     @classmethod
     def load(cls, root: str) -> "Manifest":
@@ -103,13 +119,57 @@ class Manifest:
     def save(self) -> None:
         """Write the manifest if nobody else has written it since we read it; else ``ManifestConflict``."""
         self.data["updated"] = time.time()
+        payload = storage.json_bytes(self.data)
         try:
-            self.version = storage.write_if(self.url, storage.json_bytes(self.data), version=self.version)
+            self.version = storage.write_if(self.url, payload, version=self.version)
+            self._stored = storage.parse_json(payload, self.url)
         except storage.WriteConflict as e:
             raise ManifestConflict(
                 f"{e}. Another `ddm run` (or `ddm cancel`) is writing this run root; this process stops "
                 "rather than overwrite its record. Check `ddm status` and run one coordinator per root."
             ) from None
+
+    def reload(self) -> None:
+        """Replace this copy with the stored manifest (dropping changes not saved)."""
+        fresh = Manifest.load(self.root)
+        self.data, self.version, self._stored = fresh.data, fresh.version, fresh._stored
+
+    def adopt_cancellations(self) -> list[str]:
+        """Take over the jobs ``ddm cancel`` marked CANCELLED in the store since this copy was read or
+        written; returns their names (empty if the store has not changed).
+
+        Their records become the stored ones; this copy's own changes to everything else are kept and
+        saved. Raises ``ManifestConflict`` if the store changed in any other way (another coordinator)."""
+        stored = storage.read_versioned(self.url)
+        if stored.version == self.version:
+            return []
+        theirs = storage.parse_json(stored.data, self.url)
+        before = self._stored or {"jobs": {}}
+        cancelled = [
+            name
+            for name, record in theirs.get("jobs", {}).items()
+            if record != before["jobs"].get(name)
+            and record.get("state") == CANCELLED
+            and "cancelled_at" in record
+        ]
+        rest = ("updated", "jobs")
+        same = {k: v for k, v in theirs.items() if k not in rest} == {
+            k: v for k, v in before.items() if k not in rest
+        }
+        others = set(theirs.get("jobs", {})) | set(before["jobs"])
+        if not same or any(theirs["jobs"].get(n) != before["jobs"].get(n) for n in others - set(cancelled)):
+            raise ManifestConflict(
+                f"{self.url}: another writer changed it since it was read, beyond cancelling jobs. Another "
+                "`ddm run` is writing this run root; this process stops rather than overwrite its record. "
+                "Check `ddm status` and run one coordinator per root."
+            )
+        for name in cancelled:
+            self.data["jobs"][name] = copy.deepcopy(theirs["jobs"][name])
+        self.version, self._stored = stored.version, theirs
+        mine = {k: v for k, v in self.data.items() if k != "updated"}
+        if mine != {k: v for k, v in theirs.items() if k != "updated"}:
+            self.save()  # our changes the lost write carried
+        return cancelled
 
     # stages ---------------------------------------------------------------------------------------
     def stage(self, name: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 from ddm.coordinator import components
 from ddm.coordinator.config import RunConfig
 from ddm.coordinator.islands import IslandsConfig
-from ddm.coordinator.manifest import DONE, FAILED, RUNNING, SUCCEEDED, Manifest
+from ddm.coordinator.manifest import CANCELLED, DONE, FAILED, RUNNING, SUCCEEDED, Manifest
 from ddm.core import checkpoint, storage
 from ddm.core.config import to_toml
 from ddm.core.placement import Placement
@@ -257,8 +257,15 @@ class Pipeline:
             outcomes = launcher.run(jobs)
         failed = {n: o for n, o in outcomes.items() if o.state != SUCCEEDED}
         if failed:
-            lines = [f"  {n}: failed after {o.attempts} attempt(s): {(o.error or '').strip()[:2000]}" for n, o in failed.items()]
-            raise RunFailed("jobs failed (the others finished; fix the cause and run again to retry):\n" + "\n".join(lines))
+            lines = [
+                f"  {n}: cancelled by `ddm cancel` after {o.attempts} attempt(s)" if o.state == CANCELLED
+                else f"  {n}: failed after {o.attempts} attempt(s): {(o.error or '').strip()[:2000]}"
+                for n, o in failed.items()
+            ]  # fmt: skip
+            raise RunFailed(
+                "jobs failed or were cancelled (the others finished; fix the cause and run again to retry, "
+                "or to resume a cancelled job):\n" + "\n".join(lines)
+            )
 
     def expert_jobs(self) -> list:
         """One JobSpec per expert, on its island (writes each job's config unless ``dry_run``)."""

@@ -4,9 +4,10 @@ A decentralised ensemble should survive losing an island. With ``SampleRequest.a
 router treats an expert whose call failed with a "down" code (``remote.DOWN_CODES``: the server is
 gone, crashed or broken; not slow, not overloaded) as absent for the rest of the request:
 
-* the router's probabilities are zeroed for absent experts before the strategy selects, so ``full``
-  and ``top-k`` renormalise their weights over the live experts (a top-1 row whose expert is gone
-  goes to its most probable live expert), exactly the ensemble formula over the remaining experts;
+* the router's probabilities are zeroed for absent experts and renormalised over the live ones before
+  the strategy selects, so ``full`` and ``top-k`` renormalise their weights over the live experts (a
+  top-1 row whose expert is gone goes to its most probable live expert) and ``threshold`` keeps the
+  live experts whose renormalised p reaches it: the ensemble formula over the remaining experts;
 * the sampler step whose call failed is recomputed without the expert (its other calls are repeated:
   one wasted step per lost expert, never a mix of two weightings within a step);
 * an expert the router already knows is down (``RemoteExpert.liveness``) is absent from the start,
@@ -73,8 +74,11 @@ class Degradation:
             )
 
     def router(self, probabilities: RouterFn) -> RouterFn:
-        """``probabilities`` with absent experts' columns zeroed (uniform over the live experts where a
-        row's live probabilities underflowed to zero), so every strategy renormalises over the live."""
+        """``probabilities`` over the live experts: absent experts' columns zeroed and each row rescaled
+        to sum to 1 (uniform over the live experts where a row's live probabilities underflowed to
+        zero). So every strategy selects from p(k | x_t, t, y, k live): ``full`` and ``top-k`` would
+        renormalise anyway, and ``threshold`` compares that renormalised p with its threshold (before,
+        the raw p: losing one of three experts made threshold 0.4 pick the argmax alone)."""
 
         def live_probabilities(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             probs = probabilities(x_t, t, y)  # (N, K)
@@ -83,10 +87,12 @@ class Degradation:
             live = torch.ones(probs.shape[1], dtype=torch.bool, device=probs.device)
             live[sorted(self.absent)] = False
             probs = torch.where(live, probs, torch.zeros_like(probs))
-            empty = probs.sum(1) <= 0  # (N,)
+            total = probs.sum(1, keepdim=True)  # (N, 1)
+            empty = total.squeeze(1) <= 0  # (N,)
             if bool(empty.any()):
                 probs[empty] = live.to(probs.dtype)
-            return probs
+                total[empty] = float(live.sum())
+            return probs / total
 
         return live_probabilities
 

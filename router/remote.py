@@ -165,11 +165,35 @@ class RemoteExpert:
             self.connect(connect_timeout)
 
     def connect(self, timeout: float) -> pb.ExpertInfo:
-        """Fetch Info, waiting up to ``timeout`` s for the server to be up; raises ExpertFailure."""
-        try:
-            self.info = self.client.info(timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise ExpertFailure(self.name, self.address, e.code(), e.details() or "") from None
+        """Fetch Info, waiting up to ``timeout`` s for the server to be up and loaded; raises ExpertFailure.
+
+        A server that is still loading its checkpoint has its port open and answers UNAVAILABLE, which
+        ``wait_for_ready`` does not wait through (it only waits for a connection). So UNAVAILABLE is
+        retried with backoff (50 ms doubling to 1 s) exactly like an unreachable server, until the
+        timeout; the error then says what the expert last answered. Other codes fail at once."""
+        deadline = time.monotonic() + timeout
+        pause, last = 0.05, None  # last: what a reachable but unready server said
+        while True:
+            try:
+                left = max(0.001, deadline - time.monotonic())
+                self.info = self.client.info(timeout=left, wait_for_ready=True)
+                break
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                last = f"UNAVAILABLE: {details}"
+            elif code != grpc.StatusCode.DEADLINE_EXCEEDED or last is None:
+                raise ExpertFailure(self.name, self.address, code, details)
+            left = deadline - time.monotonic()
+            if left <= 0 or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ExpertFailure(
+                    self.name,
+                    self.address,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"not ready after {timeout:g} s; it last said {last}",
+                )
+            time.sleep(min(pause, left))
+            pause = min(1.0, pause * 2)
         if self.coalesce and self.batcher is None:
             self.batcher = DynamicBatcher(
                 self._coalesced_call,

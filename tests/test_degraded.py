@@ -177,3 +177,68 @@ def test_liveness_rechecks_health_after_a_doubling_backoff() -> None:
     assert len(checks) == 2  # one failed re-check (backoff doubled to the 0.2 s cap), then SERVING
     assert checks[0] - start >= 0.09 and checks[1] - checks[0] >= 0.19
     assert live.failures == 0 and live.why == ""
+
+
+THRESHOLD = 0.4  # with three experts near 1/3 each: raw p < 0.4 mostly, p over two live experts often >= 0.4
+
+
+def _threshold_reference(root: Path, n: int, seed: int, steps: int, *, renormalise: bool) -> torch.Tensor:
+    """The threshold ensemble over expert-0 and expert-1, sampled in-process: the router's column for
+    expert-2 zeroed and (``renormalise``) the live probabilities rescaled to sum to 1 before the
+    threshold selects. ``renormalise=False`` is the other reading (raw p against the threshold)."""
+    from ddm.router.ensemble import Ensemble
+    from ddm.router.model import load_router
+
+    experts = [load_denoiser(str(root / f"experts/expert-{k}/checkpoints")) for k in range(3)]
+    router = load_router(str(root / "router3/router/checkpoints"))
+
+    def live(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        probs = router.probabilities(x_t, t, y).clone()  # (N, 3)
+        probs[:, 2] = 0
+        return probs / probs.sum(1, keepdim=True) if renormalise else probs
+
+    ensemble = Ensemble(experts, live, strategy="threshold", threshold=THRESHOLD)
+    noise, gen = initial_noise(n, (1, 8, 8), seed)
+    y = torch.arange(n) % 3
+    return sample(ensemble.guided(3.0), noise, y, steps=steps, sampler="euler", generator=gen)
+
+
+def test_threshold_strategy_survives_a_lost_expert_only_with_allow_degraded(run_root: Path) -> None:
+    """Three experts, expert-2 lost (its server stopped): with allow_degraded the threshold strategy
+    selects among expert-0 and expert-1 by the router's probabilities renormalised over them, and
+    reports expert-2; without it, UNAVAILABLE naming expert-2."""
+    expert_checkpoint(run_root, 2)
+    router3 = run_root / "router3"
+    router3.mkdir(exist_ok=True)
+    router_checkpoint(router3, 3)
+    servers = [
+        ExpertServer(str(run_root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(3)
+    ]
+    router = RouterServer(str(router3 / "router/checkpoints"), [s.target for s in servers]).start(timeout=60)
+    lost = servers[2].target
+    try:
+        with RouterClient(router.target) as client:
+            _, info = client.sample(6, steps=3, seed=1, strategy="threshold", threshold=THRESHOLD)
+            assert info.degraded_experts == [] and info.expert_rows["expert-2"] > 0  # it is routed to
+            servers[2].stop(0)
+
+            # without allow_degraded (the default): the documented UNAVAILABLE naming the lost expert
+            with pytest.raises(grpc.RpcError) as err:
+                client.sample(6, steps=3, seed=1, strategy="threshold", threshold=THRESHOLD)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"expert expert-2 at {lost}" in err.value.details()
+
+            _, info = client.sample(
+                6, steps=3, seed=1, strategy="threshold", threshold=THRESHOLD, allow_degraded=True,
+                include_float=True,
+            )  # fmt: skip
+        assert info.degraded_experts == ["expert-2"] and info.expert_rows["expert-2"] == 0
+        assert info.expert_rows["expert-0"] > 0 and info.expert_rows["expert-1"] > 0
+        want = _threshold_reference(run_root, 6, 1, 3, renormalise=True)
+        other = _threshold_reference(run_root, 6, 1, 3, renormalise=False)
+        assert (want - other).abs().max() > 1e-3  # the two readings differ here, so this can fail
+        torch.testing.assert_close(info.samples, want, atol=1e-5, rtol=1e-5)
+    finally:
+        router.stop(0)
+        for s in servers:
+            s.stop(0)

@@ -4,6 +4,7 @@ naming the field; expert health, a lost expert, client cancellation and deadline
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import sample
 from ddm.expert.server import ExpertServer
 from ddm.proto import rpc
-from ddm.router.client import RouterClient
+from ddm.router.client import ExpertClient, RouterClient
 from ddm.router.ensemble import Ensemble
 from ddm.router.model import load_router
 from ddm.router.remote import ExpertFailure
@@ -266,6 +267,70 @@ def test_router_refuses_experts_that_do_not_fit(run_root: Path) -> None:
     finally:
         for e in experts:
             e.stop(0)
+
+
+class _GatedLoad(ExpertServer):
+    """A real expert server whose checkpoint load waits for ``loaded.set()``: its port is open and Info
+    answers UNAVAILABLE "still loading" until then (what a slow checkpoint read looks like)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loaded = threading.Event()
+
+    def _load_model(self):
+        self.loaded.wait(60)
+        return super()._load_model()
+
+
+def test_router_waits_for_an_expert_that_is_still_loading(run_root: Path) -> None:
+    """Started together, the router retries an expert answering "still loading" until it is ready
+    (before the fix it gave up at once with UNAVAILABLE: ... is still loading)."""
+    fast = ExpertServer(str(run_root / "experts/expert-0/checkpoints")).start(timeout=30)
+    slow = _GatedLoad(str(run_root / "experts/expert-1/checkpoints")).start(wait=False)
+    router = RouterServer(
+        str(run_root / "router/checkpoints"), [fast.target, slow.target], connect_timeout=30
+    ).start(wait=False)
+    try:
+        with ExpertClient(slow.target) as probe, pytest.raises(grpc.RpcError) as info:
+            probe.info(timeout=5)  # the expert is up and says so
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in info.value.details()
+        time.sleep(1.5)  # several connect attempts, each answered "still loading"
+        assert not router.wait_loaded(0), f"router gave up while the expert loaded: {router.load_error}"
+        slow.loaded.set()
+        router.wait_ready(30)
+        assert [e.name for e in router.experts] == ["expert-0", "expert-1"]
+        with RouterClient(router.target) as client:
+            images, _ = client.sample(2, steps=2, strategy="full", seed=0)
+        assert images.shape == (2, 1, 8, 8)
+    finally:
+        slow.loaded.set()
+        router.stop(0)
+        fast.stop(0)
+        slow.stop(0)
+
+
+def test_router_fails_naming_an_expert_that_never_becomes_ready(run_root: Path) -> None:
+    fast = ExpertServer(str(run_root / "experts/expert-0/checkpoints")).start(timeout=30)
+    slow = _GatedLoad(str(run_root / "experts/expert-1/checkpoints")).start(wait=False)
+    try:
+        began = time.monotonic()
+        router = RouterServer(
+            str(run_root / "router/checkpoints"), [fast.target, slow.target], connect_timeout=1.5
+        ).start(wait=False)
+        with pytest.raises(ExpertFailure) as info:
+            router.wait_ready(30)
+        waited = time.monotonic() - began
+        message = str(info.value)
+        assert message.startswith(
+            f"expert {slow.target} at {slow.target}: DEADLINE_EXCEEDED: not ready after 1.5 s"
+        ), message
+        assert "it last said UNAVAILABLE: expert" in message and "is still loading" in message, message
+        assert 1.4 <= waited < 10, waited
+        router.stop(0)
+    finally:
+        slow.loaded.set()
+        fast.stop(0)
+        slow.stop(0)
 
 
 def test_concurrent_requests_are_sampled_as_cohorts_and_share_expert_calls(run_root: Path) -> None:

@@ -1,10 +1,12 @@
 """The launcher against TorchX's real local scheduler: real processes, real exit codes, real logs."""
 
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from torchx.runner import get_runner
 from ddm.coordinator.islands import Island, IslandsConfig
 from ddm.coordinator.launcher import JobSpec, Launcher
 from ddm.coordinator.manifest import Manifest
+from ddm.coordinator.pipeline import job_output
 from ddm.core import heartbeat
 
 
@@ -152,3 +155,145 @@ def test_manifest_takes_new_settings_and_placement_but_not_a_changed_recipe(tmp_
     Manifest.open(str(tmp_path), moved)
     with pytest.raises(ValueError, match=r"experts.train.steps: 10 -> 20"):
         Manifest.open(str(tmp_path), {**moved, "experts": {"train": {**moved["experts"]["train"], "steps": 20}}})
+
+
+LONG = (  # a trainer-like job: records each launch, beats every 0.1 s, checkpoints and exits 3 on SIGTERM
+    "import json, os, signal, socket, sys, time\n"
+    "out = os.environ['OUT']\n"
+    "open(out + '/launches', 'a').write(f'{os.getpid()}\\n')\n"
+    "def beat(state):\n"
+    "    json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'step': 0, 'steps': 1,\n"
+    "               'time': time.time(), 'state': state}, open(out + '/heartbeat.json.tmp', 'w'))\n"
+    "    os.replace(out + '/heartbeat.json.tmp', out + '/heartbeat.json')\n"
+    "def stop(*_):\n"
+    "    beat('stopped'); sys.exit(3)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "for _ in range(300):\n"
+    "    beat('running'); time.sleep(0.1)\n"
+    "open(out + '/done', 'w').write('ok')\n"
+)
+UNTIL_TOLD = (  # finishes once the test creates OUT/finish
+    "import os, time\n"
+    "out = os.environ['OUT']\n"
+    "while not os.path.exists(out + '/finish'): time.sleep(0.05)\n"
+    "open(out + '/done', 'w').write('ok')\n"
+)
+
+
+def _wait_blocked_on_flock(pid, directory, timeout=60.0, required=True):
+    """Until /proc/locks lists process ``pid`` waiting ("->") for a flock on ``directory``; False if it
+    did not within ``timeout`` (``required``: AssertionError)."""
+    st = os.stat(directory)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "->" in fields and fields[fields.index("->") + 1] == "FLOCK":
+                    rest = fields[fields.index("->") + 1 :]  # FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...
+                    if rest[3] == str(pid) and rest[4] == inode:
+                        return True
+        time.sleep(0.02)
+    if not required:
+        return False
+    raise AssertionError(f"process {pid} never waited for the manifest lock on {directory}")
+
+
+def _stored_job(root, name):
+    path = root / "manifest.json"
+    return json.loads(path.read_text())["jobs"].get(name, {}) if path.exists() else {}
+
+
+@pytest.mark.parametrize("first", ["cancel", "coordinator"])
+def test_ddm_cancel_racing_a_live_coordinator_is_not_resubmitted(tmp_path, first):
+    """`ddm cancel` (another process) while the coordinator runs the job. The run root's manifest lock
+    (the one ``write_if`` takes) is held while the cancel starts, so both write the manifest at the racy
+    moment: ``first="cancel"``: the cancel's write is queued first, the coordinator's (the job ended)
+    behind it; ``first="coordinator"``: the coordinator's write (another job finished) is queued before
+    the cancel's, so it lands between the cancel's read and its write. Either way the job must end
+    CANCELLED with its one attempt, the coordinator must report it cancelled (not crash on the
+    conflict, not retry it as a failure), `ddm cancel` must succeed, and no second process may start."""
+    root = tmp_path / "root"
+    # where `ddm cancel` looks for the jobs' heartbeats
+    out, other = job_output(str(root), "long"), job_output(str(root), "other")
+    os.makedirs(out)
+    os.makedirs(other)
+    result = {}
+
+    def coordinate():
+        jobs = [script_job("long", out, LONG), script_job("other", other, UNTIL_TOLD)]
+        with get_runner() as runner:
+            try:
+                result["outcomes"] = launcher(root, runner, max_attempts=3).run(jobs)
+            except Exception as e:  # reported by the asserts below
+                result["error"] = e
+
+    coordinator = threading.Thread(target=coordinate, daemon=True)
+    coordinator.start()
+    deadline = time.time() + 30
+    while not (_stored_job(root, "long").get("state") == _stored_job(root, "other").get("state") == "RUNNING"
+               and (heartbeat.read(out) or {}).get("state") == "running"):  # fmt: skip
+        assert time.time() < deadline and coordinator.is_alive(), f"the jobs did not start: {result}"
+        time.sleep(0.05)
+    if first == "cancel":  # only "long" is running when the cancel comes
+        open(os.path.join(other, "finish"), "w").close()
+        while _stored_job(root, "other").get("state") != "SUCCEEDED":
+            assert time.time() < deadline and coordinator.is_alive(), f"other did not finish: {result}"
+            time.sleep(0.05)
+    lock = os.open(root, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a manifest write in flight: every other writer waits behind it
+    try:
+        if first == "coordinator":
+            open(os.path.join(other, "finish"), "w").close()
+            _wait_blocked_on_flock(os.getpid(), root)  # the coordinator saw it end and waits to record it
+        cancel = subprocess.Popen([sys.executable, "-m", "ddm.coordinator.cli", "cancel", str(root)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        _wait_blocked_on_flock(cancel.pid, root)  # the cancel has read the manifest and waits to write it
+        if first == "cancel":  # before the fix it killed the job by now: the coordinator saw it end
+            _wait_blocked_on_flock(os.getpid(), root, timeout=3.0, required=False)
+    finally:
+        os.close(lock)
+    stdout, stderr = cancel.communicate(timeout=60)
+    coordinator.join(20)
+    time.sleep(1.0)  # a resubmitted process would have recorded its launch by now
+    with open(os.path.join(out, "launches")) as f:
+        launches = f.read().split()
+    assert "error" not in result, f"the coordinator failed: {result.get('error')!r}"
+    assert len(launches) == 1, f"the cancelled job was launched again: pids {launches}; ddm cancel: {stderr}"
+    # "other" too if the cancel read it running (it finished while the lock was held): its output wins
+    assert cancel.returncode == 0 and stdout.strip() in ("cancelled: long", "cancelled: long, other"), stderr
+    assert not coordinator.is_alive(), "the coordinator kept running a cancelled job"
+    outcomes = result["outcomes"]
+    assert outcomes["long"].state == "CANCELLED" and outcomes["long"].attempts == 1
+    assert outcomes["other"].state == "SUCCEEDED"
+    saved = _stored_job(root, "long")
+    assert saved["state"] == "CANCELLED" and [a["state"] for a in saved["attempts"]] == ["CANCELLED"], saved
+    assert heartbeat.read(out)["state"] == "stopped"
+
+
+def test_a_coordinator_takes_over_only_cancellations_from_the_stored_manifest(tmp_path):
+    """adopt_cancellations: nothing when nobody wrote; ManifestConflict when anything besides a
+    cancellation changed (another coordinator); else the cancelled records, keeping our other changes."""
+    from ddm.coordinator.launcher import cancel_jobs
+    from ddm.coordinator.manifest import ManifestConflict
+
+    ours = Manifest.open(str(tmp_path), {"name": "t"})
+    for name in ("a", "b"):
+        handle = f"local://x/{name}"
+        ours.update_job(name, state="RUNNING", handle=handle, attempts=[{"handle": handle}])
+    assert ours.adopt_cancellations() == []  # nobody else wrote
+    with get_runner() as runner:  # `ddm cancel` elsewhere: a's scheduler does not know the handle
+        theirs = Manifest.load(str(tmp_path))
+        theirs.update_job("b", state="SUCCEEDED")  # as if b had finished before the cancel read it
+        assert cancel_jobs(Manifest.load(str(tmp_path)), runner, {}) == ["a"]
+    with pytest.raises(ManifestConflict, match="beyond cancelling jobs"):  # b changed too: not a cancel
+        ours.adopt_cancellations()
+    ours = Manifest.load(str(tmp_path))
+    ours.job("a")["note"] = "ours, not saved yet"
+    Manifest.load(str(tmp_path)).update_job("b", state="CANCELLED", cancelled_at=1.0)  # a cancel of b
+    assert ours.adopt_cancellations() == ["b"]  # b's record taken over, our change to a kept and saved
+    saved = json.loads((tmp_path / "manifest.json").read_text())["jobs"]
+    assert saved["a"]["state"] == saved["b"]["state"] == "CANCELLED"
+    assert saved["a"]["note"] == "ours, not saved yet"
+    assert ours.job("b")["state"] == "CANCELLED" and ours.adopt_cancellations() == []

@@ -1,15 +1,19 @@
 """Run-root storage on a real S3 endpoint (moto's server on 127.0.0.1, see s3_fixtures): helpers round
 trip, every write is one PUT straight to its final key (or an all-or-nothing multipart upload for large
-objects), the manifest is a compare-and-swap that two writers cannot both win, checkpoints save and load
+objects, which a writer SIGKILLed midway leaves unseen), the manifest is a compare-and-swap that two writers cannot both win, checkpoints save and load
 on s3://, and the gRPC servers load their checkpoints from s3://."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +291,94 @@ def test_a_local_manifest_is_guarded_the_same_way(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "manifest.json"
     ]  # no temp or lock files left
+
+
+_PART = 5 * 2**20  # S3's smallest part (moto enforces it too): 32 parts, 4 rounds of s3fs's 10 at once
+_WRITER = textwrap.dedent(
+    """
+    import random, sys
+    from ddm.core import storage
+    url, size, seed, part = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    data = random.Random(seed).randbytes(size)
+    print("uploading", flush=True)
+    storage.write_bytes(url, data, part_size=part)
+    print("done", flush=True)
+    """
+)
+
+
+def _writer(url: str, size: int, seed: int) -> subprocess.Popen:
+    """A separate process writing ``size`` seeded random bytes to ``url`` as a multipart upload."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER, url, str(size), str(seed), str(_PART)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_multipart_upload_killed_midway_leaves_the_previous_object_and_a_rerun_completes(s3: S3) -> None:
+    url, key = s3.url("run", "ckpt.safetensors"), "run/ckpt.safetensors"
+    old = random.Random(1).randbytes(11 * 2**20)
+    storage.write_bytes(url, old, part_size=_PART)  # the previous whole version (3 parts)
+    size = 32 * _PART
+    new = random.Random(2).randbytes(size)
+
+    seen: list[str] = []  # every reader observation during the upload: "missing" or the bytes' sha256
+    stop = threading.Event()
+
+    def read_all_the_time() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(hashlib.sha256(storage.read_bytes(url)).hexdigest())
+            except FileNotFoundError:
+                seen.append("missing")
+
+    reader = threading.Thread(target=read_all_the_time, daemon=True)
+    reader.start()
+    writer = _writer(url, size, seed=2)
+    try:
+        assert writer.stdout.readline().strip() == "uploading", writer.stderr.read()
+        deadline, parts = time.monotonic() + 60, []
+        while not parts and time.monotonic() < deadline:  # wait for some parts, then kill it
+            for upload in s3.client().list_multipart_uploads(Bucket=s3.bucket, Prefix=key).get("Uploads", []):
+                listed = s3.client().list_parts(Bucket=s3.bucket, Key=key, UploadId=upload["UploadId"])
+                parts = listed.get("Parts", [])
+            time.sleep(0.01)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        time.sleep(0.3)  # a few more reads after the kill
+        stop.set()
+        reader.join(10)
+    uploads = s3.client().list_multipart_uploads(Bucket=s3.bucket, Prefix=key).get("Uploads", [])
+    assert len(uploads) == 1, uploads  # killed mid-upload: an incomplete upload, invisible to readers
+    done = s3.client().list_parts(Bucket=s3.bucket, Key=key, UploadId=uploads[0]["UploadId"]).get("Parts", [])
+    assert 0 < len(done) < 32, len(done)
+    assert set(seen) == {hashlib.sha256(old).hexdigest()} and len(seen) > 1, set(seen)
+    assert storage.read_bytes(url) == old and s3.objects("run/")[key]["ETag"].endswith('-3"')
+
+    rerun = _writer(url, size, seed=2)
+    out, err = rerun.communicate(timeout=100)
+    assert rerun.returncode == 0 and out.split() == ["uploading", "done"], err
+    final = s3.objects("run/")[key]
+    assert final["Size"] == size and final["ETag"].endswith('-32"')
+    assert storage.read_bytes(url) == new
+    s3.client().abort_multipart_upload(Bucket=s3.bucket, Key=key, UploadId=uploads[0]["UploadId"])
+    storage.remove(url)  # moto keeps objects in memory for the whole session
+
+
+def test_a_coordinator_takes_over_a_cancellation_written_on_s3(s3: S3) -> None:
+    root = s3.url("run")
+    ours = Manifest.open(root, {"name": "t"})
+    ours.update_job("expert-0", state="RUNNING", handle="local://x/e0", attempts=[{"handle": "local://x/e0"}])
+    version = ours.version
+    assert ours.adopt_cancellations() == [] and ours.version == version  # nothing foreign: no write at all
+    Manifest.load(root).update_job("expert-0", state="CANCELLED", cancelled_at=1.0)  # as `ddm cancel` does
+    assert ours.adopt_cancellations() == ["expert-0"] and ours.job("expert-0")["state"] == "CANCELLED"
+    ours.update_job("expert-1", state="PENDING")  # our copy is current again: an If-Match write succeeds
+    stored = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))["jobs"]
+    assert stored["expert-0"]["state"] == "CANCELLED" and stored["expert-1"]["state"] == "PENDING"
