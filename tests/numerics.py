@@ -36,6 +36,12 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return {g: h.hexdigest() for g, h in sorted(groups.items())}
 
 
+def environment() -> dict[str, str]:
+    """What the pin depends on besides the code: torch's version and the CPU (its kernels differ)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"torch": torch.__version__, "cpu": cpu, "threads": "1"}
+
+
 def _figures(result: Any, ckpt_dir: Path) -> dict[str, Any]:
     from ddm.core import checkpoint
 
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         figures = run_all(Path(tmp))
-    text = json.dumps(figures, indent=1, sort_keys=True) + "\n"
+    text = json.dumps({**figures, "environment": environment()}, indent=1, sort_keys=True) + "\n"
     if args.write:
         PINNED.parent.mkdir(exist_ok=True)
         PINNED.write_text(text)
