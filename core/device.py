@@ -117,8 +117,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def add_argument(parser: argparse.ArgumentParser, *, default: str = "auto") -> None:
-    """``--device`` with the policy's help and choices check (every command that runs a network)."""
+def add_argument(parser: argparse.ArgumentParser, *, default: str | None = "auto", help: str | None = None) -> None:
+    """``--device`` with the policy's help and choices check (every command that runs a network).
+    ``default=None``: unset keeps what the command's config says (``help`` then names that setting)."""
 
     def device_type(value: str) -> str:
         try:
@@ -126,7 +127,7 @@ def add_argument(parser: argparse.ArgumentParser, *, default: str = "auto") -> N
         except DeviceError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parser.add_argument("--device", type=device_type, default=default, help=f"{DEVICE_HELP} (default: {default})")
+    parser.add_argument("--device", type=device_type, default=default, help=help or f"{DEVICE_HELP} (default: {default})")
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:

@@ -44,32 +44,32 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [*units, model]
 
 
-def shard(model: nn.Module, d: Distributed, *, precision: str) -> nn.Module:
-    """FSDP2 over all ranks, in place; bf16 keeps fp32 master weights and reduces gradients in fp32."""
+def _fully_shard(model: nn.Module, d: Distributed, **options: object) -> nn.Module:
+    """``fully_shard`` each unit of ``model`` over all ranks, in place."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh, **options)
+    return model
+
+
+def shard(model: nn.Module, d: Distributed, *, precision: str) -> nn.Module:
+    """FSDP2 over all ranks, in place; bf16 keeps fp32 master weights and reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if precision == "bf16"
         else MixedPrecisionPolicy()
     )
-    for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    return model
+    return _fully_shard(model, d, mp_policy=policy)
 
 
 def sharded_copy(model: nn.Module, d: Distributed) -> nn.Module:
     """A second module sharded like ``model`` (the EMA's copy), made from the unsharded ``model``."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(d.device.type, (d.world_size,))
-    twin = copy.deepcopy(model)
-    for unit in shard_units(twin):
-        fully_shard(unit, mesh=mesh)
-    return twin
+    return _fully_shard(copy.deepcopy(model), d)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -63,14 +63,7 @@ class Placement:
 def add_override_argument(parser: argparse.ArgumentParser, *, config_field: str = "device") -> None:
     """``--device`` for a command whose config already has a device setting: unset (None) keeps the
     config's value. Same choices and check as ``core.device.add_argument``."""
-
-    def device_type(value: str) -> str:
-        try:
-            return policy.check_spec(value, "--device")
-        except policy.DeviceError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parser.add_argument(
-        "--device", type=device_type, default=None,
+    policy.add_argument(
+        parser, default=None,
         help=f"{policy.DEVICE_HELP} for the networks this process runs (default: the config's `{config_field}`)",
     )  # fmt: skip

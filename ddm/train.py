@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="override train.steps (e.g. to extend a finished job)"
     )
-    device.add_argument(parser, default=None)
+    device.add_argument(parser, default=None, help=f"{device.DEVICE_HELP} (default: the job's train.device)")
     parser.add_argument(
         "--no-resume",
         dest="resume",
