@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "eval": ("ddm.coordinator.eval_cmd", "evaluate a checkpoint: FD, KID, precision/recall, class accuracy"),
     "k8s": ("ddm.coordinator.k8s_cmd", "write the per-expert kustomize Component of a k8s/ overlay"),
     "compare": ("ddm.coordinator.compare_cmd", "K experts vs a compute-matched monolith: train it, score all, one table"),
+    "report": ("ddm.coordinator.report", "write one self-contained HTML page of a run: stages, clusters, curves, samples, tables"),
     "models": ("ddm.coordinator.models_cmd", "list DiT and router architectures: parameters, GFLOPs per image, tokens"),
 }
 
