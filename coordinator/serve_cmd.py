@@ -131,6 +131,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--expert-threads", type=int, default=1, help="torch threads of each expert server process (default 1)"
     )
+    s.add_argument(
+        "--expert-ports",
+        metavar="PORTS",
+        help="ports of the expert servers on 127.0.0.1: P1,P2,... in expert order, or one base port P for "
+        "P, P+1, ... (default: free ones picked at start); a restarted expert always gets its port back",
+    )
     _add_sampling_defaults(s)
     _add_common(s, 50050)
 
@@ -241,15 +247,21 @@ def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Ev
     """``ddm serve run ROOT``: expert server processes + the router, until SIGTERM/SIGINT."""
     import torch
 
-    from ddm.coordinator.stack import LocalStack
+    from ddm.coordinator.stack import LocalStack, parse_ports, run_experts
     from ddm.core.device import DeviceError
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.expert_ports:  # a usage error, reported before anything starts
+        try:
+            args.expert_ports = parse_ports(args.expert_ports, len(run_experts(args.root)))
+        except ValueError as e:
+            print(f"ddm serve run: {e}", file=sys.stderr)
+            return 2
     try:
         stack = LocalStack(
             args.root, host=args.host, port=args.port, expert_threads=args.expert_threads, token=token,
-            router_options=_router_options(args), device=_placement(args),
+            expert_ports=args.expert_ports, router_options=_router_options(args), device=_placement(args),
         ).start()  # fmt: skip
     except DeviceError as e:  # the setting cannot be honoured here: a usage error, like a bad flag
         print(f"ddm serve run: {e}", file=sys.stderr)
@@ -258,7 +270,7 @@ def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Ev
         print(f"ddm serve run: {e}", file=sys.stderr)
         return 1
     for e in stack.experts:
-        print(f"ddm serve run: {e.name} on {e.address}", file=sys.stderr)
+        print(f"ddm serve run: {e.name} on {e.address} (pid {e.pid})", file=sys.stderr, flush=True)
     print(f"ddm serve run: serving router over {len(stack.experts)} experts on {stack.address}", flush=True)
     stop.wait()
     print(f"ddm serve run: stopping (grace {args.grace:g} s)", file=sys.stderr, flush=True)
