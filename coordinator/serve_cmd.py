@@ -3,6 +3,10 @@
     ddm serve expert --checkpoint runs/demo/experts/expert-0/checkpoints --port 50051
     ddm serve router --run runs/demo --expert host0:50051 --expert host1:50051 ... --port 50050
     ddm serve run runs/demo      # the whole stack on this machine: K expert processes + the router
+    ddm serve run runs/demo --expert-ports 50061   # experts on fixed ports 50061, 50062, ...
+
+``serve run`` supervises its expert processes: one that exits is logged, reported in the router's
+health and Info, and restarted on the same port with backoff (``coordinator.stack``).
 
 Each prints one line ``ddm serve <kind>: serving ... on HOST:PORT`` once ready (with ``--port 0`` the
 port the system picked), which scripts and tests wait for. Bearer tokens are read from a file (or the

@@ -365,6 +365,9 @@ class LocalStack:
                 "expert %s restarted (pid %d) on %s; the router rejoins it at its next health check",
                 e.name, e.pid, e.address,
             )  # fmt: skip
+            remote = self._remote(e.name)
+            if remote is not None:
+                remote.reconnect()
 
     def kill_expert(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to expert ``name``'s server process (tests, chaos); returns its pid."""

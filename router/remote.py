@@ -169,7 +169,8 @@ class RemoteExpert:
     ):
         self.address = address
         self.timeout = timeout
-        self.client = ExpertClient(address, tls=tls, token=token, timeout=timeout, max_message=max_message)
+        self._dial = dict(tls=tls, token=token, timeout=timeout, max_message=max_message)
+        self.client = ExpertClient(address, **self._dial)
         self.info: pb.ExpertInfo | None = None
         self.coalesce = coalesce
         self.batcher: DynamicBatcher | None = None  # coalesces concurrent calls, after connect()
@@ -343,6 +344,12 @@ class RemoteExpert:
 
     def health(self, *, timeout: float = 1.0) -> tuple[bool, str]:
         return self.client.health(timeout=timeout)
+
+    def reconnect(self) -> None:
+        """Dial again on a fresh channel. For whoever knows the server was just restarted (the stack's
+        supervisor): the old channel would retry only after its reconnect backoff (up to 5 s)."""
+        old, self.client = self.client, ExpertClient(self.address, **self._dial)
+        old.close()
 
     def close(self) -> None:
         if self.batcher is not None:

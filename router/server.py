@@ -22,8 +22,9 @@ are served; health is SERVING once the router is loaded and every expert answere
 Once serving, the router watches its experts (a grpc.health.v1 check of each every
 ``health_interval`` s, and every failed call): an expert found down is logged, its health service
 ``ddm.v1.Expert/NAME`` on the router turns NOT_SERVING, and so do the router's overall health (``""``)
-and ``ddm.v1.Router``, because a request without ``allow_degraded`` may need it; ``Info.down_experts``
-names it and ``Info.ready`` is false. Requests with ``allow_degraded`` skip it. When its check passes
+and ``ddm.v1.Router``, because a request without ``allow_degraded`` may need it (the service
+``liveness`` stays SERVING: the router process itself is fine); ``Info.down_experts`` names it and
+``Info.ready`` is false. Requests with ``allow_degraded`` skip it. When its check passes
 again (a restarted server on the same address: the channel reconnects by itself) it is logged as back
 and everything returns to SERVING. Every degraded or expert-failed Sample is logged with the experts
 it lost and why.
@@ -72,6 +73,9 @@ from ddm.router.sample_request import (
 log = logging.getLogger(__name__)
 SERVICE = "ddm.v1.Router"
 EXPERT_HEALTH_PREFIX = "ddm.v1.Expert/"  # + an expert's name: its health as the router sees it
+# SERVING from loaded to shutdown whatever the experts do: what a liveness probe checks (restarting a
+# router whose expert is down only loses its other work), where readiness checks "" or ddm.v1.Router.
+LIVENESS = "liveness"
 # A health check that times out is a strike, not proof: an expert is down after this many in a row (a
 # hung process), at once for a refused connection or NOT_SERVING. RESOURCE_EXHAUSTED means busy: up.
 DEADLINE_STRIKES = 3
@@ -263,8 +267,10 @@ class RouterServer(rpc.LoadingServer):
         log.info("router connected to experts %s", [e.name for e in self.experts])
 
     def _load_in_background(self) -> None:
+        self._health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         super()._load_in_background()  # SERVING once loaded; only then may the watchers change that
         if self.ready:
+            self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
             self._published = None  # whatever a call failing meanwhile published, set_serving overwrote
             for e in self.experts:
                 threading.Thread(target=self._watch, args=(e,), name=f"watch-{e.name}", daemon=True).start()

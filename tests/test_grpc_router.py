@@ -408,7 +408,7 @@ def test_a_lost_expert_turns_health_not_serving_and_its_restart_serving_again(
     caplog.set_level("INFO", logger="ddm.router.server")
     everything_serving = {
         "": "SERVING", "ddm.v1.Expert/expert-0": "SERVING", "ddm.v1.Expert/expert-1": "SERVING",
-        "ddm.v1.Router": "SERVING",
+        "ddm.v1.Router": "SERVING", "liveness": "SERVING",
     }  # fmt: skip
     try:
         with RouterClient(router.target) as client:

@@ -184,7 +184,7 @@ def test_serve_run_restarts_a_killed_expert_on_its_port_and_health_follows(tmp_p
                                     "--expert-ports", f"{ports[0]},{ports[1]}", "--steps", "2"], keep=100_000)  # fmt: skip
     log = lambda: "\n".join(stack.stderr_tail)
     serving = {"": "SERVING", "ddm.v1.Expert/expert-0": "SERVING", "ddm.v1.Expert/expert-1": "SERVING",
-               "ddm.v1.Router": "SERVING"}  # fmt: skip
+               "ddm.v1.Router": "SERVING", "liveness": "SERVING"}  # fmt: skip
     try:
         address = stack.start().wait_ready(time.monotonic() + 120)
         pid = int(until(lambda: re.search(rf"expert-1 on 127\.0\.0\.1:{ports[1]} \(pid (\d+)\)", log()), 10, "pids").group(1))
