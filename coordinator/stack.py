@@ -89,6 +89,7 @@ class ServerProcess:
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr_tail: list[str] = []
         self._log: TextIO | None = None
+        self._pumps: list[threading.Thread] = []
 
     def start(self) -> ServerProcess:
         self.lines = queue.Queue()
@@ -101,9 +102,11 @@ class ServerProcess:
         )  # fmt: skip
         self.started_at = time.monotonic()
         proc, lines = self.proc, self.lines
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        self._pumps = [threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)]
         if self._log is None:
-            threading.Thread(target=self._pump_err, args=(proc,), daemon=True).start()
+            self._pumps.append(threading.Thread(target=self._pump_err, args=(proc,), daemon=True))
+        for t in self._pumps:
+            t.start()
         return self
 
     def _pump_err(self, proc: subprocess.Popen) -> None:
@@ -146,6 +149,13 @@ class ServerProcess:
             if m := READY.search(line):
                 self.address = f"{m.group(3)}:{m.group(4)}"
                 return self.address
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to exit and for its output to be read to the end; its return code."""
+        code = self.proc.wait(timeout)
+        for t in self._pumps:
+            t.join(timeout=5)
+        return code
 
     def rss_mb(self) -> float:
         """Resident memory of the process, MB (/proc/PID/status VmRSS)."""

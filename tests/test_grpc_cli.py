@@ -8,25 +8,33 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from ddm.coordinator.stack import ServerProcess
 from grpc_fixtures import expert_checkpoint, router_checkpoint
 
 DDM = [sys.executable, "-m", "ddm.coordinator.cli"]
 
 
-class Proc:
-    """A subprocess whose stdout lines are collected by a thread (so a test can wait for one)."""
+class Proc(ServerProcess):
+    """A ``ddm`` subprocess on the stack's one helper: stdout lines queued (a test waits for one), every
+    stderr line kept (read while it runs, so a chatty server never blocks on a full pipe)."""
 
     def __init__(self, args: list[str]):
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(line) for line in self.p.stdout], daemon=True).start()
+        super().__init__("ddm", args, keep=100_000)
+        self.start()
+
+    @property
+    def p(self) -> subprocess.Popen:
+        return self.proc
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_tail)
 
     def wait_for(self, pattern: str, timeout: float = 60) -> re.Match:
         while True:
@@ -34,16 +42,14 @@ class Proc:
                 line = self.lines.get(timeout=timeout)
             except queue.Empty:
                 self.p.kill()
-                raise AssertionError(
-                    f"no line matching {pattern!r}; stderr: {self.p.stderr.read()}"
-                ) from None
+                self.wait(10)
+                raise AssertionError(f"no line matching {pattern!r}; stderr: {self.stderr}") from None
             if m := re.search(pattern, line):
                 return m
 
     def terminate(self) -> tuple[int, str]:
         self.p.send_signal(signal.SIGTERM)
-        _, err = self.p.communicate(timeout=30)
-        return self.p.returncode, err
+        return self.wait(30), self.stderr
 
 
 @pytest.mark.slow  # four Python processes importing torch: ~20 s on 2 busy cores
