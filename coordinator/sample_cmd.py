@@ -117,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
     from ddm.core.placement import Placement
     from ddm.expert.student import for_sampling
 
+    from ddm.core import storage
+
+    if not args.checkpoint.endswith(".safetensors") and storage.exists(storage.join(args.checkpoint, "manifest.json")):
+        print(f"ddm sample: --checkpoint {args.checkpoint} is a run root; sample its ensemble with --run {args.checkpoint}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
     placement.announce(f"sample: {'student' if hasattr(denoiser, 'for_schedule') else 'model'} ({args.checkpoint})")

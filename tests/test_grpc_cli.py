@@ -220,3 +220,12 @@ def test_sample_run_in_process_matches_the_router_and_allow_degraded_survives_a_
         router.stop(0)
         for e in experts:
             e.stop(0)
+
+
+def test_sample_checkpoint_of_a_run_root_points_to_run(tmp_path: Path) -> None:
+    from test_serve_stack import make_run
+
+    make_run(tmp_path / "run")
+    out = subprocess.run([*DDM, "sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert out.returncode == 2 and "is a run root; sample its ensemble with --run" in out.stderr, out.stderr
