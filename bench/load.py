@@ -205,6 +205,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="client deadline per call, s (default 30)")
     p.add_argument("--soak", action="store_true", help="long mode: `ddm serve run`, experts SIGKILLed during the load")
     p.add_argument("--restart-every", type=float, default=20.0, help="soak: seconds between expert kills (default 20)")
+    p.add_argument("--keep-log", metavar="FILE", help="soak: copy the ddm serve run log here at the end")
     args = p.parse_args()
     if args.quick and args.soak:
         p.error("--quick and --soak are different modes; choose one")
@@ -401,9 +402,15 @@ def soak(args: argparse.Namespace) -> None:
             rss_router_end = stack.rss_mb()
             rss_end = rss_router_end + sum(rss_mb(pid) for pid in pids.values())
             alive = stack.alive and all(Path(f"/proc/{pid}").exists() for pid in pids.values())
-            restarts = len(re.findall(r"restarting it on the same port", log.read_text()))
+            text = log.read_text()
+            exits: dict[str, int] = {}
+            for status in re.findall(r"expert \S+ \(pid \d+, \S+\) (.+?); restarting it on the same port", text):
+                exits[status] = exits.get(status, 0) + 1
+            restart_failures = re.findall(r"expert \S+ restart \d+ failed: .*", text)
         finally:
             stack.stop(10)
+            if args.keep_log:
+                Path(args.keep_log).write_text(log.read_text())
     out = {
         "mode": "soak",
         "requests": tally.started,
@@ -413,7 +420,9 @@ def soak(args: argparse.Namespace) -> None:
         "errors": tally.errors,
         "lost": lost,
         "kills": len(chaos.rejoin_s) + chaos.failed_rejoins,
-        "restarts": restarts,
+        "restarts": sum(exits.values()),
+        "exits": exits,  # what ended each expert process the supervisor restarted (the kills: SIGKILL)
+        "restart_failures": restart_failures,
         "failed_rejoins": chaos.failed_rejoins,
         "restart_s": chaos.restart_s,
         "rejoin_s": chaos.rejoin_s,
