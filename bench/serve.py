@@ -45,14 +45,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402 (below: OpenMP's env var must be set before torch is imported)
 import json
-import queue
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from ddm.coordinator.stack import SERVE, ServerProcess, start_all
 from ddm.core import checkpoint
 from ddm.expert.images import to_uint8
 from ddm.expert.load import load_denoiser
@@ -134,39 +129,11 @@ def make_run(root: Path, k: int, router_steps: int) -> tuple[list[str], str]:
     return experts, router_dir
 
 
-class Server:
-    """A `ddm serve` subprocess; waits for its "serving ... on HOST:PORT" line."""
-
-    def __init__(self, args: list[str], threads: int):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        command = [sys.executable, "-m", "ddm.coordinator.cli", "serve", *args]
-        command += f"--host 127.0.0.1 --port 0 --threads {threads}".split()
-        self.p = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(x) for x in self.p.stdout], daemon=True).start()
-
-    def address(self, timeout: float = 120) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                if self.p.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.p.returncode}") from None
-                continue
-            if m := re.search(r"serving .* on (\S+:\d+)", line):
-                return m.group(1)
-        raise TimeoutError("server did not come up")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
+def serve_process(args: list[str], threads: int) -> ServerProcess:
+    """A started ``ddm serve`` subprocess with ``threads`` torch threads (the stack's one helper)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    argv = [*SERVE, *args, *f"--host 127.0.0.1 --port 0 --threads {threads}".split()]
+    return ServerProcess(args[0], argv, env=env, log=os.devnull).start()
 
 
 class Meter:
@@ -226,29 +193,28 @@ def main() -> None:
     args.reps, args.window = (3, 4.0) if args.quick else (7, 15.0)
     out: dict[str, object] = {"experts": k, "steps": args.steps, "guidance": GUIDANCE, "quick": args.quick}
     load_before = os.getloadavg()[0]
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         expert_dirs, router_dir = make_run(Path(tmp), k, router_steps=150 if args.quick else 400)
         try:
             expert_args = f"--max-batch 512 --max-delay-ms {args.max_delay_ms}".split()
-            servers = [Server(["expert", "--checkpoint", d, *expert_args], 1) for d in expert_dirs]
+            servers = [serve_process(["expert", "--checkpoint", d, *expert_args], 1) for d in expert_dirs]
             router_args = [
                 "router",
                 "--router-checkpoint",
                 router_dir,
                 *"--max-n 512 --max-concurrent 64".split(),
             ]
-            for s in servers:
-                router_args += ["--expert", s.address()]
-            servers.append(Server(router_args, 1))
-            router_address = servers[-1].address()
-            METER.pids = [srv.p.pid for srv in servers]
+            router_args += [x for a in start_all(servers, 120) for x in ("--expert", a)]
+            servers.append(serve_process(router_args, 1))
+            router_address = start_all(servers[-1:], 120)[0]
+            METER.pids = [srv.pid for srv in servers]
             print(f"{k} expert servers + a router server up, each its own process with 1 torch thread")
             run(out, router_address, expert_dirs, router_dir, args)
         finally:
             for s in servers:
-                s.stop()
+                s.stop(5)
     out["load_average_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(f"machine load average (other jobs share these 2 cores): {out['load_average_before_after']}")
     print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in out.items()}))

@@ -1,5 +1,8 @@
-"""``ddm sample``: draw guided samples and write a PNG grid, from a checkpoint locally or through a
+"""``ddm sample``: draw guided samples and write a PNG grid, from a checkpoint locally, from a finished
+run's ensemble in this process (``--run ROOT``: its router and every expert loaded here), or through a
 router server (``--router HOST:PORT``: the ensemble of remote experts, with a progress bar).
+``--run`` starts from the same noise for a seed as the router server does, so it reproduces a served
+sample; ``--allow-degraded`` lets the router finish without an expert that went down (listed).
 
 A distilled student's checkpoint samples locally like an expert's; it guides itself (w is its input:
 one pass per step) and uses the step count as its shortcut step size. ``--router ... --model student``
@@ -24,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--router", metavar="HOST:PORT", help="sample through a router server (ddm serve router) instead"
     )
+    src.add_argument(
+        "--run",
+        metavar="ROOT",
+        help="sample a finished run's ensemble in this process (its router and every expert loaded here)",
+    )
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.add_argument(
         "--labels",
@@ -39,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.png", help="output PNG (local or s3://)")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     add_device_argument(p)
-    r = p.add_argument_group("through a router (--router)")
+    r = p.add_argument_group("through a router (--router); --strategy, --top-k, --threshold also for --run")
     r.add_argument(
         "--strategy", choices=["top-k", "full", "threshold"], help="expert selection (default: the router's)"
     )
@@ -58,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tls-key", help="PEM key of --tls-cert")
     r.add_argument("--server-name", help="name to verify in the router's certificate (default: its host)")
     r.add_argument("--token-file", help="file holding the router's bearer token (else $DDM_TOKEN)")
+    r.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="let the router finish without an expert that is or goes down (named in the output); "
+        "default: such a call fails with UNAVAILABLE",
+    )
 
 
 def parse_labels(spec: str, n: int, num_classes: int):
@@ -84,6 +98,14 @@ def parse_labels(spec: str, n: int, num_classes: int):
 def run(args: argparse.Namespace) -> int:
     if args.router:
         return run_remote(args)
+    import sys
+
+    if args.allow_degraded:
+        print("ddm sample: --allow-degraded applies to --router only (in this process no expert can go down)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.run:
+        return run_ensemble(args)
     import math
 
     import torch
@@ -95,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
     from ddm.core.placement import Placement
     from ddm.expert.student import for_sampling
 
+    from ddm.core import storage
+
+    if not args.checkpoint.endswith(".safetensors") and storage.exists(storage.join(args.checkpoint, "manifest.json")):
+        print(f"ddm sample: --checkpoint {args.checkpoint} is a run root; sample its ensemble with --run {args.checkpoint}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
     placement.announce(f"sample: {'student' if hasattr(denoiser, 'for_schedule') else 'model'} ({args.checkpoint})")
@@ -164,6 +192,7 @@ def run_remote(args: argparse.Namespace) -> int:
                     seed=args.seed,
                     time_shift=args.time_shift,
                     model=args.model,
+                    allow_degraded=args.allow_degraded,
                     on_progress=lambda step, total, t: bar.update(step - bar.n),
                 )
         except grpc.RpcError as e:
@@ -175,7 +204,54 @@ def run_remote(args: argparse.Namespace) -> int:
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(images, args.out, nrow=nrow)
     calls = ", ".join(f"{name} {count}" for name, count in result.expert_calls.items())
+    degraded = f"; degraded, without {', '.join(result.degraded_experts)}" if result.degraded_experts else ""
     print(
-        f"wrote {args.n} samples to {args.out} ({result.seconds:.2f} s on the router; expert calls: {calls})"
+        f"wrote {args.n} samples to {args.out} ({result.seconds:.2f} s on the router; expert calls: {calls}{degraded})"
     )
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    """``--run ROOT``: the run's router and experts loaded here, sampled as one Ensemble with the router
+    server's defaults for what is unset (top-1) and its starting noise for the seed."""
+    import math
+    import sys
+
+    from ddm.coordinator.stack import run_experts
+    from ddm.core import storage
+    from ddm.core.placement import Placement
+    from ddm.expert.images import save_grid, to_uint8
+    from ddm.expert.load import load_denoiser
+    from ddm.expert.sampling import sample
+    from ddm.router.ensemble import Ensemble
+    from ddm.router.model import load_router
+    from ddm.router.sample_request import SampleDefaults, initial_noise
+
+    if args.model == "student":
+        print("ddm sample: --model student with --run: sample the student with --checkpoint ROOT/distill/checkpoints",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    d = SampleDefaults()  # what the router server does with these unset
+    try:
+        placement = Placement.resolve(args.device, field="--device")
+        named = run_experts(args.run)
+        experts = [load_denoiser(ckpts, ema=not args.no_ema, device=placement.device) for _, ckpts in named]
+        router_url = storage.join(args.run, "router", "checkpoints")
+        ensemble = Ensemble(
+            experts, load_router(router_url, device=placement.device), strategy=args.strategy or d.strategy,
+            top_k=d.top_k if args.top_k is None else args.top_k,
+            threshold=d.threshold if args.threshold is None else args.threshold,
+        )  # fmt: skip
+        y = placement.to(parse_labels(args.labels, args.n, ensemble.num_classes))
+    except ValueError as e:
+        print(f"ddm sample: {e}", file=sys.stderr)
+        return 2
+    placement.announce(f"sample: router + {len(experts)} experts ({args.run})")
+    noise, gen = initial_noise(args.n, experts[0].image_shape, args.seed)
+    x0 = sample(ensemble.guided(args.guidance), placement.to(noise), y, steps=args.steps, sampler=args.sampler,
+                time_shift=args.time_shift, generator=gen)  # fmt: skip
+    nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
+    save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
+    rows = ", ".join(f"{name} {r}" for (name, _), r in zip(named, ensemble.calls.rows))
+    print(f"wrote {args.n} samples to {args.out} (in-process ensemble of {len(experts)} experts; expert rows: {rows})")
     return 0

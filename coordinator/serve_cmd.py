@@ -3,6 +3,10 @@
     ddm serve expert --checkpoint runs/demo/experts/expert-0/checkpoints --port 50051
     ddm serve router --run runs/demo --expert host0:50051 --expert host1:50051 ... --port 50050
     ddm serve run runs/demo      # the whole stack on this machine: K expert processes + the router
+    ddm serve run runs/demo --expert-ports 50061   # experts on fixed ports 50061, 50062, ...
+
+``serve run`` supervises its expert processes: one that exits is logged, reported in the router's
+health and Info, and restarted on the same port with backoff (``coordinator.stack``).
 
 Each prints one line ``ddm serve <kind>: serving ... on HOST:PORT`` once ready (with ``--port 0`` the
 port the system picked), which scripts and tests wait for. Bearer tokens are read from a file (or the
@@ -131,6 +135,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--expert-threads", type=int, default=1, help="torch threads of each expert server process (default 1)"
     )
+    s.add_argument(
+        "--expert-ports",
+        metavar="PORTS",
+        help="ports of the expert servers on 127.0.0.1: P1,P2,... in expert order, or one base port P for "
+        "P, P+1, ... (default: free ones picked at start); a restarted expert always gets its port back",
+    )
     _add_sampling_defaults(s)
     _add_common(s, 50050)
 
@@ -241,15 +251,21 @@ def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Ev
     """``ddm serve run ROOT``: expert server processes + the router, until SIGTERM/SIGINT."""
     import torch
 
-    from ddm.coordinator.stack import LocalStack
+    from ddm.coordinator.stack import LocalStack, parse_ports, run_experts
     from ddm.core.device import DeviceError
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.expert_ports:  # a usage error, reported before anything starts
+        try:
+            args.expert_ports = parse_ports(args.expert_ports, len(run_experts(args.root)))
+        except ValueError as e:
+            print(f"ddm serve run: {e}", file=sys.stderr)
+            return 2
     try:
         stack = LocalStack(
             args.root, host=args.host, port=args.port, expert_threads=args.expert_threads, token=token,
-            router_options=_router_options(args), device=_placement(args),
+            expert_ports=args.expert_ports, router_options=_router_options(args), device=_placement(args),
         ).start()  # fmt: skip
     except DeviceError as e:  # the setting cannot be honoured here: a usage error, like a bad flag
         print(f"ddm serve run: {e}", file=sys.stderr)
@@ -258,7 +274,7 @@ def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Ev
         print(f"ddm serve run: {e}", file=sys.stderr)
         return 1
     for e in stack.experts:
-        print(f"ddm serve run: {e.name} on {e.address}", file=sys.stderr)
+        print(f"ddm serve run: {e.name} on {e.address} (pid {e.pid})", file=sys.stderr, flush=True)
     print(f"ddm serve run: serving router over {len(stack.experts)} experts on {stack.address}", flush=True)
     stop.wait()
     print(f"ddm serve run: stopping (grace {args.grace:g} s)", file=sys.stderr, flush=True)

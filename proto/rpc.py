@@ -233,10 +233,22 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 # health and reflection
 
 
-def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> health.HealthServicer:
+class HealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer plus ``List`` (every service's status at once), which its
+    1.85 release leaves to the base class: UNIMPLEMENTED, with a NotImplementedError traceback logged."""
+
+    def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> health_pb2.HealthListResponse:
+        with self._lock:
+            statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+        )
+
+
+def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> HealthServicer:
     """Register grpc.health.v1 (every service NOT_SERVING until :func:`set_serving`) and reflection."""
     names = list(services)
-    servicer = health.HealthServicer()
+    servicer = HealthServicer()
     for name in ["", *names]:
         servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -244,7 +256,7 @@ def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> h
     return servicer
 
 
-def set_serving(servicer: health.HealthServicer, services: Iterable[str], serving: bool) -> None:
+def set_serving(servicer: HealthServicer, services: Iterable[str], serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *services]:
         servicer.set(name, status)
@@ -261,6 +273,13 @@ def check_health(channel: grpc.Channel, service: str = "", *, timeout: float = 1
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         return False, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return True, ""
+
+
+def list_health(channel: grpc.Channel, *, timeout: float = 1.0) -> dict[str, str]:
+    """Every service's status by name (``SERVING``, ``NOT_SERVING``) from grpc.health.v1 List."""
+    reply = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=timeout)
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name
+    return {service: name(r.status) for service, r in sorted(reply.statuses.items())}
 
 
 def remaining_time(context: grpc.ServicerContext) -> float | None:
@@ -289,7 +308,7 @@ class LoadingServer:
         self._loaded = threading.Event()  # loading ended, successfully or not
         self._ready = threading.Event()
         self._server: grpc.Server | None = None
-        self._health: health.HealthServicer | None = None
+        self._health: HealthServicer | None = None
         self._http: tuple | None = None  # a Prometheus HTTP server, if a subclass starts one
 
     def _load(self) -> None:

@@ -40,9 +40,13 @@ class _Client:
         self.channel = channel or rpc.make_channel(address, tls=tls, max_message=max_message)
         self.metadata = rpc.auth_metadata(token)
 
-    def health(self, *, timeout: float = 1.0) -> tuple[bool, str]:
-        """(healthy, why not) from grpc.health.v1."""
-        return rpc.check_health(self.channel, timeout=timeout)
+    def health(self, service: str = "", *, timeout: float = 1.0) -> tuple[bool, str]:
+        """(healthy, why not) of ``service`` (default: the server as a whole) from grpc.health.v1."""
+        return rpc.check_health(self.channel, service, timeout=timeout)
+
+    def health_list(self, *, timeout: float = 1.0) -> dict[str, str]:
+        """Every health service the server knows -> ``SERVING`` / ``NOT_SERVING`` (grpc.health.v1 List)."""
+        return rpc.list_health(self.channel, timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()

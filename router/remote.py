@@ -98,8 +98,16 @@ class CallScope:
 class Liveness:
     """Whether an expert is believed down, with a health re-check after an exponential backoff."""
 
-    def __init__(self, check: Callable[[], tuple[bool, str]], *, base: float = 0.5, cap: float = 10.0):
+    def __init__(
+        self,
+        check: Callable[[], tuple[bool, str]],
+        *,
+        base: float = 0.5,
+        cap: float = 10.0,
+        on_change: Callable[[bool, str], None] | None = None,
+    ):
         self._check, self.base, self.cap = check, base, cap
+        self.on_change = on_change  # (down, why) on every up <-> down transition, outside the lock
         self._lock = threading.Lock()
         self.down = False
         self.why = ""
@@ -109,14 +117,20 @@ class Liveness:
 
     def failed(self, why: str) -> None:
         with self._lock:
+            changed = not self.down
             self.down, self.why = True, why
             self.failures += 1
             self._next_check = time.monotonic() + min(self.cap, self.base * 2 ** (self.failures - 1))
+        if changed and self.on_change is not None:
+            self.on_change(True, why)
 
     def ok(self) -> None:
         if self.down or self.failures:
             with self._lock:
+                changed = self.down
                 self.down, self.why, self.failures = False, "", 0
+            if changed and self.on_change is not None:
+                self.on_change(False, "")
 
     def is_down(self) -> bool:
         """False once the expert is believed up; while down, one caller re-checks health when due."""
@@ -155,7 +169,8 @@ class RemoteExpert:
     ):
         self.address = address
         self.timeout = timeout
-        self.client = ExpertClient(address, tls=tls, token=token, timeout=timeout, max_message=max_message)
+        self._dial = dict(tls=tls, token=token, timeout=timeout, max_message=max_message)
+        self.client = ExpertClient(address, **self._dial)
         self.info: pb.ExpertInfo | None = None
         self.coalesce = coalesce
         self.batcher: DynamicBatcher | None = None  # coalesces concurrent calls, after connect()
@@ -329,6 +344,12 @@ class RemoteExpert:
 
     def health(self, *, timeout: float = 1.0) -> tuple[bool, str]:
         return self.client.health(timeout=timeout)
+
+    def reconnect(self) -> None:
+        """Dial again on a fresh channel. For whoever knows the server was just restarted (the stack's
+        supervisor): the old channel would retry only after its reconnect backoff (up to 5 s)."""
+        old, self.client = self.client, ExpertClient(self.address, **self._dial)
+        old.close()
 
     def close(self) -> None:
         if self.batcher is not None:

@@ -19,6 +19,16 @@ mid-sample ends the call with UNAVAILABLE naming it, unless the request allows d
 (``router.degraded``: drop it, renormalise over the live experts, report it). Health and reflection
 are served; health is SERVING once the router is loaded and every expert answered Info.
 
+Once serving, the router watches its experts (a grpc.health.v1 check of each every
+``health_interval`` s, and every failed call): an expert found down is logged, its health service
+``ddm.v1.Expert/NAME`` on the router turns NOT_SERVING, and so do the router's overall health (``""``)
+and ``ddm.v1.Router``, because a request without ``allow_degraded`` may need it (the service
+``liveness`` stays SERVING: the router process itself is fine); ``Info.down_experts`` names it and
+``Info.ready`` is false. Requests with ``allow_degraded`` skip it. When its check passes
+again (a restarted server on the same address: the channel reconnects by itself) it is logged as back
+and everything returns to SERVING. Every degraded or expert-failed Sample is logged with the experts
+it lost and why.
+
 The router network, the student and the ensemble's math (mixing weights x remote velocities, guidance,
 the sampler's state) run on ``device`` (``core.device`` policy), announced once loaded. Initial noise
 is drawn from the request's seed on the host (the same images for a seed on any device) and moved
@@ -37,6 +47,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ddm.core.placement import Placement
@@ -61,6 +72,18 @@ from ddm.router.sample_request import (
 
 log = logging.getLogger(__name__)
 SERVICE = "ddm.v1.Router"
+EXPERT_HEALTH_PREFIX = "ddm.v1.Expert/"  # + an expert's name: its health as the router sees it
+# SERVING from loaded to shutdown whatever the experts do: what a liveness probe checks (restarting a
+# router whose expert is down only loses its other work), where readiness checks "" or ddm.v1.Router.
+LIVENESS = "liveness"
+# A health check that times out is a strike, not proof: an expert is down after this many in a row (a
+# hung process), at once for a refused connection or NOT_SERVING. RESOURCE_EXHAUSTED means busy: up.
+DEADLINE_STRIKES = 3
+
+
+def expert_health_service(name: str) -> str:
+    """The router's grpc.health.v1 service name for one expert: ``ddm.v1.Expert/expert-1``."""
+    return EXPERT_HEALTH_PREFIX + name
 
 
 class RouterMetrics:
@@ -126,6 +149,7 @@ class RouterServer(rpc.LoadingServer):
         cohort_rows: int = 512,
         student: str | None = None,
         device: str | Placement = "cpu",
+        health_interval: float = 0.5,
     ):
         if not experts:
             raise ValueError("experts: give at least one expert address (host:port)")
@@ -140,6 +164,13 @@ class RouterServer(rpc.LoadingServer):
         self.expert_tls, self._expert_token = expert_tls, expert_token
         self.expert_timeout, self.connect_timeout = expert_timeout, connect_timeout
         self.max_concurrent = max_concurrent
+        if health_interval <= 0:
+            raise ValueError(f"health_interval must be > 0 seconds, got {health_interval}")
+        self.health_interval = health_interval
+        self._stopping = threading.Event()
+        self._health_lock = threading.Lock()
+        self._published: bool | None = None  # the overall health last set by the watcher
+        self._down_since: dict[str, float] = {}  # expert name -> time.monotonic() it went down
         # Load shedding (router.admission): max_concurrent Sample calls run, max_queue wait, the rest
         # get RESOURCE_EXHAUSTED at once.
         self.admission = Admission(max_concurrent, max_queue)
@@ -183,6 +214,7 @@ class RouterServer(rpc.LoadingServer):
         return self
 
     def stop(self, grace: float | None = 5.0) -> None:
+        self._stopping.set()
         super().stop(grace)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.cohort_pool.shutdown(wait=False, cancel_futures=True)
@@ -229,7 +261,77 @@ class RouterServer(rpc.LoadingServer):
             )
             self.student_runner = StudentRunner(student, self.placement)
             self.placement.announce(f"router server: student ({self.student_source})")
+        for e in self.experts:
+            e.liveness.on_change = lambda down, why, e=e: self._expert_changed(e, down, why)
+            self._health.set(expert_health_service(e.name), health_pb2.HealthCheckResponse.SERVING)
         log.info("router connected to experts %s", [e.name for e in self.experts])
+
+    def _load_in_background(self) -> None:
+        self._health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        super()._load_in_background()  # SERVING once loaded; only then may the watchers change that
+        if self.ready:
+            self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+            self._published = None  # whatever a call failing meanwhile published, set_serving overwrote
+            for e in self.experts:
+                threading.Thread(target=self._watch, args=(e,), name=f"watch-{e.name}", daemon=True).start()
+            self._publish()
+
+    # -- expert health ---------------------------------------------------------------------------------------
+
+    def _watch(self, expert: RemoteExpert) -> None:
+        """Check one expert's health every ``health_interval`` s; its Liveness records the outcome."""
+        strikes = 0
+        while not self._stopping.wait(self.health_interval):
+            healthy, why = expert.health(timeout=max(0.2, min(1.0, 2 * self.health_interval)))
+            if healthy or why.startswith("RESOURCE_EXHAUSTED"):
+                strikes = 0
+                expert.liveness.ok()
+            elif why.startswith("DEADLINE_EXCEEDED") and (strikes := strikes + 1) < DEADLINE_STRIKES:
+                continue
+            else:
+                expert.liveness.failed(f"health check: {why}")
+
+    def _expert_changed(self, expert: RemoteExpert, down: bool, why: str) -> None:
+        """An expert went down or came back (a health check or a call said so): log it, publish it."""
+        if self._stopping.is_set():
+            return
+        status = health_pb2.HealthCheckResponse
+        with self._health_lock:
+            if down:
+                self._down_since[expert.name] = time.monotonic()
+            since = self._down_since.pop(expert.name, None) if not down else None
+            self._health.set(expert_health_service(expert.name), status.NOT_SERVING if down else status.SERVING)
+        if down:
+            log.warning(
+                "expert %s at %s is down (%s): router health NOT_SERVING; Sample calls without "
+                "allow_degraded that need it fail with UNAVAILABLE, calls with allow_degraded sample without it",
+                expert.name, expert.address, why,
+            )  # fmt: skip
+        else:
+            after = f" after {time.monotonic() - since:.1f} s down" if since is not None else ""
+            log.warning("expert %s at %s is back%s", expert.name, expert.address, after)
+        self._publish()
+
+    @property
+    def down_experts(self) -> list[str]:
+        """Experts believed down now, in expert order."""
+        return [e.name for e in self.experts if e.liveness.down]
+
+    def _publish(self) -> None:
+        """The router's overall health (``""`` and ``ddm.v1.Router``): SERVING only while every expert is up."""
+        with self._health_lock:
+            if self._stopping.is_set() or not self.ready:
+                return
+            down = self.down_experts
+            serving, before = not down, self._published
+            if serving == before:
+                return
+            self._published = serving
+            rpc.set_serving(self._health, [SERVICE], serving)
+        if not serving:
+            log.warning("router health NOT_SERVING: expert(s) %s down", ", ".join(down))
+        elif before is False:
+            log.warning("router health SERVING again: all %d experts up", len(self.experts))
 
     @torch.inference_mode()
     def _route(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -358,6 +460,10 @@ class RouterServer(rpc.LoadingServer):
         except Cancelled:
             return
         except ExpertFailure as e:
+            log.warning(
+                "Sample failed for %d request(s)%s: %s", len(members),
+                "" if p.allow_degraded else " (allow_degraded not set)", e,
+            )  # fmt: skip
             return broadcast(members, "error", self._expert_failed(e))
         except Expired as e:
             return broadcast(members, "error", (grpc.StatusCode.DEADLINE_EXCEEDED, f"router: {e}"))
@@ -372,6 +478,11 @@ class RouterServer(rpc.LoadingServer):
             self.metrics.expert_rows.labels(e.name).inc(counts.rows[k])
         for name in degradation.names:
             self.metrics.degraded.labels(name).inc(len(members))
+        if degradation.absent:
+            log.warning(
+                "Sample of %d request(s) finished degraded, without %s (%s)", len(members),
+                ", ".join(degradation.names), "; ".join(degradation.absent[k] for k in sorted(degradation.absent)),
+            )  # fmt: skip
         for m, result in zip(members, member_results(members, x, [e.name for e in self.experts], counts)):
             result.degraded_experts[:] = degradation.names
             self.metrics.images.inc(m.n)
@@ -400,15 +511,18 @@ class RouterServer(rpc.LoadingServer):
         return ("ensemble", "student") if self.student_runner is not None else ("ensemble",)
 
     def info(self) -> pb.RouterInfo:
-        return router_info(
+        down = self.down_experts
+        info = router_info(
             self.defaults,
             self.router.config,
             num_experts=len(self.experts),
             checkpoint=self.checkpoint,
-            ready=self.ready,
+            ready=self.ready and not down,
             models=list(self.models),
             student_checkpoint=self.student_source or "",
         )
+        info.down_experts[:] = down
+        return info
 
 
 class _RouterServicer(pb_grpc.RouterServicer):

@@ -33,3 +33,21 @@ def test_load_quick_sheds_the_overflow_and_loses_nothing() -> None:
     assert out["requests"] == out["ok"] + out["shed"] + out["errors"] + out["lost"]
     assert out["p99_ms"] <= out["p99_bound_ms"], out
     assert out["rss_growth_mb"] <= 100 and out["servers_alive"], out
+
+
+@pytest.mark.slow  # ~60-150 s: `ddm serve run` with two experts, each SIGKILLed and restarted once under load
+def test_load_soak_short_restarts_experts_and_loses_nothing() -> None:
+    """``bench/load.py --soak`` in short: the router's clients allow degradation, the chaos thread kills
+    each expert once; every call is answered (ok, degraded or shed), no errors, both experts rejoin."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/load.py"), "--soak", "--seconds", "40", "--restart-every", "12",
+         "--clients", "16", "--warmup", "1"],
+        capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["errors"] == 0 and out["lost"] == 0, out
+    assert out["kills"] >= 1 and out["failed_rejoins"] == 0 and out["restarts"] >= out["kills"], out
+    assert out["requests"] == out["ok"] + out["shed"] + out["errors"] + out["lost"]
+    assert out["degraded"] > 0 and out["not_serving_s"] > 0, out  # the kills were seen, and declared
+    assert out["router_rss_growth_mb"] <= 50 and out["servers_alive"], out

@@ -8,24 +8,33 @@ import re
 import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from ddm.coordinator.stack import ServerProcess
 from grpc_fixtures import expert_checkpoint, router_checkpoint
 
 DDM = [sys.executable, "-m", "ddm.coordinator.cli"]
 
 
-class Proc:
-    """A subprocess whose stdout lines are collected by a thread (so a test can wait for one)."""
+class Proc(ServerProcess):
+    """A ``ddm`` subprocess on the stack's one helper: stdout lines queued (a test waits for one), every
+    stderr line kept (read while it runs, so a chatty server never blocks on a full pipe)."""
 
     def __init__(self, args: list[str]):
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(line) for line in self.p.stdout], daemon=True).start()
+        super().__init__("ddm", args, keep=100_000)
+        self.start()
+
+    @property
+    def p(self) -> subprocess.Popen:
+        return self.proc
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_tail)
 
     def wait_for(self, pattern: str, timeout: float = 60) -> re.Match:
         while True:
@@ -33,16 +42,14 @@ class Proc:
                 line = self.lines.get(timeout=timeout)
             except queue.Empty:
                 self.p.kill()
-                raise AssertionError(
-                    f"no line matching {pattern!r}; stderr: {self.p.stderr.read()}"
-                ) from None
+                self.wait(10)
+                raise AssertionError(f"no line matching {pattern!r}; stderr: {self.stderr}") from None
             if m := re.search(pattern, line):
                 return m
 
     def terminate(self) -> tuple[int, str]:
         self.p.send_signal(signal.SIGTERM)
-        _, err = self.p.communicate(timeout=30)
-        return self.p.returncode, err
+        return self.wait(30), self.stderr
 
 
 @pytest.mark.slow  # four Python processes importing torch: ~20 s on 2 busy cores
@@ -162,3 +169,63 @@ def test_serve_reports_a_bad_checkpoint(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 1 and "missing" in result.stderr and "no checkpoint found" in result.stderr
+
+
+@pytest.mark.slow  # four `ddm sample` processes importing torch: ~30 s on 2 busy cores
+def test_sample_run_in_process_matches_the_router_and_allow_degraded_survives_a_lost_expert(tmp_path: Path) -> None:
+    """``ddm sample --run ROOT`` (new) samples the run's ensemble in this process and draws what the
+    router serves for the same seed; ``--allow-degraded`` (new, the client had it) finishes without a
+    lost expert and names it, where the default fails with UNAVAILABLE."""
+    import numpy as np
+
+    from ddm.expert.server import ExpertServer
+    from ddm.router.client import RouterClient
+    from ddm.router.server import RouterServer
+    from test_serve_stack import make_run
+
+    root = tmp_path / "run"
+    make_run(root)
+    experts = [ExpertServer(str(root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)]
+    router = RouterServer(str(root / "router/checkpoints"), [e.target for e in experts], health_interval=0.1)
+    router.start(timeout=30)
+    common = ["--n", "4", "--steps", "3", "--seed", "5", "--strategy", "full", "--labels", "0,1,2"]
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*DDM, "sample", *common, *args], capture_output=True, text=True, timeout=120, check=False)
+
+    try:
+        served = sample("--router", router.target, "--out", str(tmp_path / "served.png"))
+        local = sample("--run", str(root), "--out", str(tmp_path / "local.png"))
+        assert served.returncode == 0 and local.returncode == 0, served.stderr + local.stderr
+        assert "in-process ensemble of 2 experts" in local.stdout and "expert-1" in local.stdout
+        with Image.open(tmp_path / "served.png") as a, Image.open(tmp_path / "local.png") as b:
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 1  # the same images; float rounding may flip a level
+
+        experts[1].stop(0)
+        with RouterClient(router.target) as client:
+            deadline = time.monotonic() + 10
+            while client.health() != (False, "NOT_SERVING") and time.monotonic() < deadline:
+                time.sleep(0.05)
+        strict = sample("--router", router.target, "--out", str(tmp_path / "strict.png"))
+        assert strict.returncode == 1 and "UNAVAILABLE" in strict.stderr and "expert-1" in strict.stderr, strict.stderr
+        assert "Traceback" not in strict.stderr
+        degraded = sample("--router", router.target, "--allow-degraded", "--out", str(tmp_path / "degraded.png"))
+        assert degraded.returncode == 0, degraded.stderr
+        assert "degraded, without expert-1" in degraded.stdout, degraded.stdout
+        misused = sample("--run", str(root), "--allow-degraded", "--out", str(tmp_path / "x.png"))
+        assert misused.returncode == 2 and "--allow-degraded applies to --router only" in misused.stderr
+        assert "Traceback" not in misused.stderr
+    finally:
+        router.stop(0)
+        for e in experts:
+            e.stop(0)
+
+
+def test_sample_checkpoint_of_a_run_root_points_to_run(tmp_path: Path) -> None:
+    from test_serve_stack import make_run
+
+    make_run(tmp_path / "run")
+    out = subprocess.run([*DDM, "sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert out.returncode == 2 and "is a run root; sample its ensemble with --run" in out.stderr, out.stderr

@@ -386,3 +386,71 @@ def test_concurrent_requests_are_sampled_as_cohorts_and_share_expert_calls(run_r
         router.stop(0)
         for e in experts:
             e.stop(0)
+
+
+def _until(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_a_lost_expert_turns_health_not_serving_and_its_restart_serving_again(
+    run_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: health stayed SERVING and Info.ready true while every default request failed with
+    UNAVAILABLE, the router logged nothing, and Health/List answered UNIMPLEMENTED."""
+    experts = _experts(run_root)
+    router = RouterServer(
+        str(run_root / "router/checkpoints"), [e.target for e in experts], expert_timeout=5, health_interval=0.1
+    ).start(timeout=30)
+    caplog.set_level("INFO", logger="ddm.router.server")
+    everything_serving = {
+        "": "SERVING", "ddm.v1.Expert/expert-0": "SERVING", "ddm.v1.Expert/expert-1": "SERVING",
+        "ddm.v1.Router": "SERVING", "liveness": "SERVING",
+    }  # fmt: skip
+    try:
+        with RouterClient(router.target) as client:
+            _until(lambda: client.health_list() == everything_serving, what="all SERVING")
+            info = client.info()
+            assert info.ready and list(info.down_experts) == []
+            port = experts[1].port
+            experts[1].stop(0)
+            _until(lambda: client.health() != (True, ""), timeout=5, what="router NOT_SERVING")
+            assert client.health() == (False, "NOT_SERVING")
+            assert client.health("ddm.v1.Expert/expert-1") == (False, "NOT_SERVING")
+            assert client.health_list() == {
+                **everything_serving, "": "NOT_SERVING", "ddm.v1.Router": "NOT_SERVING",
+                "ddm.v1.Expert/expert-1": "NOT_SERVING",
+            }  # fmt: skip
+            info = client.info()
+            assert not info.ready and list(info.down_experts) == ["expert-1"]
+            assert any(
+                f"expert expert-1 at 127.0.0.1:{port} is down" in r.getMessage() for r in caplog.records
+            ), caplog.text
+            with pytest.raises(grpc.RpcError) as failed:
+                client.sample(2, steps=2, strategy="full")
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "expert-1" in failed.value.details()
+            _, degraded = client.sample(2, steps=2, strategy="full", allow_degraded=True)
+            assert degraded.degraded_experts == ["expert-1"]
+            assert any("finished degraded, without expert-1" in r.getMessage() for r in caplog.records)
+            assert any("Sample failed for 1 request(s) (allow_degraded not set)" in r.getMessage() for r in caplog.records)
+
+            experts[1] = ExpertServer(
+                str(run_root / "experts/expert-1/checkpoints"), address=f"127.0.0.1:{port}"
+            ).start(timeout=30)
+            _until(lambda: client.health_list() == everything_serving, what="SERVING again")
+            assert client.info().ready and list(client.info().down_experts) == []
+            assert any(f"expert expert-1 at 127.0.0.1:{port} is back after" in r.getMessage() for r in caplog.records)
+            _, info = client.sample(2, steps=2, strategy="full")
+            assert info.degraded_experts == []
+    finally:
+        router.stop(0)
+        for e in experts:
+            e.stop(0)
+
+
+def test_health_list_answers_every_service_on_an_expert(stack: tuple[RouterServer, list[ExpertServer]]) -> None:
+    with ExpertClient(stack[1][0].target) as client:
+        assert client.health_list() == {"": "SERVING", "ddm.v1.Expert": "SERVING"}

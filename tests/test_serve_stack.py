@@ -4,17 +4,22 @@ and the router — sampled through with ``ddm sample --router``; no server outli
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from PIL import Image
 
 from ddm.coordinator.config import RunConfig
 from ddm.coordinator.manifest import Manifest
-from ddm.coordinator.stack import run_experts
+from ddm.coordinator.stack import ServerProcess, parse_ports, run_experts
+from ddm.router.client import RouterClient
 from grpc_fixtures import expert_checkpoint, router_checkpoint
 from test_grpc_cli import DDM, Proc
 
@@ -129,3 +134,93 @@ def test_serve_run_reports_a_broken_expert(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "expert server expert-1 exited" in out.stderr, out.stderr
     assert wait_gone(root) == []
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def until(check: Callable[[], object], timeout: float, what: str) -> object:
+    end = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
+    return value
+
+
+def test_expert_ports_are_one_per_expert_or_a_base() -> None:
+    assert parse_ports("50061,50070", 2) == [50061, 50070]
+    assert parse_ports("50061", 3) == [50061, 50062, 50063]
+    for bad, message in [("5006x", "expected comma-separated"), ("1,2,3", "3 ports for 2 experts"),
+                         ("7,7", "distinct"), ("0,70000", "distinct and in 1..65535")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_ports(bad, 2)
+
+
+def test_serve_run_rejects_bad_expert_ports_cleanly(tmp_path: Path) -> None:
+    make_run(tmp_path / "run")
+    out = subprocess.run([*DDM, "serve", "run", str(tmp_path / "run"), "--expert-ports", "1,2,3"],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "ddm serve run: --expert-ports '1,2,3': 3 ports for 2 experts; give one per expert or a base port"
+
+
+@pytest.mark.slow  # three Python processes importing torch, one of them twice: ~30-60 s on 2 busy cores
+def test_serve_run_restarts_a_killed_expert_on_its_port_and_health_follows(tmp_path: Path) -> None:
+    """Before: after a SIGKILL the expert stayed a zombie, nothing restarted it, the router logged nothing,
+    and health stayed SERVING (Info.ready true) while every default request failed with UNAVAILABLE."""
+    root = tmp_path / "run"
+    make_run(root)
+    ports = free_ports(2)
+    stack = ServerProcess("stack", [*DDM, "serve", "run", str(root), "--host", "127.0.0.1", "--port", "0",
+                                    "--expert-ports", f"{ports[0]},{ports[1]}", "--steps", "2"], keep=100_000)  # fmt: skip
+    log = lambda: "\n".join(stack.stderr_tail)
+    serving = {"": "SERVING", "ddm.v1.Expert/expert-0": "SERVING", "ddm.v1.Expert/expert-1": "SERVING",
+               "ddm.v1.Router": "SERVING", "liveness": "SERVING"}  # fmt: skip
+    try:
+        address = stack.start().wait_ready(time.monotonic() + 120)
+        pid = int(until(lambda: re.search(rf"expert-1 on 127\.0\.0\.1:{ports[1]} \(pid (\d+)\)", log()), 10, "pids").group(1))
+        with RouterClient(address, timeout=60) as client:
+            until(lambda: client.health_list() == serving, 10, "all SERVING")
+            os.kill(pid, signal.SIGKILL)
+            until(lambda: client.health() == (False, "NOT_SERVING"), 5, "router NOT_SERVING")
+            # the expert is down for at least the 0.5 s backoff plus an interpreter's start-up
+            assert client.health("ddm.v1.Expert/expert-1") == (False, "NOT_SERVING")
+            assert client.health("ddm.v1.Expert/expert-0") == (True, "")
+            info = client.info()
+            assert not info.ready and list(info.down_experts) == ["expert-1"]
+            with pytest.raises(grpc.RpcError) as failed:
+                client.sample(2, strategy="full")
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"expert-1 at 127.0.0.1:{ports[1]}" in failed.value.details()
+            _, degraded = client.sample(2, strategy="full", allow_degraded=True)
+            assert degraded.degraded_experts == ["expert-1"]
+            assert f"expert expert-1 (pid {pid}, 127.0.0.1:{ports[1]}) killed by SIGKILL; restarting it on the same port in 0.5 s (restart 1)" in log()
+            assert f"expert expert-1 at 127.0.0.1:{ports[1]} is down (its server process killed by SIGKILL)" in log()
+            assert "finished degraded, without expert-1" in log()
+
+            restarted = until(lambda: re.search(rf"expert expert-1 restarted \(pid (\d+)\) on 127\.0\.0\.1:{ports[1]}", log()),
+                              90, "restart")  # fmt: skip
+            assert int(restarted.group(1)) != pid and not Path(f"/proc/{pid}").exists()  # reaped: no zombie
+            until(lambda: client.health_list() == serving, 15, "SERVING again")
+            info = client.info()
+            assert info.ready and list(info.down_experts) == []
+            _, healed = client.sample(2, strategy="full")
+            assert healed.degraded_experts == [] and healed.expert_calls["expert-1"] > 0
+            assert "expert expert-1 at" in log() and "is back after" in log()
+        assert len(servers_of(root)) == 2
+        stack.stop(10)
+        assert stack.proc.returncode == 0, log()
+        assert wait_gone(root) == []
+    finally:
+        stack.stop(0)
+        for pid in servers_of(root):
+            os.kill(pid, signal.SIGKILL)
