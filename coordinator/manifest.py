@@ -72,6 +72,7 @@ class Manifest:
         if stored is None and version is not None:
             stored = copy.deepcopy(data)
         self._stored = stored
+        self.config_changes: list[str] = []  # what ``open`` let through (nothing had been made yet)
 
     @classmethod
     def open(
@@ -97,15 +98,23 @@ class Manifest:
         old = {k: v for k, v in data["config"].items() if k not in resumable_keys}
         new = {k: v for k, v in config.items() if k not in resumable_keys}
         changes = _diff(old, new)
-        if changes:
+        produced = produced_output(data)
+        if changes and produced:
             raise ManifestError(
-                f"{url}: this run root was started with a different config:\n  "
+                f"{url}: this run root was started with a different config, and {produced}:\n  "
                 + "\n  ".join(changes[:20])
                 + "\nuse a new root (or restore the original config) so two configs never mix in one run"
             )
         snapshot = copy.deepcopy(data)
         data["config"] = config
-        return cls(root, data, stored.version, snapshot)
+        if changes:  # nothing was made under the old config: the new one takes the root over
+            data["stages"] = {n: st for n, st in data["stages"].items() if not st.get("skipped")}  # re-decided
+            data.setdefault("config_changes", []).append({"at": time.time(), "changes": changes[:20]})
+        manifest = cls(root, data, stored.version, snapshot)
+        manifest.config_changes = changes
+        if changes:
+            manifest.save()
+        return manifest
 
     @classmethod
     def load(cls, root: str) -> "Manifest":
@@ -191,3 +200,16 @@ class Manifest:
     def update_job(self, name: str, **fields: Any) -> None:
         self.job(name).update(fields)
         self.save()
+
+
+def produced_output(data: dict[str, Any]) -> str | None:
+    """What locks a run root to its config: a stage that finished (not merely skipped) or a job that
+    was ever submitted, named; None while nothing has been made (a first stage that failed on a wrong
+    path leaves the root free to take the corrected config)."""
+    done = [n for n, st in data.get("stages", {}).items() if st.get("state") == DONE and not st.get("skipped")]
+    if done:
+        return f"stage {done[0]} finished under it"
+    jobs = [n for n, job in data.get("jobs", {}).items() if job.get("attempts")]
+    if jobs:
+        return f"job {jobs[0]} was launched under it"
+    return None
