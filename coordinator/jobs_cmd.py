@@ -27,7 +27,7 @@ def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
 def run_cancel(args: argparse.Namespace) -> int:
     from ddm.coordinator.launcher import cancel_jobs
     from ddm.coordinator.manifest import Manifest
-    from ddm.coordinator.pipeline import job_output
+    from ddm.coordinator.layout import job_output
 
     manifest = Manifest.load(args.root)
     outputs = {name: job_output(args.root, name) for name in manifest.data["jobs"]}
@@ -77,7 +77,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def _local_log_lines(root: str, handle: str) -> list[str]:
-    from ddm.coordinator.pipeline import local_log_dir
+    from ddm.coordinator.layout import local_log_dir
 
     app_id = handle.rstrip("/").rsplit("/", 1)[-1]
     base = local_log_dir(root)

@@ -152,10 +152,13 @@ def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path
             time.sleep(0.2)
         else:
             pytest.fail("experts never started")
+        time.sleep(3)  # the experts stage has run a while when the coordinator dies
         p.send_signal(signal.SIGKILL)  # no clean-up at all: the worst case
+        killed_at = time.time()
         p.wait(timeout=30)
         before = manifest(root)["jobs"]
         assert all(before[f"expert-{k}"]["state"] in ("SUBMITTED", "RUNNING") for k in range(2))
+        first_start = manifest(root)["stages"]["experts"]["running_at"]
 
         again = ddm("run", str(cfg))
         out, _ = again.communicate(timeout=600)
@@ -164,6 +167,13 @@ def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path
         m = check_finished_run(root, 80)
         # The orphaned trainers finished the work: no expert was launched a second time.
         assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2)), m["jobs"]
+        # The stage's time counts both coordinators (the killed one up to its last beat, at most a poll
+        # or a clock period before the kill), and its wall span runs from the first start.
+        st = m["stages"]["experts"]
+        assert [a["end"] for a in st["attempts"]] == ["killed", "done"], st
+        assert st["attempts"][0]["seconds"] >= killed_at - first_start - 3, st
+        assert st["wall_seconds"] == pytest.approx(st["done_at"] - first_start, abs=0.5)
+        assert st["seconds"] == pytest.approx(sum(a["seconds"] for a in st["attempts"]), abs=0.2)
     finally:
         if p.poll() is None:
             p.kill()
