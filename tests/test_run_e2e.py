@@ -17,6 +17,7 @@ import pytest
 
 from ddm.core import checkpoint
 from ddm.expert.shards import read_index
+from light_cli import ddm_fresh
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +99,12 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     assert out2.count("already done") == 6
     assert manifest(root)["jobs"] == m["jobs"]  # nothing launched again
 
-    status = subprocess.run([sys.executable, "-m", "ddm", "status", str(root)], capture_output=True, text=True)
-    assert status.returncode == 0 and "expert-1" in status.stdout and "SUCCEEDED" in status.stdout
+    # `ddm status` and `ddm logs` on the real root answer without loading torch or grpc.
+    status, loaded = ddm_fresh("status", str(root))
+    assert "expert-1" in status and "SUCCEEDED" in status and loaded == [], loaded
+    table = {line.split()[0]: line for line in status.split("\n\n")[0].splitlines()[1:]}  # the stage table
+    assert all(table[s].split()[1] == "done" for s in ("curate", "partition", "experts", "router", "eval", "distill"))
+    assert "mixture FD" in table["eval"] and "top-1 FD" in table["eval"] and "total" in table
 
     # New data lands in the existing clusters: the training images themselves go where they were put.
     assign = subprocess.run(
@@ -116,8 +121,8 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
         same = sum(placed["expert"][i] == k for i in ids)
         assert same >= 0.95 * len(ids), f"expert-{k}: only {same}/{len(ids)} reassigned to their cluster"
 
-    logs = subprocess.run([sys.executable, "-m", "ddm", "logs", str(root), "expert-0", "--tail", "50"], capture_output=True, text=True)
-    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+    logs, loaded = ddm_fresh("logs", str(root), "expert-0", "--tail", "50")
+    assert logs.strip() and loaded == [], loaded
 
     # The headline comparison: a compute-matched monolith (batch x K, same steps) trained as its own
     # run, then scored beside the ensembles under one evaluation context; a rerun reuses every score.

@@ -1,5 +1,6 @@
 """The stages of ``ddm run`` as objects of one shape, used alike by the pipeline, the dry run and
-``ddm status``; and stage times across killed coordinators."""
+``ddm status``; stage times across killed coordinators; and ``ddm status`` / ``ddm logs`` answering
+without torch or grpc."""
 
 import json
 import subprocess
@@ -13,6 +14,7 @@ from ddm.coordinator.config import load_run_config
 from ddm.coordinator.manifest import Manifest
 from ddm.coordinator.pipeline import Pipeline, RunFailed
 from ddm.coordinator.stages import ALL, BY_NAME, NAMES, Stage
+from light_cli import ddm_fresh
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
@@ -117,6 +119,47 @@ def test_a_stage_needs_the_stages_before_it(tmp_path):
         Pipeline(cfg, None, m, say=lambda _: None).run(["eval"])  # type: ignore[arg-type]
     mono = tiny(tmp_path / "mono", mode="monolith")  # partition is skipped there: experts may run first
     assert BY_NAME["experts"].needs == ("partition",) and BY_NAME["partition"].skipped(mono)
+
+
+def fake_run_root(root: Path) -> None:
+    """A run root as a coordinator leaves it mid-experts: curate and partition done, expert-0 training
+    (heartbeat, a checkpoint, local scheduler logs), the coordinator's clock fresh."""
+    import torch
+
+    from ddm.core import checkpoint
+    from ddm.core.heartbeat import Heartbeat
+
+    cfg = tiny(root)
+    m = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
+    for name, info in (("curate", {"images": 600, "kept": 598}), ("partition", {"sizes": [300, 298]})):
+        m.start_stage(name)
+        m.end_stage(name, "done", **info)
+    started = m.start_stage("experts")
+    handle = "local_cwd://torchx/tiny-expert-0-abc123"
+    m.update_job("expert-0", state="RUNNING", handle=handle, island="local",
+                 attempts=[{"submitted_at": started - 20, "handle": handle, "state": "RUNNING"}])  # fmt: skip
+    out = root / "experts" / "expert-0"
+    checkpoint.save(str(out / "checkpoints"), 10, {"w": torch.zeros(2)}, {"kind": "expert"})
+    Heartbeat(str(out), steps=30).beat(10, force=True)
+    log = root / "logs" / "torchx" / "tiny-expert-0-abc123" / "tiny-expert-0" / "0"
+    log.mkdir(parents=True)
+    (log / "stderr.log").write_text("expert-0: step 10, loss 0.9\n")
+    (root / "coordinator.json").write_text(json.dumps({"stage": "experts", "attempt_started_at": started,
+                                                       "time": time.time(), "pid": 1, "host": "h"}))  # fmt: skip
+
+
+def test_status_and_logs_load_neither_torch_nor_grpc(tmp_path):
+    root = tmp_path / "run"
+    fake_run_root(root)
+    out, loaded = ddm_fresh("status", str(root))
+    assert loaded == [], loaded
+    stages, jobs = out.split("\n\n")
+    lines = {line.split()[0]: line for line in [*stages.splitlines()[1:], *jobs.splitlines()]}
+    assert "598/600 images kept" in lines["curate"] and "cluster sizes [300, 298]" in lines["partition"]
+    assert lines["experts"].split()[1] == "running" and lines["router"].split()[1] == "pending"
+    assert "10/30" in lines["expert-0"] and "~" in lines["expert-0"]  # progress and an ETA
+    out, loaded = ddm_fresh("logs", str(root), "expert-0", "--tail", "5")
+    assert loaded == [] and "step 10, loss 0.9" in out
 
 
 def test_status_calls_a_stage_stopped_when_its_coordinator_went_quiet(tmp_path):
