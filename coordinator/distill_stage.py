@@ -154,31 +154,38 @@ def distill_table(
     return table
 
 
-def run_distill_stage(pipeline: Any) -> dict[str, Any]:
-    """The stage: launch the job (skipped when already trained), then the table if ``distill.eval``."""
+def distill_job_spec(ctx: Any, router_url: str | None) -> Any:
+    """The student's JobSpec on its island (``ctx``: the run's Pipeline; ``router_url``: the teacher's
+    router checkpoint, or None when the run has no router)."""
     from ddm.coordinator import components
-    from ddm.coordinator.eval_stage import eval_context, load_experts
-    from ddm.coordinator.pipeline import expert_names, expert_output, router_output, trained_to
+    from ddm.coordinator.layout import expert_names, expert_output, trained_to
 
-    cfg = pipeline.cfg
+    cfg = ctx.cfg
     dc = cfg.distill
-    if cfg.mode == "monolith" or not dc.enabled:
-        return {"skipped": "monolith mode" if cfg.mode == "monolith" else "distill.enabled = false"}
-    if cfg.partition.k < 2:
-        return {"skipped": "one partition: the run is already one model"}
-    router_url = None
-    if pipeline.manifest.stage("router").get("skipped") is None:
-        router_url = checkpoint.latest(storage.join(router_output(cfg), "checkpoints"))
     if dc.teacher.kind == "ensemble" and router_url is None:
         raise ValueError("distill.teacher.kind = 'ensemble' needs the router; enable router or use 'partition'")
-    island = dc.island or pipeline.islands.default
-    if island not in pipeline.islands.island:
+    island = dc.island or ctx.islands.default
+    if island not in ctx.islands.island:
         raise ValueError(f"distill.island {island!r} is not defined in the islands file")
     dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
     output = distill_output(cfg.root)
-    job = pipeline._job("distill", distill_job(cfg, dirs, router_url), output, island, components.trainer,
-                        lambda: trained_to(output, dc.train.steps))  # fmt: skip
-    pipeline._launch([job], cfg.experts.max_attempts)
+    return ctx.job("distill", distill_job(cfg, dirs, router_url), output, island, components.trainer,
+                   lambda: trained_to(output, dc.train.steps))  # fmt: skip
+
+
+def run_distill_stage(pipeline: Any, jobs: list) -> dict[str, Any]:
+    """The stage: launch the student's job (``stages.Distill.jobs``; skipped when already trained), then
+    the table if ``distill.eval``."""
+    from ddm.coordinator.eval_stage import eval_context, load_experts
+    from ddm.coordinator.layout import expert_names, expert_output
+    from ddm.coordinator.stages import router_checkpoint
+
+    cfg = pipeline.cfg
+    dc = cfg.distill
+    router_url = router_checkpoint(cfg)
+    dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
+    output = distill_output(cfg.root)
+    pipeline.launch(jobs, cfg.experts.max_attempts)
     student_url = student_checkpoint(cfg.root)
     info: dict[str, Any] = {"student": student_url}
     if not dc.eval.enabled:

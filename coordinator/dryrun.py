@@ -44,35 +44,18 @@ def render_job(runner: Runner, islands: IslandsConfig, job: Any) -> RenderedJob:
     return RenderedJob(job.name, job.island, key, f"{where}env {env} {cmd}{replicas}")
 
 
-def distill_jobs(pipeline: Any) -> list:
-    """The distill stage's job as ``run_distill_stage`` submits it, except that the router checkpoint it
-    names is the router's checkpoints directory (the stage passes the newest file in it, which does
-    not exist before the run)."""
-    from ddm.coordinator import components
-    from ddm.coordinator.distill_stage import distill_job, distill_output
-    from ddm.coordinator.pipeline import expert_names, expert_output, router_output
-    from ddm.core import storage
+def run_jobs(pipeline: Any) -> list:
+    """Every TorchX job of the run, as the stages that the config does not skip would submit them."""
+    from ddm.coordinator.stages import ALL
 
-    cfg = pipeline.cfg
-    dc = cfg.distill
-    if cfg.mode == "monolith" or not dc.enabled or cfg.partition.k < 2:
-        return []
-    router_dir = None if pipeline.router_skipped() else storage.join(router_output(cfg), "checkpoints")
-    if dc.teacher.kind == "ensemble" and router_dir is None:
-        raise ValueError("distill.teacher.kind = 'ensemble' needs the router; enable router or use 'partition'")
-    island = dc.island or pipeline.islands.default
-    if island not in pipeline.islands.island:
-        raise ValueError(f"distill.island {island!r} is not defined in the islands file")
-    dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
-    job_cfg = distill_job(cfg, dirs, router_dir)
-    return [pipeline._job("distill", job_cfg, distill_output(cfg.root), island, components.trainer, lambda: False)]
+    return [job for stage in ALL if not stage.skipped(pipeline.cfg) for job in stage.jobs(pipeline)]
 
 
 def render_run(pipeline: Any) -> list[RenderedJob]:
     """Every TorchX job of the run (experts, router, distill), rendered without touching the run root."""
     if not pipeline.dry_run:
         raise ValueError("render_run needs a Pipeline with dry_run=True (it must not write job configs)")
-    jobs = pipeline.expert_jobs() + pipeline.router_jobs() + distill_jobs(pipeline)
+    jobs = run_jobs(pipeline)
     with make_runner(pipeline.islands) as runner:
         return [render_job(runner, pipeline.islands, job) for job in jobs]
 

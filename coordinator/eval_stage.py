@@ -15,7 +15,6 @@ run's ``device`` resolved once, and is announced there; ``eval_context`` carries
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ddm.coordinator.config import RunConfig
+from ddm.coordinator.layout import machine_cache  # noqa: F401  (ddm eval's cache too)
 from ddm.core import checkpoint, storage
 from ddm.core.placement import Placement
 from ddm.expert.data import ImageDataset, build_dataset
@@ -41,12 +41,6 @@ def reference_set(cfg: RunConfig, limit: int = 10_000) -> ImageDataset:
     data = build_dataset(cfg.data)
     pick = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(data))[:limit]))
     return data.subset(pick)
-
-
-def machine_cache() -> str:
-    """``$DDM_CACHE`` or ``~/.cache/ddm``: classifiers are keyed by dataset identity, so one cache
-    serves every run and every ``ddm eval`` on this machine."""
-    return os.environ.get("DDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddm"))
 
 
 def classifier_cache(cfg: RunConfig) -> str:

@@ -27,7 +27,7 @@ def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
 def run_cancel(args: argparse.Namespace) -> int:
     from ddm.coordinator.launcher import cancel_jobs
     from ddm.coordinator.manifest import Manifest
-    from ddm.coordinator.pipeline import job_output
+    from ddm.coordinator.layout import job_output
 
     manifest = Manifest.load(args.root)
     outputs = {name: job_output(args.root, name) for name in manifest.data["jobs"]}
@@ -54,6 +54,22 @@ def run_logs(args: argparse.Namespace) -> int:
         print(f"ddm logs: no job {args.job!r} in {args.root}; jobs: {', '.join(manifest.data['jobs']) or 'none'}", file=sys.stderr)
         return 2
     handle = record["handle"]
+    # The local scheduler knows only the jobs its own process launched, so from here none: their log
+    # files are all there is (and TorchX need not load to find that out). A cluster's API knows its jobs.
+    local = handle.split("://", 1)[0].startswith("local")
+    lines = [] if local else _scheduler_log_lines(manifest, args, handle)
+    if not lines:
+        lines = _local_log_lines(args.root, handle)
+    if not lines:
+        print(f"ddm logs: no logs found for {args.job} ({handle})", file=sys.stderr)
+        return 1
+    for line in lines[-args.tail :] if args.tail else lines:
+        sys.stdout.write(line if line.endswith("\n") else line + "\n")
+    return 0
+
+
+def _scheduler_log_lines(manifest, args: argparse.Namespace, handle: str) -> list[str]:
+    """The job's log lines as its scheduler (a cluster's API) reports them; empty if it knows none."""
     lines: list[str] = []
     with _runner(manifest, args.islands) as runner:
         try:
@@ -66,18 +82,11 @@ def run_logs(args: argparse.Namespace) -> int:
             lines = []
         except Exception as e:  # a cluster API error (pod gone, API server unreachable)
             print(f"ddm logs: cannot read the logs of {args.job} from its cluster: {str(e).splitlines()[0]}", file=sys.stderr)
-    if not lines:  # the local scheduler forgets jobs across coordinator restarts: read its log files
-        lines = _local_log_lines(args.root, handle)
-    if not lines:
-        print(f"ddm logs: no logs found for {args.job} ({handle})", file=sys.stderr)
-        return 1
-    for line in lines[-args.tail :] if args.tail else lines:
-        sys.stdout.write(line if line.endswith("\n") else line + "\n")
-    return 0
+    return lines
 
 
 def _local_log_lines(root: str, handle: str) -> list[str]:
-    from ddm.coordinator.pipeline import local_log_dir
+    from ddm.coordinator.layout import local_log_dir
 
     app_id = handle.rstrip("/").rsplit("/", 1)[-1]
     base = local_log_dir(root)

@@ -72,6 +72,10 @@ class Manifest:
         if stored is None and version is not None:
             stored = copy.deepcopy(data)
         self._stored = stored
+        # When the stored manifest was last written before this process read it: the last sign of life
+        # of a coordinator that was killed, when its own clock says nothing more.
+        self.last_written: float | None = data.get("updated")
+        self.config_changes: list[str] = []  # what ``open`` let through (nothing had been made yet)
 
     @classmethod
     def open(
@@ -97,15 +101,23 @@ class Manifest:
         old = {k: v for k, v in data["config"].items() if k not in resumable_keys}
         new = {k: v for k, v in config.items() if k not in resumable_keys}
         changes = _diff(old, new)
-        if changes:
+        produced = produced_output(data)
+        if changes and produced:
             raise ManifestError(
-                f"{url}: this run root was started with a different config:\n  "
+                f"{url}: this run root was started with a different config, and {produced}:\n  "
                 + "\n  ".join(changes[:20])
                 + "\nuse a new root (or restore the original config) so two configs never mix in one run"
             )
         snapshot = copy.deepcopy(data)
         data["config"] = config
-        return cls(root, data, stored.version, snapshot)
+        if changes:  # nothing was made under the old config: the new one takes the root over
+            data["stages"] = {n: st for n, st in data["stages"].items() if not st.get("skipped")}  # re-decided
+            data.setdefault("config_changes", []).append({"at": time.time(), "changes": changes[:20]})
+        manifest = cls(root, data, stored.version, snapshot)
+        manifest.config_changes = changes
+        if changes:
+            manifest.save()
+        return manifest
 
     @classmethod
     def load(cls, root: str) -> "Manifest":
@@ -184,6 +196,47 @@ class Manifest:
         stage[f"{state}_at"] = time.time()
         self.save()
 
+    # Each attempt at a stage is {"started_at", "seconds", "end"}, end one of done / failed / interrupted /
+    # killed (the coordinator died: seconds up to its last sign of life). The stage's ``seconds`` is their
+    # sum, ``wall_seconds`` the span from the first start to the end, ``started_at`` the first start.
+    def start_stage(self, name: str, *, last_alive: dict[str, Any] | None = None) -> float:
+        """Record a new attempt at ``name``; an attempt left open by a killed coordinator is closed first,
+        at ``last_alive`` (its ``coordinator.json``) when that is the same attempt, else at the manifest's
+        last write before this process. Returns the new attempt's start time."""
+        stage = self.stage(name)
+        attempts = stage_attempts(stage)
+        now = time.time()
+        if attempts and "seconds" not in attempts[-1]:
+            last = attempts[-1]
+            alive = self.last_written
+            if last_alive and last_alive.get("stage") == name and last_alive.get("attempt_started_at") == last["started_at"]:
+                alive = last_alive.get("time")
+            end = min(max(float(alive or last["started_at"]), last["started_at"]), now)
+            last.update(seconds=round(end - last["started_at"], 1), end="killed")
+        attempts.append({"started_at": now})
+        stage["attempts"] = attempts
+        stage.pop("error", None)  # the previous attempt's; a new failure records its own
+        stage.update(state=RUNNING, running_at=now, started_at=attempts[0]["started_at"])
+        self.save()
+        return now
+
+    def end_stage(self, name: str, state: str | None, **info: Any) -> dict[str, Any]:
+        """Close the open attempt at ``name`` as ``state`` (DONE / FAILED; None: interrupted, the stage
+        stays RUNNING and resumes on the next run) and record ``info``; returns the stage's record."""
+        stage = self.stage(name)
+        attempts = stage_attempts(stage)
+        now = time.time()
+        if not attempts or "seconds" in attempts[-1]:
+            attempts.append({"started_at": now})
+        attempts[-1].update(seconds=round(now - attempts[-1]["started_at"], 1), end=state or "interrupted")
+        stage["attempts"] = attempts
+        stage.update(info, seconds=round(sum(a["seconds"] for a in attempts), 1), wall_seconds=round(now - attempts[0]["started_at"], 1))
+        if state is not None:
+            stage.update(state=state)
+            stage[f"{state}_at"] = now
+        self.save()
+        return stage
+
     # jobs -----------------------------------------------------------------------------------------
     def job(self, name: str) -> dict[str, Any]:
         return self.data["jobs"].setdefault(name, {"state": "PENDING", "attempts": []})
@@ -191,3 +244,46 @@ class Manifest:
     def update_job(self, name: str, **fields: Any) -> None:
         self.job(name).update(fields)
         self.save()
+
+
+def produced_output(data: dict[str, Any]) -> str | None:
+    """What locks a run root to its config: a stage that finished (not merely skipped) or a job that
+    was ever submitted, named; None while nothing has been made (a first stage that failed on a wrong
+    path leaves the root free to take the corrected config)."""
+    done = [n for n, st in data.get("stages", {}).items() if st.get("state") == DONE and not st.get("skipped")]
+    if done:
+        return f"stage {done[0]} finished under it"
+    jobs = [n for n, job in data.get("jobs", {}).items() if job.get("attempts")]
+    if jobs:
+        return f"job {jobs[0]} was launched under it"
+    return None
+
+
+def stage_attempts(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stage record's attempts; a record written before attempts were kept counts as one attempt
+    (open if it was left running, closed at its ``failed_at`` or ``done_at`` otherwise)."""
+    if "attempts" in stage:
+        return stage["attempts"]
+    if "running_at" not in stage:
+        return []
+    start = stage["running_at"]
+    if stage.get("state") == RUNNING:
+        return [{"started_at": start}]
+    end = stage.get(f"{stage.get('state')}_at")
+    seconds = stage.get("seconds", round(end - start, 1) if end else 0.0)
+    return [{"started_at": start, "seconds": seconds, "end": stage.get("state")}]
+
+
+def stage_times(stage: dict[str, Any], now: float | None = None) -> tuple[float | None, float | None]:
+    """(own seconds, wall seconds) of a stage record, a running stage counted to ``now``; older
+    manifests (one ``seconds`` per stage, no attempts) read as one attempt."""
+    attempts = stage_attempts(stage)
+    if not attempts:
+        return stage.get("seconds"), None
+    now = time.time() if now is None else now
+    own = sum(a.get("seconds", now - a["started_at"]) for a in attempts)
+    if stage.get("state") == RUNNING or "seconds" not in attempts[-1]:
+        wall = now - attempts[0]["started_at"]
+    else:
+        wall = stage.get("wall_seconds", attempts[-1]["started_at"] + attempts[-1]["seconds"] - attempts[0]["started_at"])
+    return round(own, 1), round(wall, 1)

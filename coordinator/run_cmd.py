@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     except ManifestError as e:
         print(f"ddm run: {e}", file=sys.stderr)
         return 2
+    if manifest.config_changes:
+        print(f"ddm run: {cfg.root} takes the changed config (nothing was made under the old one):\n  "
+              + "\n  ".join(manifest.config_changes), file=sys.stderr)  # fmt: skip
     print(f"ddm run: {cfg.name} at {cfg.root} ({cfg.mode}, {len(islands.island)} island(s))", file=sys.stderr)
     from torchx.schedulers.local_scheduler import SignalException
 

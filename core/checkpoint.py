@@ -17,14 +17,15 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from ddm.core import storage
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (through safetensors.torch) loads only to save or load tensors: finding the latest checkpoint
+# and reading its metadata, as ``ddm status`` does, stays torch-free.
 
 FORMAT_VERSION = 1
 META_KEY = "ddm"
@@ -56,6 +57,8 @@ def file_name(step: int) -> str:
 
 def save(directory: str, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, keep: int = 3) -> str:
     """Write a checkpoint for ``step`` and point ``latest.json`` at it. Returns the file's URL."""
+    from safetensors.torch import save as st_save
+
     meta = {**meta, "step": step, "format_version": FORMAT_VERSION}
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     payload = st_save(contiguous, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -125,6 +128,9 @@ def load(url: str) -> Checkpoint:
         if resolved is None:
             raise FileNotFoundError(f"{url}: no checkpoint found (expected step-*.safetensors or latest.json)")
         url = resolved
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
     raw = storage.read_bytes(url)
     meta = read_metadata(raw, url)
     try:

@@ -138,7 +138,8 @@ def test_dead_job_with_stale_heartbeat_is_relaunched(tmp_path, outdirs):
 
 
 def test_manifest_refuses_a_different_config(tmp_path):
-    Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 4}})
+    """Once a stage finished under a config (before that, a new config takes the root: test_stages.py)."""
+    Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 4}}).set_stage("curate", "done")
     with pytest.raises(ValueError, match=r"partition.k: 4 -> 8"):
         Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 8}})
 
@@ -147,7 +148,7 @@ def test_manifest_takes_new_settings_and_placement_but_not_a_changed_recipe(tmp_
     """A root started by an older ddm (no experts.train.device recorded) reopens with the new field;
     moving a job to another device, compiler or parallelism is not a new recipe; its steps are."""
     recorded = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32"}}}
-    Manifest.open(str(tmp_path), recorded)
+    Manifest.open(str(tmp_path), recorded).set_stage("curate", "done")
     newer = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32", "device": "auto", "compile": False}}}
     Manifest.open(str(tmp_path), newer)
     moved = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32", "device": "cuda", "compile": True,
@@ -155,6 +156,50 @@ def test_manifest_takes_new_settings_and_placement_but_not_a_changed_recipe(tmp_
     Manifest.open(str(tmp_path), moved)
     with pytest.raises(ValueError, match=r"experts.train.steps: 10 -> 20"):
         Manifest.open(str(tmp_path), {**moved, "experts": {"train": {**moved["experts"]["train"], "steps": 20}}})
+
+
+def test_a_root_takes_a_new_config_until_something_was_made(tmp_path):
+    """A first stage that failed on a wrong path leaves the root free for the corrected config (the
+    failed attempt stays on record); once a stage finished, or a job was launched, it is refused."""
+    m = Manifest.open(str(tmp_path), {"name": "t", "data": {"path": "/nonexistent"}})
+    m.set_stage("curate", "failed", error="FileNotFoundError: /nonexistent")
+    m = Manifest.open(str(tmp_path), {"name": "t", "data": {"path": "/data"}})
+    assert m.config_changes == ["data.path: '/nonexistent' -> '/data'"]
+    assert m.data["stages"]["curate"]["state"] == "failed" and m.data["config"]["data"]["path"] == "/data"
+    m.set_stage("curate", "done")
+    with pytest.raises(ValueError, match="stage curate finished under it"):
+        Manifest.open(str(tmp_path), {"name": "t", "data": {"path": "/nonexistent"}})
+
+
+def test_a_launched_job_locks_the_config(tmp_path):
+    m = Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 2}})
+    m.update_job("expert-0", state="FAILED", attempts=[{"submitted_at": time.time(), "state": "FAILED"}])
+    with pytest.raises(ValueError, match="job expert-0 was launched under it"):
+        Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 3}})
+
+
+def test_a_skipped_stage_is_decided_again_under_a_new_config(tmp_path):
+    """Skipping makes nothing: a monolith run that failed before its first job may become an experts
+    run, and its skipped curate and partition run then."""
+    m = Manifest.open(str(tmp_path), {"name": "t", "mode": "monolith"})
+    m.set_stage("curate", "done", skipped="monolith mode trains on the whole dataset")
+    m = Manifest.open(str(tmp_path), {"name": "t", "mode": "experts"})
+    assert "curate" not in m.data["stages"] and m.config_changes == ["mode: 'monolith' -> 'experts'"]
+
+
+def test_ddm_run_takes_the_corrected_path_on_the_same_root(tmp_path):
+    """`ddm run` fails at curate on a wrong data path; the same command with the path fixed runs on the
+    same root (it used to answer "this run root was started with a different config")."""
+    root = tmp_path / "run"
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.toml")
+    base = [sys.executable, "-m", "ddm", "run", tiny, "--root", str(root), "--stages", "curate", "--quiet",
+            "--set", "data.limit=40"]  # fmt: skip
+    bad = subprocess.run([*base, "--set", 'data.path="/nonexistent/fm"'], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "/nonexistent/fm" in bad.stderr
+    good = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert "takes the changed config" in good.stderr and "data.path" in good.stderr
+    assert json.loads((root / "manifest.json").read_text())["stages"]["curate"]["state"] == "done"
 
 
 LONG = (  # a trainer-like job: records each launch, beats every 0.1 s, checkpoints and exits 3 on SIGTERM

@@ -17,6 +17,7 @@ import pytest
 
 from ddm.core import checkpoint
 from ddm.expert.shards import read_index
+from light_cli import ddm_fresh
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +99,12 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     assert out2.count("already done") == 6
     assert manifest(root)["jobs"] == m["jobs"]  # nothing launched again
 
-    status = subprocess.run([sys.executable, "-m", "ddm", "status", str(root)], capture_output=True, text=True)
-    assert status.returncode == 0 and "expert-1" in status.stdout and "SUCCEEDED" in status.stdout
+    # `ddm status` and `ddm logs` on the real root answer without loading torch or grpc.
+    status, loaded = ddm_fresh("status", str(root))
+    assert "expert-1" in status and "SUCCEEDED" in status and loaded == [], loaded
+    table = {line.split()[0]: line for line in status.split("\n\n")[0].splitlines()[1:]}  # the stage table
+    assert all(table[s].split()[1] == "done" for s in ("curate", "partition", "experts", "router", "eval", "distill"))
+    assert "mixture FD" in table["eval"] and "top-1 FD" in table["eval"] and "total" in table
 
     # New data lands in the existing clusters: the training images themselves go where they were put.
     assign = subprocess.run(
@@ -116,8 +121,8 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
         same = sum(placed["expert"][i] == k for i in ids)
         assert same >= 0.95 * len(ids), f"expert-{k}: only {same}/{len(ids)} reassigned to their cluster"
 
-    logs = subprocess.run([sys.executable, "-m", "ddm", "logs", str(root), "expert-0", "--tail", "50"], capture_output=True, text=True)
-    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+    logs, loaded = ddm_fresh("logs", str(root), "expert-0", "--tail", "50")
+    assert logs.strip() and loaded == [], loaded
 
     # The headline comparison: a compute-matched monolith (batch x K, same steps) trained as its own
     # run, then scored beside the ensembles under one evaluation context; a rerun reuses every score.
@@ -152,10 +157,13 @@ def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path
             time.sleep(0.2)
         else:
             pytest.fail("experts never started")
+        time.sleep(3)  # the experts stage has run a while when the coordinator dies
         p.send_signal(signal.SIGKILL)  # no clean-up at all: the worst case
+        killed_at = time.time()
         p.wait(timeout=30)
         before = manifest(root)["jobs"]
         assert all(before[f"expert-{k}"]["state"] in ("SUBMITTED", "RUNNING") for k in range(2))
+        first_start = manifest(root)["stages"]["experts"]["running_at"]
 
         again = ddm("run", str(cfg))
         out, _ = again.communicate(timeout=600)
@@ -164,6 +172,13 @@ def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path
         m = check_finished_run(root, 80)
         # The orphaned trainers finished the work: no expert was launched a second time.
         assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2)), m["jobs"]
+        # The stage's time counts both coordinators (the killed one up to its last beat, at most a poll
+        # or a clock period before the kill), and its wall span runs from the first start.
+        st = m["stages"]["experts"]
+        assert [a["end"] for a in st["attempts"]] == ["killed", "done"], st
+        assert st["attempts"][0]["seconds"] >= killed_at - first_start - 3, st
+        assert st["wall_seconds"] == pytest.approx(st["done_at"] - first_start, abs=0.5)
+        assert st["seconds"] == pytest.approx(sum(a["seconds"] for a in st["attempts"]), abs=0.2)
     finally:
         if p.poll() is None:
             p.kill()

@@ -236,6 +236,7 @@ def test_jobs_get_the_storage_settings_but_never_credentials(s3: S3, monkeypatch
     from ddm.coordinator.config import RunConfig
     from ddm.coordinator.islands import IslandsConfig
     from ddm.coordinator.pipeline import Pipeline
+    from ddm.coordinator.stages import ROUTER
 
     cluster = {"scheduler": "kubernetes", "image": "ddm:dev", "namespace": "ddm", "queue": "ddm"}
     islands = IslandsConfig.model_validate({"island": {
@@ -247,9 +248,9 @@ def test_jobs_get_the_storage_settings_but_never_credentials(s3: S3, monkeypatch
     pipe = Pipeline(RunConfig(root=s3.url("run")), islands, manifest=None)  # type: ignore[arg-type]
 
     def env(island: str) -> dict[str, str]:
-        job = pipe._job(
+        job = pipe.job(
             "router",
-            pipe.router_job(),
+            ROUTER.router_job(pipe.cfg),
             s3.url("run", "router"),
             island,
             components.trainer,

@@ -110,9 +110,9 @@ def _embeddings_cache(tmp: Path, evil: bytes) -> None:
 
 
 def _npy(tmp: Path, evil: bytes) -> None:
-    from ddm.coordinator.pipeline import _load_npy
+    from ddm.coordinator.stages import load_npy
 
-    _load_npy(evil)
+    load_npy(evil)
 
 
 def _torchscript(tmp: Path, evil: bytes) -> None:
