@@ -120,17 +120,30 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except RunFailed as e:
         print_status(cfg.root)
+        _report(cfg.root)
         print(f"ddm run: {e}", file=sys.stderr)
         return 1
     except ManifestError as e:  # another coordinator wrote the manifest: stop, overwrite nothing
         print(f"ddm run: {e}", file=sys.stderr)
         return 1
     print_status(cfg.root)
+    _report(cfg.root)
     if serve_at:
         from ddm.coordinator.cli import main  # `ddm serve run ROOT` with the router's defaults
 
         return main(["serve", "run", cfg.root, "--host", serve_at[0], "--port", serve_at[1], "--device", cfg.device])
     return 0
+
+
+def _report(root: str) -> None:
+    """Write the run's HTML report (``ddm report``) and say where; a report that cannot be written is a
+    warning, never the run's failure."""
+    from ddm.coordinator.report import write_report
+
+    try:
+        print(f"ddm run: report {write_report(root)}", file=sys.stderr)
+    except OSError as e:
+        print(f"ddm run: the report could not be written ({e}); `ddm report {root}` tries again", file=sys.stderr)
 
 
 def parse_address(address: str) -> tuple[str, str]:

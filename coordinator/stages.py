@@ -123,7 +123,7 @@ class Partition(Stage):
         report = cluster_report(labels, p.k)
         sizes = [int(s) for s in np.bincount(labels, minlength=p.k)]
         per_class = [np.bincount(data.labels[keep][labels == k].numpy(), minlength=data.num_classes).tolist() for k in range(p.k)]
-        storage.write_json(storage.join(ctx.cfg.root, "clusters", "report.json"), {**jsonable(report), "sizes": sizes, "class_counts": per_class})
+        storage.write_json(storage.join(ctx.cfg.root, "clusters", "report.json"), {**jsonable(report), "sizes": sizes, "class_counts": per_class, "class_names": data.class_names})
         # A few images per cluster, one row each, so a person sees what each expert will learn.
         rows = []
         gen = np.random.default_rng(p.seed)

@@ -71,6 +71,7 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     assert p.returncode == 0, out
     m = check_finished_run(root, 20)
     assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2))
+    assert f"ddm run: report {root / 'report.html'}" in out and (root / "report.html").stat().st_size > 0
     metrics = json.loads((root / "eval" / "mixture" / "metrics.json").read_text())
     assert metrics["num_samples"] == 40 and metrics["fd"] > 0 and sum(metrics["extra"]["samples_per_expert"]) == 40
     assert metrics["denoiser_calls_per_sample"] == 2 * 4  # guided: a conditional and an unconditional row per step
@@ -143,6 +144,18 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0 and again.stderr.count("reused") == 3, again.stderr
     assert "already done" in again.stderr  # the monolith run was not trained again
+
+    # The run report, now with compare's table, as a person sees it: the real headless Chromium.
+    from chromium import is_blank, render
+
+    page = subprocess.run([sys.executable, "-m", "ddm", "report", str(root)], capture_output=True, text=True, timeout=300)
+    assert page.returncode == 0, page.stderr
+    html = (root / "report.html").read_text()
+    assert "Compute-matched comparison" in html and "<td>monolith</td>" in html and "expert-1" in html
+    shown = render(root / "report.html", tmp_path)
+    # clusters, loss curves, router accuracy, 2 eval grids, the distillation grids (1 ensemble + 3 student), compare grid
+    assert shown.images == html.count('src="data:image/png') == 1 + 2 + 2 + 4 + 1
+    assert shown.decoded == shown.images and shown.console == [] and not is_blank(shown.screenshot)
 
 
 def test_coordinator_killed_mid_training_carries_on_without_relaunching(tmp_path):
