@@ -93,19 +93,19 @@ def run(args: argparse.Namespace) -> int:
     from ddm.expert.load import load_denoiser
     from ddm.expert.sampling import sample
     from ddm.core.placement import Placement
-    from ddm.expert.student import for_sampling
+    from ddm.expert.student import StudentDenoiser
 
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
-    placement.announce(f"sample: {'student' if hasattr(denoiser, 'for_schedule') else 'model'} ({args.checkpoint})")
+    student = isinstance(denoiser, StudentDenoiser)
+    placement.announce(f"sample: {'student' if student else 'model'} ({args.checkpoint})")
     y = placement.to(parse_labels(args.labels, args.n, denoiser.num_classes))
     shape = denoiser.image_shape
     gen = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise for a seed on any device
     noise = placement.to(torch.randn(args.n, *shape, generator=gen))
-    if args.model == "student" and not hasattr(denoiser, "for_schedule"):
+    if args.model == "student" and not student:
         raise ValueError(f"--model student: {args.checkpoint} is not a distilled student checkpoint")
-    scheduled = for_sampling(denoiser, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift)
-    guided = with_guidance(scheduled, args.guidance)  # CFG pair for an expert, one pass for a student
+    guided = with_guidance(denoiser, args.guidance)  # CFG pair for an expert, one pass for a student
     x0 = sample(
         guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen
     )

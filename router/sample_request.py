@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ddm.expert.sampling import SAMPLERS
+from ddm.expert.samplers import SAMPLERS
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.router.strategies import STRATEGIES
 
-SERVED_STRATEGIES: tuple[str, ...] = ("top-k", "full", "threshold")  # "oracle" needs partition labels
 MODELS: tuple[str, ...] = ("ensemble", "student")  # SampleRequest.model; "student" when one is loaded
 
 
@@ -76,9 +76,9 @@ class SampleParams:
 
     def cohort_key(self) -> tuple | None:
         """Requests with equal keys can be sampled as one batch (``router.cohort``): same schedule,
-        guidance and routing. None for the stochastic sampler, whose fresh noise per step comes from
+        guidance and routing. None for a stochastic sampler, whose fresh noise per step comes from
         the request's own generator, so merging would change its numbers."""
-        if self.sampler == "stochastic":
+        if SAMPLERS.entry(self.sampler).stochastic:
             return None
         return (
             self.steps,
@@ -128,15 +128,14 @@ def parse_request(
         raise BadRequest("steps", f"{steps} out of range; use 1..{d.max_steps}")
     sampler = opt("sampler", d.sampler)
     if sampler not in SAMPLERS:
-        raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS.names())}")
     strategy = opt("strategy", d.strategy)
-    if strategy not in SERVED_STRATEGIES:
-        hint = (
-            " ('oracle' needs ground-truth partition labels: evaluation only)" if strategy == "oracle" else ""
-        )
-        raise BadRequest(
-            "strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(SERVED_STRATEGIES)}"
-        )
+    served = STRATEGIES.names(served=True)
+    if strategy not in served:
+        hint = ""
+        if strategy in STRATEGIES:
+            hint = f" ({strategy!r} {STRATEGIES.entry(strategy).help})"
+        raise BadRequest("strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(served)}")
     top_k = int(opt("top_k", d.top_k))
     if not 1 <= top_k <= num_experts:
         raise BadRequest("top_k", f"{top_k} out of range; there are {num_experts} experts")
@@ -184,8 +183,8 @@ def router_info(d: SampleDefaults, router_config: Any, **fields: Any) -> pb.Rout
     return pb.RouterInfo(
         num_classes=cfg.num_classes,
         image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
-        strategies=list(SERVED_STRATEGIES),
-        samplers=list(SAMPLERS),
+        strategies=list(STRATEGIES.names(served=True)),
+        samplers=list(SAMPLERS.names()),
         max_n=d.max_n,
         max_steps=d.max_steps,
         default_strategy=d.strategy,

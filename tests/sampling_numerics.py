@@ -121,19 +121,10 @@ def run_all() -> dict[str, Any]:
             for steps, shift in GRIDS:
                 for scale in (1.0, 3.0):
                     view = student.with_counter()
-                    run = _run(with_guidance(_scheduled(view, steps, sampler, shift), scale),
-                               steps=steps, sampler=sampler, time_shift=shift)  # fmt: skip
+                    run = _run(with_guidance(view, scale), steps=steps, sampler=sampler, time_shift=shift)
                     run["calls"] = [view.calls.total_rows, view.calls.total_batches]
                     out[f"student/{kind}/{sampler}/{steps}x{shift}/w{scale}"] = run
     return out
-
-
-def _scheduled(student: Any, steps: int, sampler: str, time_shift: float) -> Any:
-    """Before the sampler passed the next time to the denoiser, the student was told the grid."""
-    from ddm.expert import student as module
-
-    told = getattr(module, "for_sampling", None)
-    return told(student, steps=steps, sampler=sampler, time_shift=time_shift) if told else student
 
 
 def main(argv: list[str] | None = None) -> int:
