@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from ddm.core.config import Strict, TrainConfig, load_config, load_toml, parse_config
 from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN
 from ddm.expert.config import DataConfig, ModelConfig, SampleConfig
-from ddm.router.config import ROUTER_TRAIN_DEFAULTS, RouterEvalConfig, RouterModelConfig
+from ddm.router.config import RouterEvalConfig, RouterModelConfig, RouterTrainConfig, RoutingConfig
 from ddm.router.distill_config import DistillStageConfig
 
 
@@ -65,13 +65,8 @@ class RouterStageConfig(Strict):
     enabled: bool = Field(True, description="train a router (experts mode); the ensemble strategies need it")
     island: str | None = Field(None, description="island to train on (default: the islands file's default island)")
     model: RouterModelConfig = RouterModelConfig()
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**ROUTER_TRAIN_DEFAULTS), description="router training (router defaults: uniform t, label dropout 0.2)")
+    train: RouterTrainConfig
     eval: RouterEvalConfig = RouterEvalConfig()
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _router_defaults(cls, v: object) -> object:
-        return {**ROUTER_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
 
 
 EVAL_MODELS = ("top-1", "top-2", "full", "threshold", "mixture")
@@ -88,7 +83,7 @@ class EvalConfig(Strict):
         description=f"experts mode: what to evaluate, any of {', '.join(EVAL_MODELS)} (routed strategies need the router; "
         "'mixture' samples class c from expert k with probability n_kc/n_c, no router)",
     )
-    threshold: float = Field(0.1, gt=0, le=1, description="router probability cut-off of the 'threshold' strategy")
+    threshold: float = RoutingConfig.model_fields["threshold"]  # the one definition of its default and bounds
 
     @field_validator("models")
     @classmethod

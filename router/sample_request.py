@@ -18,7 +18,10 @@ import torch
 
 from ddm.expert.samplers import SAMPLERS
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.router.config import SampleDefaults
 from ddm.router.strategies import STRATEGIES
+
+__all__ = ["BadRequest", "SampleDefaults", "SampleParams", "initial_noise", "parse_request", "router_info"]
 
 MODELS: tuple[str, ...] = ("ensemble", "student")  # SampleRequest.model; "student" when one is loaded
 
@@ -27,35 +30,6 @@ class BadRequest(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
-
-
-@dataclass(frozen=True)
-class SampleDefaults:
-    """What unset SampleRequest fields mean, and the limits of one request."""
-
-    guidance: float = 3.0
-    steps: int = 32
-    sampler: str = "euler"
-    strategy: str = "top-k"
-    top_k: int = 1
-    threshold: float = 0.1
-    time_shift: float = 1.0
-    churn: float = 0.5
-    max_n: int = 256
-    max_steps: int = 1000
-    max_guidance: float = 100.0
-    max_seconds: float = 600.0  # deadline of a call whose client sets none
-
-    def __post_init__(self) -> None:
-        # A default outside its own limit would make every request that leaves the field unset fail.
-        if not 1 <= self.steps <= self.max_steps:
-            raise ValueError(f"steps: default {self.steps} must lie in 1..max_steps ({self.max_steps})")
-        if not 0 <= self.guidance <= self.max_guidance:
-            raise ValueError(
-                f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})"
-            )
-        if self.max_n < 1 or self.max_seconds <= 0:
-            raise ValueError(f"max_n must be >= 1 and max_seconds > 0, got {self.max_n}, {self.max_seconds}")
 
 
 @dataclass
