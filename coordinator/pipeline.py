@@ -176,8 +176,7 @@ class Pipeline:
         feats = embed_dataset(data, self.cfg.partition, storage.join(self.cfg.root, "curate", "embeddings.safetensors"),
                               progress=self.progress, placement=self.where())  # fmt: skip
         p = self.cfg.partition
-        ccfg = ClusterConfig(k=p.k, fine_k=min(p.fine_k, len(keep)), sample_size=p.sample_size, niter=p.niter,
-                             seed=p.seed, balanced=p.balanced, tolerance=p.tolerance)  # fmt: skip
+        ccfg = ClusterConfig(**{**p.cluster_settings(), "fine_k": min(p.fine_k, len(keep))})
         clustering, labels = fit_clustering(feats[keep.numpy()], ccfg)
         clustering.save(storage.join(self.cfg.root, "clusters", "clustering"))
         report = cluster_report(labels, p.k)
