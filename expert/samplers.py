@@ -24,6 +24,7 @@ This module imports no torch (tensor methods only), so the CLI reads the registr
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def uniform(steps: int, time_shift: float) -> list[float]:
 def make_grid(name: str, steps: int, time_shift: float) -> list[float]:
     """The grid ``name`` for ``steps`` steps, checked: steps + 1 decreasing times from 1 to 0."""
     ts = [float(t) for t in TIME_GRIDS.get(name, field="grid")(steps, time_shift)]
-    if len(ts) != steps + 1 or ts[0] != 1 or ts[-1] != 0 or any(a <= b for a, b in zip(ts, ts[1:])):
+    if len(ts) != steps + 1 or ts[0] != 1 or ts[-1] != 0 or any(a <= b for a, b in itertools.pairwise(ts)):
         raise ValueError(
             f"time grid {name!r} returned {len(ts)} times for {steps} steps; a grid must give steps + 1 "
             "strictly decreasing times from 1 to 0"

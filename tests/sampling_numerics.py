@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from numerics import environment
 
 HERE = Path(__file__).resolve().parent

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from ddm.core.cli import add_options, config_from_args
 from ddm.core.config import ConfigError
 from ddm.core.registry import Registry

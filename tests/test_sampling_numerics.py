@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from numerics import environment
 from sampling_numerics import PINNED, run_all
 
