@@ -146,7 +146,7 @@ def compare_with_sklearn(x: np.ndarray, k: int, niter: int, seed: int) -> dict[s
 def balance(x: np.ndarray, cfg: ClusterConfig, tolerances: tuple[float, ...], tag: str) -> dict[str, Any]:
     """Imbalance without and with balancing, and what balancing costs in k-means objective."""
     k = cfg.k
-    plain, t_plain = timed(lambda: fit_clustering(x, dataclasses.replace(cfg, balanced=False)))
+    plain, t_plain = timed(lambda: fit_clustering(x, cfg.model_copy(update=dict(balanced=False))))
     clustering, greedy = plain
     base, _ = partition_inertia(x, greedy, k)
     rep = cluster_report(greedy, k)
@@ -156,7 +156,7 @@ def balance(x: np.ndarray, cfg: ClusterConfig, tolerances: tuple[float, ...], ta
     out: dict[str, Any] = {"imbalance_greedy": _finite(rep["imbalance"]), "fit_clustering_s": t_plain}
     for tol in tolerances:
         (_, labels), t_bal = timed(
-            lambda tol=tol: fit_clustering(x, dataclasses.replace(cfg, balanced=True, tolerance=tol))
+            lambda tol=tol: fit_clustering(x, cfg.model_copy(update=dict(balanced=True, tolerance=tol)))
         )
         rep = cluster_report(labels, k)
         inertia, _ = partition_inertia(x, labels, k)

@@ -42,7 +42,6 @@ random seeding lost 1-3% on our benchmark mixture.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -56,6 +55,9 @@ from safetensors.numpy import save as st_save
 from scipy import sparse
 from scipy.optimize import linprog
 
+from pydantic import model_validator
+
+from ddm.coordinator.config import ClusterSettings
 from ddm.core import storage
 
 __all__ = [
@@ -78,42 +80,18 @@ _COARSE_RESTARTS = 8  # coarse k-means runs on a few hundred points: restarts ar
 _GROUPING_RESTARTS = 6  # balanced grouping: k-means++ starts besides the unbalanced solution
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClusterConfig:
-    """How to cluster: ``k`` coarse clusters (one per expert) built from ``fine_k`` fine centroids."""
+class ClusterConfig(ClusterSettings):
+    """One clustering fit: ``k`` coarse clusters (one per expert) built from ``fine_k`` fine centroids
+    fitted on ``sample_size`` points (the settings are :class:`ddm.coordinator.config.ClusterSettings`,
+    defined once with the run config's ``[partition]``)."""
 
-    k: int = 4  # coarse clusters = experts
-    fine_k: int = 256  # fine centroids, fitted on a sample, grouped into k coarse clusters
-    sample_size: int = 50_000  # points used to fit the fine centroids
-    niter: int = 20  # k-means (Lloyd) iterations, fine and coarse
-    seed: int = 0
-    balanced: bool = True  # keep every cluster within N/k * (1 ± tolerance)
-    tolerance: float = 0.05
-
-    def __post_init__(self) -> None:
-        for name in ("k", "fine_k", "sample_size", "niter", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"ClusterConfig.{name} must be an integer, got {value!r}")
-        if self.k < 1:
-            raise ValueError(f"ClusterConfig.k must be >= 1, got {self.k}")
-        if self.fine_k < self.k:
-            raise ValueError(
-                f"ClusterConfig.fine_k ({self.fine_k}) must be >= k ({self.k}); raise fine_k or lower k"
-            )
+    @model_validator(mode="after")
+    def _sample_covers_fine_k(self) -> "ClusterConfig":
         if self.sample_size < self.fine_k:
             raise ValueError(
-                f"ClusterConfig.sample_size ({self.sample_size}) must be >= fine_k ({self.fine_k}): "
-                "each fine centroid needs points to fit"
+                f"sample_size ({self.sample_size}) must be >= fine_k ({self.fine_k}): each fine centroid needs points to fit"
             )
-        if self.niter < 1:
-            raise ValueError(f"ClusterConfig.niter must be >= 1, got {self.niter}")
-        if not 0 <= self.seed < 2**31:
-            raise ValueError(f"ClusterConfig.seed must lie in [0, 2**31), got {self.seed}")
-        if not isinstance(self.balanced, bool):
-            raise ValueError(f"ClusterConfig.balanced must be a bool, got {self.balanced!r}")
-        if not (isinstance(self.tolerance, (int, float)) and 0.0 <= float(self.tolerance) <= 1.0):
-            raise ValueError(f"ClusterConfig.tolerance must lie in [0, 1], got {self.tolerance!r}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -529,7 +507,7 @@ class Clustering:
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": "ddm.clustering",
-            "config": dataclasses.asdict(self.config),
+            "config": self.config.model_dump(),
             "dim": self.dim,
             "tensors": TENSORS_FILE,
             "sha256": hashlib.sha256(payload).hexdigest(),

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from ddm.core.config import Strict, TrainConfig, load_config, load_toml, parse_config
 from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN
 from ddm.expert.config import DataConfig, ModelConfig, SampleConfig
-from ddm.router.config import ROUTER_TRAIN_DEFAULTS, RouterEvalConfig, RouterModelConfig
+from ddm.router.config import RouterEvalConfig, RouterModelConfig, RouterTrainConfig, RoutingConfig
 from ddm.router.distill_config import DistillStageConfig
 
 
@@ -26,14 +26,32 @@ class CurateConfig(Strict):
     example_pairs: int = Field(16, ge=0, description="near-duplicate pairs shown in curate/near_duplicates.png")
 
 
-class PartitionConfig(Strict):
-    k: int = Field(4, ge=1, le=1024, description="number of clusters = number of experts")
-    fine_k: int = Field(256, ge=1, description="fine k-means centroids, grouped into k coarse clusters")
-    sample_size: int = Field(50_000, ge=1, description="points used to fit the fine centroids")
-    niter: int = Field(20, ge=1, description="k-means iterations")
-    seed: int = Field(0, description="clustering seed")
-    balanced: bool = Field(True, description="balance cluster sizes to within `tolerance` of N/k")
+class ClusterSettings(Strict):
+    """How the data is clustered, the one definition of these settings: the run config's ``[partition]``
+    (:class:`PartitionConfig`) and one clustering fit (``ddm.coordinator.cluster.ClusterConfig``) share them."""
+
+    k: int = Field(4, ge=1, le=1024, strict=True, description="number of clusters = number of experts")
+    fine_k: int = Field(256, ge=1, strict=True, description="fine k-means centroids, grouped into k coarse clusters")
+    sample_size: int = Field(50_000, ge=1, strict=True, description="points used to fit the fine centroids")
+    niter: int = Field(20, ge=1, strict=True, description="k-means (Lloyd) iterations, fine and coarse")
+    seed: int = Field(0, ge=0, lt=2**31, strict=True, description="clustering seed")
+    balanced: bool = Field(True, strict=True, description="balance cluster sizes to within `tolerance` of N/k")
     tolerance: float = Field(0.04, ge=0, le=1, description="allowed relative deviation from N/k when balanced (0.04 keeps largest/smallest <= 1.1)")
+
+    @model_validator(mode="after")
+    def _k_le_fine_k(self) -> "ClusterSettings":
+        if self.k > self.fine_k:
+            raise ValueError(f"fine_k ({self.fine_k}) must be >= k ({self.k}); raise fine_k or lower k")
+        return self
+
+    def cluster_settings(self) -> dict:
+        """These settings alone (a PartitionConfig's, without its embedding and shard fields)."""
+        return {name: getattr(self, name) for name in ClusterSettings.model_fields}
+
+
+class PartitionConfig(ClusterSettings):
+    """The run's ``[partition]``: the clustering settings plus how images are embedded and sharded."""
+
     encoder: str = Field(
         "efficientnet-lite0",
         description="embedding encoder: 'efficientnet-lite0' (pretrained, ships offline), 'pixels' (fast, for tests) or 'torchscript:/local/path.pt'",
@@ -41,12 +59,6 @@ class PartitionConfig(Strict):
     embed_image_size: int = Field(64, ge=32, le=1024, description="encoder input size (images are resized); 64 embeds ~3x faster than 96 on CPU")
     embed_batch_size: int = Field(256, ge=1, description="images per encoder batch")
     shard_size: int = Field(10_000, ge=1, description="images per partition shard file")
-
-    @model_validator(mode="after")
-    def _k_le_fine_k(self) -> "PartitionConfig":
-        if self.k > self.fine_k:
-            raise ValueError(f"k ({self.k}) must not exceed fine_k ({self.fine_k}); raise partition.fine_k")
-        return self
 
 
 class ExpertsConfig(Strict):
@@ -65,13 +77,8 @@ class RouterStageConfig(Strict):
     enabled: bool = Field(True, description="train a router (experts mode); the ensemble strategies need it")
     island: str | None = Field(None, description="island to train on (default: the islands file's default island)")
     model: RouterModelConfig = RouterModelConfig()
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**ROUTER_TRAIN_DEFAULTS), description="router training (router defaults: uniform t, label dropout 0.2)")
+    train: RouterTrainConfig
     eval: RouterEvalConfig = RouterEvalConfig()
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _router_defaults(cls, v: object) -> object:
-        return {**ROUTER_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
 
 
 EVAL_MODELS = ("top-1", "top-2", "full", "threshold", "mixture")
@@ -88,7 +95,7 @@ class EvalConfig(Strict):
         description=f"experts mode: what to evaluate, any of {', '.join(EVAL_MODELS)} (routed strategies need the router; "
         "'mixture' samples class c from expert k with probability n_kc/n_c, no router)",
     )
-    threshold: float = Field(0.1, gt=0, le=1, description="router probability cut-off of the 'threshold' strategy")
+    threshold: float = RoutingConfig.model_fields["threshold"]  # the one definition of its default and bounds
 
     @field_validator("models")
     @classmethod

@@ -9,16 +9,17 @@ import argparse
 import json
 import os
 
+from ddm.core.cli import add_options
 from ddm.core.device import add_argument as add_device_argument
+from ddm.expert.config import SampleConfig
+
+SAMPLING = ("steps", "sampler", "guidance", "time_shift", "churn")  # SampleConfig fields offered as options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory (local or s3://)")
     p.add_argument("--num-samples", type=int, default=1000, help="generated images, class-balanced (default 1000)")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps")
-    p.add_argument("--sampler", choices=["euler", "heun", "stochastic"], default="euler", help="sampler")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--time-shift", type=float, default=1.0, help="time shift of the sampling grid")
+    add_options(p, SampleConfig, SAMPLING)
     p.add_argument("--features", default="efficientnet-lite0", help="feature space: efficientnet-lite0, pixels or torchscript:/path.pt")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="reference data: the Fashion-MNIST directory")
     p.add_argument("--split", choices=["train", "test"], default="test", help="reference split (default: test)")
@@ -33,20 +34,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ddm.coordinator.eval_stage import machine_cache
+    from ddm.core.cli import config_from_args
     from ddm.core.placement import Placement
     from ddm.expert.classifier import get_classifier
-    from ddm.expert.config import DataConfig, SampleConfig
+    from ddm.expert.config import DataConfig
     from ddm.expert.data import build_dataset
     from ddm.expert.evaluate import evaluate
     from ddm.expert.features import announce_features, build_features
     from ddm.expert.load import load_denoiser
 
+    sample_cfg = config_from_args(SampleConfig, args, SAMPLING)  # bad values fail before any loading
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
     placement.announce(f"eval: model ({args.checkpoint})")
     data_cfg = DataConfig(source="fashion-mnist", path=args.data, split=args.split, limit=args.real_samples)
     real = build_dataset(data_cfg)
-    sample_cfg = SampleConfig(steps=args.steps, sampler=args.sampler, guidance=args.guidance, time_shift=args.time_shift)
     classifier = None
     if not args.no_classifier:
         classifier = get_classifier(DataConfig(source="fashion-mnist", path=args.data), machine_cache(), progress=True,

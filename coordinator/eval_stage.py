@@ -81,7 +81,7 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
         gen = torch.Generator().manual_seed(seed * 1000 + k)
         x[idx] = generate(counter, y[idx], real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
                           progress=progress, device=device)  # fmt: skip
-        rows, batches = rows + counter.rows, batches + counter.calls
+        rows, batches = rows + counter.calls.total_rows, batches + counter.calls.total_batches
     sampling_seconds = time.perf_counter() - t0
     result = score(
         to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,

@@ -32,18 +32,76 @@ islands may name different clusters: each gets its own API client (``coordinator
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from ddm.core.config import Strict, load_toml, parse_config
-
-KNOWN_SCHEDULERS = ("local_cwd", "local_docker", "kubernetes", "slurm", "aws_batch")
+from ddm.core.registry import Registry
 _J = re.compile(r"^(\d+:)?\d+x\d+$|^\d+$")
 _ISLAND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Kubernetes object names (RFC 1123 labels): namespaces, queues, service accounts, secrets.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KUBERNETES_ONLY = ("kubeconfig", "kube_context", "namespace", "queue", "service_account", "env_from_secrets", "env_from_configmaps")
+
+
+@dataclass(frozen=True)
+class SchedulerKind:
+    """What ddm needs to know about one TorchX scheduler an island may use.
+
+    ``needs``: island fields it requires; ``owns``: island fields only it takes (set on another
+    scheduler's island they are an error); ``check(island)`` raises ValueError for anything else wrong;
+    ``run_cfg(island)`` its TorchX run options from the island; ``per_island(island, client)``, when
+    set, a TorchX scheduler factory bound to one island, registered as ``NAME@ISLAND`` (so job handles
+    name their island: kubernetes, whose islands are separate clusters)."""
+
+    needs: tuple[str, ...] = ()
+    owns: tuple[str, ...] = ()
+    check: Callable[[Island], None] | None = None
+    run_cfg: Callable[[Island], dict[str, Any]] | None = None
+    per_island: Callable[..., Any] | None = None
+
+
+ISLAND_SCHEDULERS: Registry[SchedulerKind] = Registry("scheduler")
+"""The schedulers an island may name, filled below (one entry per scheduler). To add one: one entry
+here (plus its TorchX scheduler, if TorchX lacks it), one test in tests/test_islands.py."""
+
+
+def _kubernetes_names(island: Island) -> None:
+    names = {"namespace": island.namespace, "queue": island.queue, "service_account": island.service_account}
+    names.update({f"env_from_secrets[{i}]": s for i, s in enumerate(island.env_from_secrets)})
+    names.update({f"env_from_configmaps[{i}]": s for i, s in enumerate(island.env_from_configmaps)})
+    for field, value in names.items():
+        if value is not None and not _DNS_LABEL.match(value):
+            raise ValueError(f"{field} = {value!r} is not a kubernetes name (lowercase letters, digits and '-')")
+
+
+def _kubernetes_run_cfg(island: Island) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"namespace": island.namespace, "queue": island.queue}
+    if island.service_account:
+        cfg["service_account"] = island.service_account
+    return cfg
+
+
+def _kubernetes_scheduler(island: Island, client: Any = None) -> Any:
+    from ddm.coordinator.kube import island_scheduler_factory  # torchx and kubernetes: only when launching
+
+    return island_scheduler_factory(island, client)
+
+
+ISLAND_SCHEDULERS.add("local_cwd", SchedulerKind(), help="TorchX's local scheduler, in the current directory")
+ISLAND_SCHEDULERS.add("local_docker", SchedulerKind(), help="TorchX's local scheduler, in docker containers")
+ISLAND_SCHEDULERS.add(
+    "kubernetes",
+    SchedulerKind(needs=("image", "namespace", "queue"), owns=KUBERNETES_ONLY, check=_kubernetes_names,
+                  run_cfg=_kubernetes_run_cfg, per_island=_kubernetes_scheduler),
+    help="TorchX's kubernetes scheduler (one Volcano Job per job), bound to the island's cluster",
+)  # fmt: skip
+ISLAND_SCHEDULERS.add("slurm", SchedulerKind(), help="TorchX's slurm scheduler")
+ISLAND_SCHEDULERS.add("aws_batch", SchedulerKind(), help="TorchX's AWS Batch scheduler")
+KNOWN_SCHEDULERS = ISLAND_SCHEDULERS.names()
 
 
 def parse_j(j: str) -> tuple[int, int]:
@@ -57,7 +115,9 @@ def parse_j(j: str) -> tuple[int, int]:
 
 
 class Island(Strict):
-    scheduler: str = Field("local_cwd", description=f"TorchX scheduler: one of {', '.join(KNOWN_SCHEDULERS)}")
+    scheduler: ISLAND_SCHEDULERS.field() = Field(  # type: ignore[valid-type]
+        "local_cwd", description=f"TorchX scheduler: one of {', '.join(ISLAND_SCHEDULERS.names())}"
+    )
     max_concurrent: int = Field(1, ge=1, description="most jobs of this run running at once on this island")
     experts: list[int] = Field(default_factory=list, description="expert indices placed on this island")
     j: str = Field("1x1", description="nodes x processes per node for every job on the island (experts, router, student); more than one process runs under torchrun: DDP, or FSDP2 with train.parallelism = \"fsdp\"")
@@ -81,47 +141,40 @@ class Island(Strict):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every job")
     cfg: dict[str, Any] = Field(default_factory=dict, description="extra TorchX scheduler run options, passed through")
 
-    @field_validator("scheduler")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in KNOWN_SCHEDULERS:
-            raise ValueError(f"unknown scheduler {v!r}; use one of {', '.join(KNOWN_SCHEDULERS)}")
-        return v
-
     @field_validator("j")
     @classmethod
     def _j(cls, v: str) -> str:
         parse_j(v)
         return v
 
+    @property
+    def kind(self) -> SchedulerKind:
+        return ISLAND_SCHEDULERS.get(self.scheduler)
+
     @model_validator(mode="after")
-    def _kubernetes_needs(self) -> "Island":
-        if self.scheduler == "kubernetes":
-            missing = [f for f in ("image", "namespace", "queue") if not getattr(self, f)]
-            if missing:
-                raise ValueError(f"a kubernetes island needs {', '.join(missing)} (set them in the island's table)")
-            names = {"namespace": self.namespace, "queue": self.queue, "service_account": self.service_account}
-            names.update({f"env_from_secrets[{i}]": s for i, s in enumerate(self.env_from_secrets)})
-            names.update({f"env_from_configmaps[{i}]": s for i, s in enumerate(self.env_from_configmaps)})
-            for field, value in names.items():
-                if value is not None and not _DNS_LABEL.match(value):
-                    raise ValueError(f"{field} = {value!r} is not a kubernetes name (lowercase letters, digits and '-')")
-        else:
-            stray = [f for f in KUBERNETES_ONLY if getattr(self, f)]
-            if stray:
-                raise ValueError(f"{', '.join(stray)}: only for scheduler = \"kubernetes\" (this island uses {self.scheduler!r})")
+    def _scheduler_needs(self) -> "Island":
+        kind = self.kind
+        missing = [f for f in kind.needs if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"a {self.scheduler} island needs {', '.join(missing)} (set them in the island's table)")
+        if kind.check is not None:
+            kind.check(self)
+        owners = {f: e.name for e in ISLAND_SCHEDULERS for f in e.value.owns if e.name != self.scheduler}
+        stray = [f for f in owners if f not in kind.owns and getattr(self, f)]
+        if stray:
+            only = ", ".join(sorted({f'scheduler = "{owners[f]}"' for f in stray}))
+            raise ValueError(f"{', '.join(stray)}: only for {only} (this island uses {self.scheduler!r})")
         return self
 
     def run_cfg(self) -> dict[str, Any]:
         """TorchX scheduler run options for this island."""
-        cfg: dict[str, Any] = {}
-        if self.scheduler == "kubernetes":
-            cfg["namespace"] = self.namespace
-            cfg["queue"] = self.queue
-            if self.service_account:
-                cfg["service_account"] = self.service_account
+        cfg = self.kind.run_cfg(self) if self.kind.run_cfg is not None else {}
         cfg.update(self.cfg)
         return cfg
+
+    def scheduler_key(self, island_name: str) -> str:
+        """The TorchX scheduler name a job on this island is submitted to (and its handle starts with)."""
+        return f"{self.scheduler}@{island_name}" if self.kind.per_island is not None else self.scheduler
 
 
 class IslandsConfig(Strict):

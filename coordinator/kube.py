@@ -34,8 +34,8 @@ SCRATCH_VOLUME = "tmp"
 
 
 def scheduler_key(island_name: str, island: Island) -> str:
-    """The TorchX scheduler name a job on this island is submitted to (and its handle starts with)."""
-    return f"kubernetes@{island_name}" if island.scheduler == "kubernetes" else island.scheduler
+    """The TorchX scheduler name a job on this island is submitted to (``Island.scheduler_key``)."""
+    return island.scheduler_key(island_name)
 
 
 def api_client(island: Island) -> ApiClient:
@@ -138,17 +138,21 @@ def _factory(island: Island, session_name: str, **kwargs: Any) -> IslandKubernet
     return IslandKubernetesScheduler(session_name, island, client=kwargs.get("client"))
 
 
+def island_scheduler_factory(island: Island, client: ApiClient | None = None) -> Any:
+    """The TorchX scheduler factory of one kubernetes island (its ``SchedulerKind.per_island``)."""
+    return functools.partial(_factory, island, client=client)
+
+
 def make_runner(islands: IslandsConfig, *, clients: dict[str, ApiClient] | None = None) -> Runner:
-    """A TorchX Runner knowing TorchX's own schedulers plus ``kubernetes@ISLAND`` for each kubernetes island.
+    """A TorchX Runner knowing TorchX's own schedulers plus ``SCHEDULER@ISLAND`` for each island whose
+    scheduler is bound per island (``SchedulerKind.per_island``: kubernetes).
 
     ``clients`` maps island name -> an API client to use instead of the island's kubeconfig.
     """
     factories = dict(get_scheduler_factories())
     for name, island in islands.island.items():
-        if island.scheduler == "kubernetes":
-            factories[scheduler_key(name, island)] = functools.partial(
-                _factory, island, client=(clients or {}).get(name)
-            )
+        if island.kind.per_island is not None:
+            factories[island.scheduler_key(name)] = island.kind.per_island(island, (clients or {}).get(name))
     return Runner("torchx", factories)
 
 

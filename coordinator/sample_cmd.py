@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import argparse
 
+from ddm.core.cli import add_options
 from ddm.core.device import add_argument as add_device_argument
+from ddm.expert.config import SampleConfig
+from ddm.router.config import RoutingConfig
+
+SAMPLING = ("guidance", "steps", "sampler", "time_shift")  # SampleConfig fields offered as options
+ROUTING = ("strategy", "top_k", "threshold")  # RoutingConfig fields, through a router only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,21 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cycle",
         help="class labels: comma-separated ints (repeated to fill n), 'cycle' for 0,1,2,... or 'null' for unconditional",
     )
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps")
-    p.add_argument("--sampler", choices=["euler", "heun", "stochastic"], default="euler", help="sampler")
-    p.add_argument("--time-shift", type=float, default=1.0, help="time shift of the sampling grid (1 = none)")
+    add_options(p, SampleConfig, SAMPLING)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", default="samples.png", help="output PNG (local or s3://)")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     add_device_argument(p)
     r = p.add_argument_group("through a router (--router); --strategy, --top-k, --threshold also for --run")
-    r.add_argument(
-        "--strategy", choices=["top-k", "full", "threshold"], help="expert selection (default: the router's)"
-    )
-    r.add_argument("--top-k", type=int, help="experts per sample for top-k (default: the router's)")
-    r.add_argument("--threshold", type=float, help="router probability cut-off for the threshold strategy")
+    add_options(r, RoutingConfig, ROUTING, unset=ROUTING, unset_help="default: the router's")
     r.add_argument(
         "--model",
         choices=["ensemble", "student"],
@@ -96,6 +95,10 @@ def parse_labels(spec: str, n: int, num_classes: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddm.core.cli import config_from_args
+
+    config_from_args(SampleConfig, args, SAMPLING)  # bad values: a ConfigError naming the option
+    config_from_args(RoutingConfig, args, ROUTING)
     if args.router:
         return run_remote(args)
     import sys
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from ddm.expert.load import load_denoiser
     from ddm.expert.sampling import sample
     from ddm.core.placement import Placement
-    from ddm.expert.student import for_sampling
+    from ddm.expert.student import StudentDenoiser
 
     from ddm.core import storage
 
@@ -125,15 +128,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
-    placement.announce(f"sample: {'student' if hasattr(denoiser, 'for_schedule') else 'model'} ({args.checkpoint})")
+    student = isinstance(denoiser, StudentDenoiser)
+    placement.announce(f"sample: {'student' if student else 'model'} ({args.checkpoint})")
     y = placement.to(parse_labels(args.labels, args.n, denoiser.num_classes))
     shape = denoiser.image_shape
     gen = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise for a seed on any device
     noise = placement.to(torch.randn(args.n, *shape, generator=gen))
-    if args.model == "student" and not hasattr(denoiser, "for_schedule"):
+    if args.model == "student" and not student:
         raise ValueError(f"--model student: {args.checkpoint} is not a distilled student checkpoint")
-    scheduled = for_sampling(denoiser, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift)
-    guided = with_guidance(scheduled, args.guidance)  # CFG pair for an expert, one pass for a student
+    guided = with_guidance(denoiser, args.guidance)  # CFG pair for an expert, one pass for a student
     x0 = sample(
         guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen
     )

@@ -23,7 +23,11 @@ import signal
 import sys
 import threading
 
+from ddm.core.cli import add_options
 from ddm.core.device import add_argument as add_device_argument
+from ddm.router.config import SampleDefaults
+
+DEFAULTS = ("strategy", "top_k", "steps", "guidance", "max_n")  # SampleDefaults fields offered as options
 
 
 def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -59,13 +63,10 @@ def _add_sampling_defaults(p: argparse.ArgumentParser) -> None:
         default=64,
         help="Sample calls waiting for a slot; beyond that RESOURCE_EXHAUSTED at once (default 64)",
     )
-    p.add_argument(
-        "--strategy", choices=["top-k", "full", "threshold"], default="top-k", help="default strategy"
-    )
-    p.add_argument("--top-k", type=int, default=1, help="default k for top-k (default 1)")
-    p.add_argument("--steps", type=int, default=32, help="default sampler steps (default 32)")
-    p.add_argument("--guidance", type=float, default=3.0, help="default guidance scale (default 3)")
-    p.add_argument("--max-n", type=int, default=256, help="most images per Sample call (default 256)")
+    add_options(p, SampleDefaults, DEFAULTS, help={
+        name: f"what a request that leaves it unset gets: {SampleDefaults.model_fields[name].description}"
+        for name in DEFAULTS if name != "max_n"
+    })  # fmt: skip
     p.add_argument(
         "--cohort-ms",
         type=float,
@@ -221,11 +222,9 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
 
 def _router_options(args: argparse.Namespace) -> dict:
     """RouterServer keyword arguments shared by ``serve router`` and ``serve run``."""
-    from ddm.router.server import SampleDefaults
+    from ddm.core.cli import config_from_args
 
-    defaults = SampleDefaults(
-        strategy=args.strategy, top_k=args.top_k, steps=args.steps, guidance=args.guidance, max_n=args.max_n
-    )
+    defaults = config_from_args(SampleDefaults, args, DEFAULTS)
     return dict(
         tls=_server_tls(args),
         max_concurrent=args.max_concurrent,

@@ -116,8 +116,7 @@ class Partition(Stage):
         feats = embed_dataset(data, ctx.cfg.partition, storage.join(ctx.cfg.root, "curate", "embeddings.safetensors"),
                               progress=ctx.progress, placement=ctx.where())  # fmt: skip
         p = ctx.cfg.partition
-        ccfg = ClusterConfig(k=p.k, fine_k=min(p.fine_k, len(keep)), sample_size=p.sample_size, niter=p.niter,
-                             seed=p.seed, balanced=p.balanced, tolerance=p.tolerance)  # fmt: skip
+        ccfg = ClusterConfig(**{**p.cluster_settings(), "fine_k": min(p.fine_k, len(keep))})
         clustering, labels = fit_clustering(feats[keep.numpy()], ccfg)
         clustering.save(storage.join(ctx.cfg.root, "clusters", "clustering"))
         report = cluster_report(labels, p.k)

@@ -8,9 +8,9 @@ definition.
 from __future__ import annotations
 
 import tomllib
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ddm.core import storage
 from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN, PRECISION_HELP
@@ -52,6 +52,22 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1, description="keep only the newest N checkpoints")
     log_every: int = Field(25, ge=1, description="write metrics every N steps")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+
+def train_with_defaults(defaults: dict[str, Any], description: str) -> Any:
+    """The type of a ``train`` table whose unset fields take ``defaults`` instead of TrainConfig's (a
+    router or student job trains differently from an expert): the one definition of that merge, for
+    every job and stage config that has one. Use it as the field's annotation, with no default."""
+    unknown = set(defaults) - set(TrainConfig.model_fields)
+    if unknown:
+        raise ValueError(f"defaults for unknown TrainConfig fields: {sorted(unknown)}")
+
+    def merge(v: Any) -> Any:
+        return {**defaults, **v} if isinstance(v, dict) else v
+
+    return Annotated[
+        TrainConfig, BeforeValidator(merge), Field(default_factory=lambda: TrainConfig(**defaults), description=description)
+    ]
 
 
 class JobConfig(Strict):

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ddm.core.config import JobConfig, Strict, TrainConfig
+from ddm.expert.samplers import SAMPLERS
 from ddm.expert.sizes import DIT_ARCHS
 
 
@@ -41,10 +42,16 @@ class ModelConfig(Strict):
 
 
 class SampleConfig(Strict):
+    """How to sample: the one definition of every sampling setting and its default. ``ddm sample``,
+    ``ddm eval`` and ``ddm serve`` build their options from these fields (``ddm.core.cli``), the router's
+    ``SampleDefaults`` extends this model, and the run config's ``[eval.sample]`` is this table."""
+
     steps: int = Field(32, ge=1, le=10_000, description="sampler steps")
-    sampler: Literal["euler", "heun", "stochastic"] = Field("euler", description="ODE (euler, heun) or SDE-like (stochastic) sampler")
+    sampler: SAMPLERS.field() = Field(  # type: ignore[valid-type]
+        "euler", description="sampler (ddm.expert.samplers.SAMPLERS): " + SAMPLERS.describe()
+    )
     guidance: float = Field(3.0, ge=0, le=100, description="classifier-free guidance scale (1 = none, 0 = unconditional)")
-    time_shift: float = Field(1.0, gt=0, description="time shift of the sampling grid")
+    time_shift: float = Field(1.0, gt=0, description="time shift of the sampling grid (1 = none)")
     churn: float = Field(0.5, ge=0, le=1, description="stochastic sampler: 0 = deterministic (Euler), 1 = ancestral (DDPM-like), between = DDIM eta")
 
 

@@ -6,10 +6,20 @@ so t = 0 is data and t = 1 is pure noise, and samplers integrate dx/dt = v from 
 
 Conditioning is a class label per sample; ``null_label`` (== num_classes) is the unconditional label
 used for classifier-free guidance.
+
+Optional abilities are Protocols too, checked with ``isinstance`` (never ``getattr``):
+
+* :class:`SelfGuided`  ``guided(scale)``: applies classifier-free guidance itself (the ensemble routes both
+  passes through the same experts; the student takes the scale as an input);
+* :class:`StepDenoiser` ``step_velocity(x_t, t, t_next, y)``: the velocity over a whole step (a shortcut
+  student); samplers that take a step with one velocity ask for it;
+* :class:`Counted`     ``calls``: a :class:`CallCounts` of its own model calls;
+* :class:`HasImageShape` ``image_shape``: (C, H, W) of one sample.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,6 +32,75 @@ class Denoiser(Protocol):
     num_classes: int
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SelfGuided(Protocol):
+    """A denoiser that applies classifier-free guidance itself (``ddm.expert.guidance.with_guidance``)."""
+
+    def guided(self, scale: float) -> Denoiser: ...
+
+
+@runtime_checkable
+class StepDenoiser(Protocol):
+    """A denoiser whose prediction can cover a whole step t -> t_next (t_next (N,) < t): a shortcut model
+    (Frans et al. 2024). ``velocity`` is still the instantaneous flow velocity."""
+
+    num_classes: int
+
+    def step_velocity(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HasImageShape(Protocol):
+    """A denoiser that knows the shape of one sample, (C, H, W)."""
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+
+class CallCounts:
+    """The one model-call counter: ``rows[k]`` rows evaluated by model k (a guided pass counts 2 per
+    sample) and ``batches[k]`` calls made to it; ``router`` router calls (an ensemble's). One slot for a
+    single model (a student, a :class:`ddm.expert.sampling.CountingDenoiser`), one per expert for an
+    ensemble. Thread-safe (a server shares one between requests). Rows per sample per step =
+    total_rows / (samples * steps)."""
+
+    def __init__(self, num_models: int = 1):
+        self._lock = threading.Lock()
+        self.rows = [0] * num_models
+        self.batches = [0] * num_models
+        self.router = 0
+
+    def add(self, model: int, rows: int) -> None:
+        with self._lock:
+            self.rows[model] += rows
+            self.batches[model] += 1
+
+    def add_router(self) -> None:
+        with self._lock:
+            self.router += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.rows = [0] * len(self.rows)
+            self.batches = [0] * len(self.batches)
+            self.router = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def total_batches(self) -> int:
+        return sum(self.batches)
+
+
+@runtime_checkable
+class Counted(Protocol):
+    """A denoiser that counts its own model calls (the ensemble per expert, the student)."""
+
+    calls: CallCounts
 
 
 class ModuleDenoiser:

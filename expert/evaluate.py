@@ -36,13 +36,12 @@ from ddm.core.device import to_device
 from ddm.expert.classifier import Classifier
 from ddm.expert.config import SampleConfig
 from ddm.expert.data import ImageDataset
-from ddm.expert.denoiser import Denoiser
+from ddm.expert.denoiser import Counted, Denoiser
 from ddm.expert.features import FeatureExtractor
 from ddm.expert.guidance import with_guidance
 from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
-from ddm.expert.student import for_sampling
 from ddm.core.progress import progress_bar
 
 __all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference", "score"]
@@ -109,9 +108,7 @@ def generate(
     """
     device = torch.device(device)
     noise = torch.randn((len(y), *image_shape), generator=generator)  # (N, C, H, W)
-    # A shortcut student is told the schedule (its step size is an input); others are unchanged.
-    scheduled = for_sampling(denoiser, steps=sample_cfg.steps, sampler=sample_cfg.sampler, time_shift=sample_cfg.time_shift)
-    guided = with_guidance(scheduled, sample_cfg.guidance)
+    guided = with_guidance(denoiser, sample_cfg.guidance)
     out = []
     with progress_bar(total=len(y), disable=not progress, desc="sampling", unit="img") as bar:
         for start in range(0, len(y), batch_size):
@@ -234,16 +231,14 @@ def evaluate(
     y = balanced_labels(num_samples, real.num_classes)  # (N,)
     # Rows through the model(s): an ensemble counts its experts' rows itself (it guides itself, so it
     # cannot sit inside a counting wrapper); anything else is counted from outside.
-    ensemble_calls = getattr(denoiser, "calls", None)
-    counter = None if ensemble_calls is not None else CountingDenoiser(denoiser)
-    rows0, batches0 = (ensemble_calls.total_rows, ensemble_calls.total_batches) if ensemble_calls is not None else (0, 0)
+    counted = denoiser if isinstance(denoiser, Counted) else CountingDenoiser(denoiser)
+    rows0, batches0 = counted.calls.total_rows, counted.calls.total_batches
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    x = generate(counter or denoiser, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
+    x = generate(counted, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
                  progress=progress, device=device)  # fmt: skip
     sampling_seconds = time.perf_counter() - t0
-    rows = counter.rows if counter is not None else ensemble_calls.total_rows - rows0
-    batches = counter.calls if counter is not None else ensemble_calls.total_batches - batches0
+    rows, batches = counted.calls.total_rows - rows0, counted.calls.total_batches - batches0
     return score(
         to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,
         sampling_seconds=sampling_seconds, denoiser_rows=rows, denoiser_batches=batches,

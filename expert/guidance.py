@@ -10,12 +10,23 @@ import math
 
 import torch
 
-from ddm.expert.denoiser import Denoiser
+from ddm.expert.denoiser import Denoiser, SelfGuided
 
 
 def guided(v_c: torch.Tensor, v_u: torch.Tensor, scale: float) -> torch.Tensor:
     """v_u + scale * (v_c - v_u). Pure; the router's ensemble reuses it on mixed velocities."""
     return v_u + scale * (v_c - v_u)
+
+
+def check_scale(scale: float) -> float:
+    """The guidance scale as a float; ValueError for anything but a finite number >= 0. The one check
+    every guided denoiser (CFG wrapper, ensemble, oracle, student) uses."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(
+            "guidance scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
+            f"got {scale!r}"
+        )
+    return float(scale)
 
 
 class CFGDenoiser:
@@ -28,18 +39,8 @@ class CFGDenoiser:
     """
 
     def __init__(self, inner: Denoiser, scale: float):
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-            or not math.isfinite(scale)
-            or scale < 0
-        ):
-            raise ValueError(
-                "guidance scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
-                f"got {scale!r}"
-            )
         self.inner = inner
-        self.scale = float(scale)
+        self.scale = check_scale(scale)
         self.num_classes = inner.num_classes
 
     @property
@@ -64,8 +65,8 @@ class CFGDenoiser:
 def with_guidance(denoiser: Denoiser, scale: float) -> Denoiser:
     """The guided version of any denoiser.
 
-    A denoiser that guides itself (it has ``guided(scale)``: the ensemble, which must send conditional
-    and unconditional rows through the same selected experts) does so; anything else gets the CFG wrapper.
+    A denoiser that guides itself (:class:`SelfGuided`: the ensemble, which must send conditional and
+    unconditional rows through the same selected experts; the student, whose input the scale is) does
+    so; anything else gets the CFG wrapper.
     """
-    guide = getattr(denoiser, "guided", None)
-    return guide(scale) if callable(guide) else CFGDenoiser(denoiser, scale)
+    return denoiser.guided(check_scale(scale)) if isinstance(denoiser, SelfGuided) else CFGDenoiser(denoiser, scale)

@@ -7,79 +7,42 @@ Samplers only call ``velocity(x_t, t, y)``, so both extra inputs are fixed on th
 * ``guided(w)`` returns the student at scale w. ``ddm.expert.guidance.with_guidance`` calls it, so
   every caller that guides a denoiser (evaluation, ``ddm sample``, the router server) gets one
   network pass per step instead of the CFG pair.
-* ``for_schedule(steps, sampler=..., time_shift=...)`` tells the student the sampler's time grid: a
-  velocity asked for at grid time t_i is the shortcut over the step to t_{i+1}, d = t_i - t_{i+1}.
-  That is only what a first-order Euler step wants; for Heun and the stochastic sampler (and any time
-  off the grid) d = 0, the instantaneous flow velocity, which is what those samplers assume.
+* ``step_velocity(x_t, t, t_next, y)`` (``StepDenoiser``) is the shortcut over the step t -> t_next,
+  d = t - t_next: the sampler asks for it when it takes that step with one velocity (Euler). ``velocity``
+  is d = 0, the instantaneous flow velocity, which Heun and the stochastic sampler assume. So the student
+  needs no copy of the sampler's grid.
 
-Views share the network and one call counter (``calls``: rows and batches, like the ensemble's
-``CallCounts``), so evaluation counts the student's passes per sample whatever wraps it.
+Views share the network and one call counter (``calls``, a ``CallCounts``, like the ensemble's), so
+evaluation counts the student's passes per sample whatever wraps it.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Sequence
-
 import torch
 
-from ddm.expert import flow
+from ddm.expert.denoiser import CallCounts
+from ddm.expert.guidance import check_scale
 from ddm.expert.model import DiT
 
 
-class StudentCalls:
-    """Student passes: ``rows`` evaluated and ``batches`` (velocity calls). Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.rows = 0
-        self.batches = 0
-
-    def add(self, rows: int) -> None:
-        with self._lock:
-            self.rows += rows
-            self.batches += 1
-
-    def reset(self) -> None:
-        with self._lock:
-            self.rows = self.batches = 0
-
-    @property
-    def total_rows(self) -> int:
-        return self.rows
-
-    @property
-    def total_batches(self) -> int:
-        return self.batches
-
-
-def _check_scale(scale: float) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"guidance scale must be a finite number >= 0 (1 = no guidance), got {scale!r}")
-    return float(scale)
-
-
 class StudentDenoiser:
-    """A student DiT as a Denoiser. ``guidance`` is the scale fed to the network (1 = conditional, the
-    default of an unguided call); ``grid`` the sampler's decreasing times (see module docstring)."""
+    """A student DiT as a Denoiser (and a SelfGuided, StepDenoiser, Counted one). ``guidance`` is the scale
+    fed to the network (1 = conditional, the default of an unguided call)."""
 
     def __init__(
         self,
         module: DiT,
         *,
         guidance: float = 1.0,
-        grid: Sequence[float] | None = None,
-        calls: StudentCalls | None = None,
+        calls: CallCounts | None = None,
     ):
         cfg = module.config
         if not cfg.guidance_embed:
             raise ValueError("a StudentDenoiser needs a DiT with guidance_embed=True (a distilled student)")
         self.module = module
         self.num_classes = cfg.num_classes
-        self.guidance = _check_scale(guidance)
-        self.grid = tuple(float(t) for t in grid) if grid is not None else None
-        self.calls = calls if calls is not None else StudentCalls()
+        self.guidance = check_scale(guidance)
+        self.calls = calls if calls is not None else CallCounts()
 
     @property
     def null_label(self) -> int:
@@ -95,45 +58,33 @@ class StudentDenoiser:
         return self.module.config.step_embed
 
     def _view(self, **changes: object) -> StudentDenoiser:
-        kw = dict(guidance=self.guidance, grid=self.grid, calls=self.calls)
+        kw = dict(guidance=self.guidance, calls=self.calls)
         kw.update(changes)
         return StudentDenoiser(self.module, **kw)  # type: ignore[arg-type]
 
     def guided(self, scale: float) -> StudentDenoiser:
         """The student at guidance scale ``scale``: one pass per step, no unconditional pair."""
-        return self._view(guidance=_check_scale(scale))
+        return self._view(guidance=check_scale(scale))
 
-    def for_schedule(self, steps: int, *, sampler: str = "euler", time_shift: float = 1.0) -> StudentDenoiser:
-        """The student for a sampler running ``steps`` steps on ``flow.time_grid(steps, time_shift)``."""
-        if sampler != "euler" or not self.takes_step_size:
-            return self._view(grid=None)
-        return self._view(grid=flow.time_grid(steps, time_shift).tolist())
-
-    def with_counter(self, calls: StudentCalls | None = None) -> StudentDenoiser:
+    def with_counter(self, calls: CallCounts | None = None) -> StudentDenoiser:
         """The same student with its own call counter (one per served request)."""
-        return self._view(calls=calls or StudentCalls())
-
-    def step_sizes(self, t: torch.Tensor) -> torch.Tensor:
-        """d (N,) for times t (N,): t_i - t_{i+1} where t equals grid time t_i (within 1e-6), else 0."""
-        d = torch.zeros_like(t, dtype=torch.float32)
-        if self.grid is None:
-            return d
-        grid = torch.tensor(self.grid, dtype=torch.float64, device=t.device)  # (S + 1,), decreasing
-        dist = (t.detach().double()[:, None] - grid[None, :-1]).abs()  # (N, S), on t's device: no host sync
-        near, idx = dist.min(dim=1)
-        steps = (grid[:-1] - grid[1:])[idx].float()  # (N,)
-        return torch.where(near < 1e-6, steps, torch.zeros_like(steps))
+        return self._view(calls=calls or CallCounts())
 
     @torch.no_grad()
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The instantaneous flow velocity (d = 0 for a shortcut student)."""
+        d = torch.zeros_like(t, dtype=torch.float32) if self.takes_step_size else None  # (N,)
+        return self._forward(x_t, t, y, d)
+
+    @torch.no_grad()
+    def step_velocity(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The velocity over the step t -> t_next: the shortcut with d = t - t_next (N,) when the student
+        takes a step size, else the flow velocity."""
+        d = (t.double() - t_next.double()).float() if self.takes_step_size else None  # (N,)
+        return self._forward(x_t, t, y, d)
+
+    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
         n = x_t.shape[0]
-        self.calls.add(n)
+        self.calls.add(0, n)
         w = torch.full((n,), self.guidance, dtype=torch.float32, device=x_t.device)  # (N,)
-        d = self.step_sizes(t) if self.takes_step_size else None
         return self.module(x_t, t, y, w=w, d=d).float()  # (N, C, H, W)
-
-
-def for_sampling(denoiser: object, *, steps: int, sampler: str = "euler", time_shift: float = 1.0) -> object:
-    """``denoiser`` told the sampling schedule when it can use it (a shortcut student), else itself."""
-    schedule = getattr(denoiser, "for_schedule", None)
-    return schedule(steps, sampler=sampler, time_shift=time_shift) if callable(schedule) else denoiser

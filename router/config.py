@@ -24,8 +24,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ddm.core import storage
-from ddm.core.config import JobConfig, Strict, TrainConfig
+from ddm.core.config import JobConfig, Strict, train_with_defaults
+from ddm.expert.config import SampleConfig
 from ddm.router.sizes import ROUTER_ARCHS
+from ddm.router.strategies import STRATEGIES
 
 # Router training defaults that differ from an expert's:
 #  * uniform t: the router must be right at every t the sampler visits (paper: "uniformly sampled t");
@@ -38,6 +40,7 @@ ROUTER_TRAIN_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.995,
     "checkpoint_every": 250,
 }
+RouterTrainConfig = train_with_defaults(ROUTER_TRAIN_DEFAULTS, "router training (router defaults: uniform t, label dropout 0.2)")
 
 
 def partition_url(root: str, k: int) -> str:
@@ -118,10 +121,34 @@ class RouterJobConfig(JobConfig):
     )
     data: RouterDataConfig
     model: RouterModelConfig = RouterModelConfig()
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**ROUTER_TRAIN_DEFAULTS))
+    train: RouterTrainConfig
     eval: RouterEvalConfig = RouterEvalConfig()
 
-    @field_validator("train", mode="before")
-    @classmethod
-    def _router_train_defaults(cls, v: Any) -> Any:
-        return {**ROUTER_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
+
+class RoutingConfig(Strict):
+    """How the ensemble selects experts: the one definition of the routing settings and their defaults."""
+
+    strategy: STRATEGIES.field(served=True) = Field(  # type: ignore[valid-type]
+        "top-k", description="expert selection (ddm.router.strategies.STRATEGIES)"
+    )
+    top_k: int = Field(1, ge=1, description="experts per sample for top-k")
+    threshold: float = Field(0.1, gt=0, le=1, description="router probability cut-off for the threshold strategy")
+
+
+class SampleDefaults(SampleConfig, RoutingConfig):
+    """What unset SampleRequest fields mean (the sampling and routing settings, defaults from their one
+    definition), and the limits of one request."""
+
+    max_n: int = Field(256, ge=1, description="most images per Sample call")
+    max_steps: int = Field(1000, ge=1, description="most sampler steps a request may ask for")
+    max_guidance: float = Field(100.0, ge=0, description="largest guidance scale a request may ask for")
+    max_seconds: float = Field(600.0, gt=0, description="deadline of a call whose client sets none, seconds")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> SampleDefaults:
+        # A default outside its own limit would make every request that leaves the field unset fail.
+        if not 1 <= self.steps <= self.max_steps:
+            raise ValueError(f"steps: default {self.steps} must lie in 1..max_steps ({self.max_steps})")
+        if not 0 <= self.guidance <= self.max_guidance:
+            raise ValueError(f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})")
+        return self

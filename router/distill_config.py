@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from ddm.core.config import JobConfig, Strict, TrainConfig
+from ddm.core.config import JobConfig, Strict, train_with_defaults
 from ddm.expert.sizes import DIT_ARCHS
 from ddm.router.config import RouterDataConfig
 from pydantic import Field, field_validator, model_validator
@@ -48,6 +48,9 @@ DISTILL_TRAIN_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.995,
     "checkpoint_every": 250,
 }
+DistillTrainConfig = train_with_defaults(
+    DISTILL_TRAIN_DEFAULTS, "student training (distillation defaults: lr 3e-4, uniform t, no label dropout)"
+)
 
 
 class StudentModelConfig(Strict):
@@ -136,12 +139,7 @@ class DistillJobConfig(JobConfig):
     model: StudentModelConfig = StudentModelConfig()
     teacher: TeacherConfig = TeacherConfig()
     shortcut: ShortcutConfig = ShortcutConfig()
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**DISTILL_TRAIN_DEFAULTS))
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _distill_train_defaults(cls, v: Any) -> Any:
-        return {**DISTILL_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
+    train: DistillTrainConfig
 
     @model_validator(mode="after")
     def _experts_match_partitions(self) -> DistillJobConfig:
@@ -179,13 +177,5 @@ class DistillStageConfig(Strict):
     model: StudentModelConfig = StudentModelConfig()
     teacher: TeacherSettings = TeacherSettings()
     shortcut: ShortcutConfig = ShortcutConfig()
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(**DISTILL_TRAIN_DEFAULTS),
-        description="student training (distillation defaults: lr 3e-4, uniform t, no label dropout)",
-    )
+    train: DistillTrainConfig
     eval: DistillEvalConfig = DistillEvalConfig()
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _distill_train_defaults(cls, v: Any) -> Any:
-        return {**DISTILL_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v

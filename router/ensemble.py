@@ -4,14 +4,14 @@ If the data is a mixture of disjoint partitions, the marginal velocity is exactl
 
     v(x_t, t, y) = sum_k p(k | x_t, t, y) v_k(x_t, t, y),
 
-and the router approximates p(k | x_t, t, y). Strategies decide which experts are evaluated:
+and the router approximates p(k | x_t, t, y). Strategies (the registry ``ddm.router.strategies.STRATEGIES``) decide which experts are evaluated:
 
 * ``full``       every expert, weighted by the router's probabilities (the exact formula);
 * ``top-k``      the ``top_k`` most probable experts, probabilities renormalised over them
                  (top-1 was best in the paper at 1/K of the compute);
 * ``threshold``  experts with p >= ``threshold`` (always at least the argmax), renormalised;
 * ``oracle``     each row uses the expert of its known partition (``with_partition``): the oracle
-                 evaluation, and the teacher of distillation.
+                 evaluation, and the teacher of distillation. Not routed: it has no selection rule.
 
 Each selected expert is called once per ``velocity`` with only the rows routed to it, so top-1 costs one
 expert row per sample per step; with an ``executor`` the selected experts run in parallel (the router
@@ -29,86 +29,26 @@ with one batched call [rows; rows with the null label] per selected expert (``En
 from __future__ import annotations
 
 import concurrent.futures
-import math
-import threading
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
 
-from ddm.expert.denoiser import Denoiser
-from ddm.expert.guidance import guided
+from ddm.expert.denoiser import CallCounts, Denoiser
+from ddm.expert.guidance import check_scale, guided
 from ddm.router.model import RouterNet
+from ddm.router.strategies import STRATEGIES
 
-Strategy = Literal["full", "top-k", "threshold", "oracle"]
-STRATEGIES: tuple[str, ...] = ("full", "top-k", "threshold", "oracle")
+__all__ = ["CallCounts", "Ensemble", "GuidedEnsemble", "PartitionDenoiser", "STRATEGIES", "select_weights"]
 RouterFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, y) -> probs (N, K)
 
 
 def select_weights(
     probs: torch.Tensor, strategy: str, *, top_k: int = 1, threshold: float = 0.1
 ) -> torch.Tensor:
-    """The mixing weights a strategy takes from router probabilities (N, K): the selected experts'
-    probabilities renormalised to sum to 1 per row, zeros elsewhere. Pure; ``oracle`` has no rule here."""
-    if strategy == "full":
-        mask = torch.ones_like(probs, dtype=torch.bool)
-    elif strategy == "top-k":
-        k = min(top_k, probs.shape[1])
-        mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, probs.topk(k, dim=1).indices, True)
-    elif strategy == "threshold":
-        mask = (probs >= threshold).scatter_(1, probs.argmax(dim=1, keepdim=True), True)  # keep the argmax
-    else:
-        raise ValueError(f"strategy {strategy!r} has no selection rule; choose one of full, top-k, threshold")
-    kept = torch.where(mask, probs, torch.zeros_like(probs))  # (N, K)
-    return kept / kept.sum(dim=1, keepdim=True)
-
-
-def _check_scale(scale: float) -> float:
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, (int, float))
-        or not math.isfinite(scale)
-        or scale < 0
-    ):
-        raise ValueError(
-            f"guidance scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {scale!r}"
-        )
-    return float(scale)
-
-
-class CallCounts:
-    """Per-expert counters: ``rows[k]`` rows evaluated by expert k (a guided pass counts 2 per sample)
-    and ``batches[k]`` calls made to it; ``router`` router calls. Thread-safe (a server shares one
-    ensemble between requests). Expert rows per sample per step = total_rows / (samples * steps)."""
-
-    def __init__(self, num_experts: int):
-        self._lock = threading.Lock()
-        self.rows = [0] * num_experts
-        self.batches = [0] * num_experts
-        self.router = 0
-
-    def add(self, expert: int, rows: int) -> None:
-        with self._lock:
-            self.rows[expert] += rows
-            self.batches[expert] += 1
-
-    def add_router(self) -> None:
-        with self._lock:
-            self.router += 1
-
-    def reset(self) -> None:
-        with self._lock:
-            self.rows = [0] * len(self.rows)
-            self.batches = [0] * len(self.batches)
-            self.router = 0
-
-    @property
-    def total_rows(self) -> int:
-        return sum(self.rows)
-
-    @property
-    def total_batches(self) -> int:
-        return sum(self.batches)
+    """The mixing weights a routed strategy takes from router probabilities (N, K): the selected experts'
+    probabilities renormalised to sum to 1 per row, zeros elsewhere (the strategy's registered rule)."""
+    rule = STRATEGIES.get(strategy, field="strategy", routed=True)
+    return rule(probs, top_k=top_k, threshold=threshold)
 
 
 class Ensemble:
@@ -124,7 +64,7 @@ class Ensemble:
         experts: Sequence[Denoiser],
         router: RouterNet | RouterFn | None,
         *,
-        strategy: Strategy = "top-k",
+        strategy: str = "top-k",
         top_k: int = 1,
         threshold: float = 0.1,
         executor: concurrent.futures.Executor | None = None,
@@ -144,10 +84,7 @@ class Ensemble:
                 "experts: all experts must have the same num_classes (they share the null label), "
                 f"got {classes}"
             )
-        if strategy not in STRATEGIES:
-            raise ValueError(
-                f"strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
-            )
+        STRATEGIES.entry(strategy, field="strategy")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
@@ -164,9 +101,10 @@ class Ensemble:
 
     def _router_fn(self, router: RouterNet | RouterFn | None) -> RouterFn | None:
         if router is None:
-            if self.strategy != "oracle":
+            if STRATEGIES.entry(self.strategy).routed:
+                unrouted = ", ".join(repr(s) for s in STRATEGIES.names(routed=False))
                 raise ValueError(
-                    f"router: strategy {self.strategy!r} needs a router; only 'oracle' works without one"
+                    f"router: strategy {self.strategy!r} needs a router; only {unrouted} works without one"
                 )
             return None
         if isinstance(router, RouterNet):
@@ -219,9 +157,9 @@ class Ensemble:
 
     def weights(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N, K) mixing weights: the strategy's selected experts, renormalised; zeros for the others."""
-        if self.strategy == "oracle":
+        if not STRATEGIES.entry(self.strategy).routed:
             raise ValueError(
-                "strategy 'oracle' routes by known partition labels: "
+                f"strategy {self.strategy!r} routes by known partition labels: "
                 "call ensemble.with_partition(k) with k (N,)"
             )
         return select_weights(
@@ -235,7 +173,7 @@ class Ensemble:
 
     def guided(self, scale: float) -> Denoiser:
         """A Denoiser applying CFG through the ensemble (module docstring); samplers use it directly."""
-        return GuidedEnsemble(self, _check_scale(scale))
+        return GuidedEnsemble(self, check_scale(scale))
 
     def with_partition(self, k: torch.Tensor) -> PartitionDenoiser:
         """The oracle: row i uses expert k[i] alone. k (N,) integer partition labels."""
@@ -333,7 +271,7 @@ class PartitionDenoiser:
         self.num_classes = ensemble.num_classes
 
     def guided(self, scale: float) -> PartitionDenoiser:
-        return PartitionDenoiser(self.ensemble, self.k, _check_scale(scale))
+        return PartitionDenoiser(self.ensemble, self.k, check_scale(scale))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x_t.shape[0] != self.k.shape[0]:

@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
-from ddm.expert.sampling import SAMPLERS
+from ddm.expert.samplers import SAMPLERS
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
+from ddm.router.config import SampleDefaults
+from ddm.router.strategies import STRATEGIES
 
-SERVED_STRATEGIES: tuple[str, ...] = ("top-k", "full", "threshold")  # "oracle" needs partition labels
+__all__ = ["BadRequest", "SampleDefaults", "SampleParams", "initial_noise", "parse_request", "router_info"]
+
 MODELS: tuple[str, ...] = ("ensemble", "student")  # SampleRequest.model; "student" when one is loaded
 
 
@@ -27,35 +30,6 @@ class BadRequest(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
-
-
-@dataclass(frozen=True)
-class SampleDefaults:
-    """What unset SampleRequest fields mean, and the limits of one request."""
-
-    guidance: float = 3.0
-    steps: int = 32
-    sampler: str = "euler"
-    strategy: str = "top-k"
-    top_k: int = 1
-    threshold: float = 0.1
-    time_shift: float = 1.0
-    churn: float = 0.5
-    max_n: int = 256
-    max_steps: int = 1000
-    max_guidance: float = 100.0
-    max_seconds: float = 600.0  # deadline of a call whose client sets none
-
-    def __post_init__(self) -> None:
-        # A default outside its own limit would make every request that leaves the field unset fail.
-        if not 1 <= self.steps <= self.max_steps:
-            raise ValueError(f"steps: default {self.steps} must lie in 1..max_steps ({self.max_steps})")
-        if not 0 <= self.guidance <= self.max_guidance:
-            raise ValueError(
-                f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})"
-            )
-        if self.max_n < 1 or self.max_seconds <= 0:
-            raise ValueError(f"max_n must be >= 1 and max_seconds > 0, got {self.max_n}, {self.max_seconds}")
 
 
 @dataclass
@@ -76,9 +50,9 @@ class SampleParams:
 
     def cohort_key(self) -> tuple | None:
         """Requests with equal keys can be sampled as one batch (``router.cohort``): same schedule,
-        guidance and routing. None for the stochastic sampler, whose fresh noise per step comes from
+        guidance and routing. None for a stochastic sampler, whose fresh noise per step comes from
         the request's own generator, so merging would change its numbers."""
-        if self.sampler == "stochastic":
+        if SAMPLERS.entry(self.sampler).stochastic:
             return None
         return (
             self.steps,
@@ -128,15 +102,14 @@ def parse_request(
         raise BadRequest("steps", f"{steps} out of range; use 1..{d.max_steps}")
     sampler = opt("sampler", d.sampler)
     if sampler not in SAMPLERS:
-        raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS.names())}")
     strategy = opt("strategy", d.strategy)
-    if strategy not in SERVED_STRATEGIES:
-        hint = (
-            " ('oracle' needs ground-truth partition labels: evaluation only)" if strategy == "oracle" else ""
-        )
-        raise BadRequest(
-            "strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(SERVED_STRATEGIES)}"
-        )
+    served = STRATEGIES.names(served=True)
+    if strategy not in served:
+        hint = ""
+        if strategy in STRATEGIES:
+            hint = f" ({strategy!r} {STRATEGIES.entry(strategy).help})"
+        raise BadRequest("strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(served)}")
     top_k = int(opt("top_k", d.top_k))
     if not 1 <= top_k <= num_experts:
         raise BadRequest("top_k", f"{top_k} out of range; there are {num_experts} experts")
@@ -184,8 +157,8 @@ def router_info(d: SampleDefaults, router_config: Any, **fields: Any) -> pb.Rout
     return pb.RouterInfo(
         num_classes=cfg.num_classes,
         image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
-        strategies=list(SERVED_STRATEGIES),
-        samplers=list(SAMPLERS),
+        strategies=list(STRATEGIES.names(served=True)),
+        samplers=list(SAMPLERS.names()),
         max_n=d.max_n,
         max_steps=d.max_steps,
         default_strategy=d.strategy,

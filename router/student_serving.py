@@ -23,7 +23,7 @@ from ddm.core.placement import Placement
 from ddm.expert.guidance import with_guidance
 from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import iter_sample
-from ddm.expert.student import StudentCalls, StudentDenoiser, for_sampling
+from ddm.expert.student import StudentDenoiser
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.router.cohort import Member, broadcast, member_results
 from ddm.router.sample_request import initial_noise
@@ -48,13 +48,6 @@ def load_student(
     return student
 
 
-class _Counts:
-    """``member_results`` reads per-model ``batches[k]`` / ``rows[k]``; the student is model 0."""
-
-    def __init__(self, calls: StudentCalls):
-        self.batches, self.rows = [calls.batches], [calls.rows]
-
-
 class StudentRunner:
     """Runs cohorts of student requests. One forward at a time (a lock): the CPU is the limit and
     concurrent forwards of one module would only contend for it; cohorts already batch requests."""
@@ -74,7 +67,7 @@ class StudentRunner:
             noises, gens = zip(*(initial_noise(m.n, image_shape, m.params.seed) for m in members))
             noise = self.placement.to(torch.cat(noises))  # (N, C, H, W)
             student = self.student.with_counter()
-            denoiser = with_guidance(for_sampling(student, steps=p.steps, sampler=p.sampler, time_shift=p.time_shift), p.guidance)
+            denoiser = with_guidance(student, p.guidance)
             x = noise
             steps = iter_sample(
                 _Locked(denoiser, self._lock), noise, self.placement.to(torch.cat([m.params.labels for m in members])),
@@ -95,17 +88,21 @@ class StudentRunner:
         except Exception as e:  # a bug: tell the clients instead of leaving them waiting
             log.exception("student cohort failed")
             return broadcast(members, "error", (grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"))
-        for m, result in zip(members, member_results(members, x, [STUDENT], _Counts(student.calls))):
+        for m, result in zip(members, member_results(members, x, [STUDENT], student.calls)):
             m.send("result", result)
 
 
 class _Locked:
-    """A denoiser whose velocity holds ``lock`` (one student forward at a time)."""
+    """The student (a StepDenoiser) whose forwards hold ``lock`` (one student forward at a time)."""
 
-    def __init__(self, inner: Any, lock: threading.Lock):
+    def __init__(self, inner: StudentDenoiser, lock: threading.Lock):
         self.inner, self.lock = inner, lock
         self.num_classes = inner.num_classes
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.lock:
             return self.inner.velocity(x_t, t, y)
+
+    def step_velocity(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.inner.step_velocity(x_t, t, t_next, y)

@@ -76,12 +76,15 @@ def test_parse_overrides_uses_toml_values():
 
 def test_help_imports_no_torch_grpc_or_faiss() -> None:
     """``ddm --help`` and every ``ddm CMD --help`` build the whole parser: that must not load the heavy
-    libraries (the architecture registries live in torch-free modules, expert/sizes.py, router/sizes.py)."""
+    libraries (the architecture registries live in torch-free modules, expert/sizes.py, router/sizes.py;
+    the sampler, time-grid and strategy registries, whose names are option choices, in expert/samplers.py
+    and router/strategies.py, which use tensor methods only)."""
     import subprocess
     import sys
 
     code = (
         "import sys\nfrom ddm.coordinator.cli import build_parser\nbuild_parser()\n"
+        "assert 'ddm.expert.samplers' in sys.modules and 'ddm.router.strategies' in sys.modules\n"
         "print(sorted(m for m in ('torch', 'grpc', 'faiss', 'torchx') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

@@ -14,12 +14,12 @@ from ddm.core import checkpoint
 from ddm.expert import flow
 from ddm.expert.analytic import GaussianDenoiser
 from ddm.expert.config import SampleConfig
-from ddm.expert.denoiser import ModuleDenoiser
+from ddm.expert.denoiser import ModuleDenoiser, StepDenoiser
 from ddm.expert.guidance import with_guidance
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.sampling import sample
-from ddm.expert.student import StudentDenoiser, for_sampling
+from ddm.expert.student import StudentDenoiser
 from ddm.router.distill import partition_weights, shortcut_target, shortcut_times, teacher_velocity, train
 from ddm.router.distill_config import DistillJobConfig, ShortcutConfig
 from ddm.router.ensemble import Ensemble
@@ -115,26 +115,38 @@ def test_a_perfect_shortcut_student_samples_the_data_in_few_steps(
     student = StudentDenoiser(ExactShortcut(gaussian, (1, 2, 2)))
     noise, reference = ode_solution
     y = torch.zeros(2000, dtype=torch.long)
-    x0 = sample(with_guidance(for_sampling(student, steps=steps), 3.0), noise, y, steps=steps)
+    x0 = sample(with_guidance(student, 3.0), noise, y, steps=steps)  # Euler asks for each whole step
     assert (x0 - reference).abs().max() < 1e-3
     flat = x0.reshape(2000, -1)
     assert torch.allclose(flat.mean(0), gaussian.mean, atol=0.1)
     assert torch.allclose(torch.cov(flat.T), gaussian.cov, atol=0.15)
-    assert student.calls.rows == 2000 * steps  # one pass per step, guidance included
+    assert student.calls.total_rows == 2000 * steps  # one pass per step, guidance included
     if steps == 1:
-        plain = sample(student, noise, y, steps=1)  # no schedule: d = 0, the instantaneous velocity
+        plain = sample(student, noise, y, steps=1, sampler="stochastic", churn=0.0)  # d = 0: the flow
         assert (plain - reference).abs().max() > 0.1
 
 
-def test_step_sizes_follow_the_sampler_grid(gaussian: GaussianDenoiser) -> None:
-    student = StudentDenoiser(ExactShortcut(gaussian, (1, 2, 2)))
+def test_the_sampler_gives_the_student_its_step(gaussian: GaussianDenoiser) -> None:
+    """Euler asks a StepDenoiser for the step t -> t_next (d = t - t_next); Heun and the stochastic
+    sampler ask for the instantaneous velocity (d = 0). No grid is copied into the student."""
+    seen: list[torch.Tensor] = []
+
+    class Recording(ExactShortcut):
+        def forward(self, x_t, t, y, w=None, d=None):
+            seen.append(d.clone())
+            return super().forward(x_t, t, y, w=w, d=d)
+
+    student = StudentDenoiser(Recording(gaussian, (1, 2, 2)))
+    assert isinstance(student, StepDenoiser)
     grid = flow.time_grid(4, 2.0)
-    s4 = student.for_schedule(4, time_shift=2.0)
-    d = s4.step_sizes(grid[:-1].clone())
-    assert torch.allclose(d, (grid[:-1] - grid[1:]).float())
-    assert s4.step_sizes(torch.tensor([0.333])).item() == 0  # off the grid: the flow
-    assert student.for_schedule(4, sampler="heun").grid is None  # Heun wants the velocity itself
-    assert s4.guided(2.5).grid == s4.grid and s4.guided(2.5).calls is s4.calls
+    y = torch.zeros(3, dtype=torch.long)
+    sample(student, torch.randn(3, 1, 2, 2), y, steps=4, time_shift=2.0)
+    assert torch.equal(torch.stack(seen)[:, 0], (grid[:-1].double() - grid[1:].double()).float())
+    for sampler in ("heun", "stochastic"):
+        seen.clear()
+        sample(student, torch.randn(3, 1, 2, 2), y, steps=4, sampler=sampler, time_shift=2.0)
+        assert all(not d.any() for d in seen)  # the flow
+    assert student.guided(2.5).calls is student.calls
     with pytest.raises(ValueError, match="guidance scale"):
         student.guided(-1)
 
@@ -230,7 +242,7 @@ def test_trainer_resumes_exactly_and_the_checkpoint_loads_as_a_student(setup, tm
     imgs = generate(student, torch.tensor([0, 1, 2, 3]), (1, 28, 28), SampleConfig(steps=2, guidance=3.0),
                     generator=torch.Generator().manual_seed(0), batch_size=4)  # fmt: skip
     assert imgs.shape == (4, 1, 28, 28) and torch.isfinite(imgs).all()
-    assert student.calls.rows == 8 and student.calls.batches == 2
+    assert student.calls.total_rows == 8 and student.calls.total_batches == 2
 
 
 def test_config_errors_name_the_field(setup, tmp_path: Path) -> None:

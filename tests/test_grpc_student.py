@@ -18,7 +18,7 @@ from ddm.expert.load import load_denoiser
 from ddm.expert.model import DiT
 from ddm.expert.sampling import sample
 from ddm.expert.server import ExpertServer
-from ddm.expert.student import StudentDenoiser, for_sampling
+from ddm.expert.student import StudentDenoiser
 from ddm.router.client import RouterClient
 from ddm.router.server import RouterServer, initial_noise
 
@@ -80,7 +80,7 @@ def test_student_through_the_router_equals_the_in_process_student(
     student = load_denoiser(str(run_root / "distill/checkpoints"))
     assert isinstance(student, StudentDenoiser)
     noise, gen = initial_noise(5, (1, 8, 8), 3)
-    want = sample(with_guidance(for_sampling(student, steps=steps, sampler=sampler), guidance), noise, y,
+    want = sample(with_guidance(student, guidance), noise, y,
                   steps=steps, sampler=sampler, generator=gen)  # fmt: skip
     torch.testing.assert_close(info.samples, want, atol=1e-5, rtol=1e-5)
     passes = 2 * steps - 1 if sampler == "heun" else steps

@@ -99,3 +99,26 @@ def test_multi_process_component_uses_torchrun():
 def test_islands_config_object_rejects_unknown_default():
     with pytest.raises(ValueError):
         IslandsConfig(default="nope")
+
+
+def test_a_registered_scheduler_is_an_island_kind() -> None:
+    """An island scheduler is one ISLAND_SCHEDULERS entry: its required and own fields, run options and
+    per-island binding follow from it (copy this test when adding one)."""
+    from ddm.coordinator.islands import ISLAND_SCHEDULERS, Island, SchedulerKind
+
+    ISLAND_SCHEDULERS.add(
+        "test-batch", SchedulerKind(needs=("image",), run_cfg=lambda isl: {"image": isl.image}, per_island=lambda isl, client: None),
+        help="a batch system for this test",
+    )  # fmt: skip
+    try:
+        island = Island(scheduler="test-batch", image="img:1", cfg={"extra": 1})
+        assert island.run_cfg() == {"image": "img:1", "extra": 1} and island.scheduler_key("east") == "test-batch@east"
+        with pytest.raises(ValueError, match="a test-batch island needs image"):
+            Island(scheduler="test-batch")
+        with pytest.raises(ValueError, match='queue: only for scheduler = "kubernetes"'):
+            Island(scheduler="test-batch", image="img:1", queue="q")
+        assert Island().scheduler_key("local") == "local_cwd"
+    finally:
+        ISLAND_SCHEDULERS.remove("test-batch")
+    with pytest.raises(ValueError, match="unknown scheduler 'test-batch'; choose one of local_cwd"):
+        Island(scheduler="test-batch")

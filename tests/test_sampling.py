@@ -210,7 +210,7 @@ def test_stochastic_sampler_is_reproducible_with_a_generator() -> None:
 # ---------------------------------------------------------------- progress and call counting
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", SAMPLERS.names())
 def test_iter_sample_and_callback_report_every_step(sampler: str) -> None:
     steps, noise = 6, _noise(4, 11)
     seen: list[Step] = []
@@ -255,10 +255,10 @@ def test_iter_sample_and_callback_report_every_step(sampler: str) -> None:
 def test_counting_denoiser_counts_calls_per_sampler(sampler: str, steps: int, expected: int) -> None:
     counter = CountingDenoiser(GAUSS)
     sample(counter, _noise(3, 12), _labels(3), steps=steps, sampler=sampler)
-    assert counter.calls == expected == denoiser_calls(sampler, steps)
-    assert counter.rows == 3 * expected
-    counter.reset()
-    assert counter.calls == 0 and counter.rows == 0
+    assert counter.calls.total_batches == expected == denoiser_calls(sampler, steps)
+    assert counter.calls.total_rows == 3 * expected
+    counter.calls.reset()
+    assert counter.calls.total_batches == 0 and counter.calls.total_rows == 0
 
 
 def test_output_keeps_dtype_and_has_no_grad() -> None:
@@ -272,7 +272,7 @@ def test_output_keeps_dtype_and_has_no_grad() -> None:
             return self.w * x_t
 
     noise = torch.randn(2, 1, 2, 2)
-    for sampler in SAMPLERS:
+    for sampler in SAMPLERS.names():
         out = sample(Scaled(), noise, _labels(2), steps=3, sampler=sampler)
         assert out.dtype == torch.float32 and not out.requires_grad
         assert not any(
@@ -324,7 +324,7 @@ def test_iter_sample_validates_before_the_first_step() -> None:
         iter_sample(counter, torch.zeros(2, 1, 2, 2), _labels(3), steps=3)
     with pytest.raises(ValueError, match="unknown sampler"):
         iter_sample(counter, torch.zeros(2, 1, 2, 2), _labels(2), steps=3, sampler="dpm")
-    assert counter.calls == 0
+    assert counter.calls.total_batches == 0
 
 
 def test_null_label_is_accepted() -> None:
@@ -368,7 +368,7 @@ def test_cfg_scale_one_is_the_conditional_model_in_one_pass() -> None:
     cfg = CFGDenoiser(inner, 1.0)
     assert isinstance(cfg, Denoiser) and cfg.num_classes == 3
     assert torch.equal(cfg.velocity(x, t, y), inner.inner.velocity(x, t, y))
-    assert (inner.calls, inner.rows) == (1, 5)
+    assert (inner.calls.total_batches, inner.calls.total_rows) == (1, 5)
 
 
 def test_cfg_scale_zero_is_the_unconditional_model_in_one_pass() -> None:
@@ -376,7 +376,7 @@ def test_cfg_scale_zero_is_the_unconditional_model_in_one_pass() -> None:
     x, t, y = _cfg_inputs()
     v = CFGDenoiser(inner, 0.0).velocity(x, t, y)
     assert torch.equal(v, inner.inner.velocity(x, t, torch.full_like(y, 3)))
-    assert (inner.calls, inner.rows) == (1, 5)
+    assert (inner.calls.total_batches, inner.calls.total_rows) == (1, 5)
 
 
 def test_cfg_scale_w_matches_the_formula_with_one_batched_call() -> None:
@@ -386,7 +386,7 @@ def test_cfg_scale_w_matches_the_formula_with_one_batched_call() -> None:
     v = CFGDenoiser(inner, 3.0).velocity(x, t, y)
     v_c, v_u = base.velocity(x, t, y), base.velocity(x, t, torch.full_like(y, 3))
     torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u))
-    assert (inner.calls, inner.rows) == (1, 10)
+    assert (inner.calls.total_batches, inner.calls.total_rows) == (1, 10)
     # rows already unconditional get the unconditional velocity whatever the scale
     torch.testing.assert_close(CFGDenoiser(base, 3.0).velocity(x, t, torch.full_like(y, 3)), v_u)
 
@@ -395,7 +395,7 @@ def test_cfg_inner_denoiser_is_called_once_per_sampler_step() -> None:
     inner = CountingDenoiser(_LabelAffine())
     x, _, y = _cfg_inputs()
     sample(CFGDenoiser(inner, 4.0), x, y, steps=6, sampler="euler")
-    assert (inner.calls, inner.rows) == (6, 6 * 2 * 5)
+    assert (inner.calls.total_batches, inner.calls.total_rows) == (6, 6 * 2 * 5)
 
 
 def test_cfg_on_a_dit_batches_like_two_separate_passes() -> None:
