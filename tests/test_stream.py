@@ -4,6 +4,11 @@ DataLoader workers in step order, and an expert resumed through them equals an u
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -11,7 +16,9 @@ import fsspec
 import pytest
 import torch
 from ddm.core import checkpoint, storage
+from ddm.core.config import to_toml
 from ddm.core.loader import step_loader
+from ddm.core.metrics_log import read_rows
 from ddm.core.schedule import BatchOrder, StepBatches
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import load_fashion_mnist
@@ -19,6 +26,8 @@ from ddm.expert.shards import ShardError, read_shards, write_shards
 from ddm.expert.stream import CACHE_ENV, StreamedDataset, open_partitions, open_shards
 from ddm.expert.trainer import train
 from ddm.router.trainer import read_partitions
+
+from ddm.train import EXIT_INTERRUPTED
 
 
 def partition(n: int, seed: int = 0, shape: tuple[int, int, int] = (3, 5, 7), num_classes: int = 4):
@@ -184,3 +193,33 @@ def test_an_expert_resumed_through_the_streamed_loader_equals_an_uninterrupted_r
     ta = checkpoint.load(str(tmp_path / "whole" / "checkpoints")).tensors
     tb = checkpoint.load(str(tmp_path / "resumed" / "checkpoints")).tensors
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow  # ~10-30 s: one expert process with two loader workers, stopped and checked
+def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C, or a scheduler that signals the job's process group, reaches the loader workers too: they
+    leave the stop to the training process, which finishes its step and writes the checkpoint."""
+    ds = load_fashion_mnist(limit=64)
+    write_shards(str(tmp_path / "part"), ds.images, ds.labels, ds.ids, num_classes=10, shard_size=16)
+    out = tmp_path / "out"
+    (tmp_path / "job.toml").write_text(to_toml(ExpertJobConfig.model_validate(dict(
+        name="stream", output=str(out), data=dict(source="shards", path=str(tmp_path / "part")),
+        train=dict(steps=100_000, batch_size=8, checkpoint_every=100_000, log_every=1, num_threads=1, loader_workers=2),
+    )).model_dump(mode="json")))  # fmt: skip
+    cmd = [sys.executable, "-m", "ddm.train", "--config", str(tmp_path / "job.toml"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists() or len(read_rows(str(out / "metrics.csv"))) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start within 120 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # the training process and its workers
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "rerun to resume" in err
+    assert 2 <= checkpoint.load(str(out / "checkpoints")).step < 100_000
