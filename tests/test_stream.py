@@ -28,6 +28,7 @@ from ddm.expert.trainer import train
 from ddm.router.trainer import read_partitions
 
 from ddm.train import EXIT_INTERRUPTED
+from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture  # noqa: F401 - fixtures
 
 
 def partition(n: int, seed: int = 0, shape: tuple[int, int, int] = (3, 5, 7), num_classes: int = 4):
@@ -223,3 +224,19 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path: Path) 
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "rerun to resume" in err
     assert 2 <= checkpoint.load(str(out / "checkpoints")).step < 100_000
+
+
+@pytest.mark.slow  # moto's server starts for it (~10 s on a free machine, minutes on a loaded one)
+def test_s3_shards_stream_through_workers(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployment path: shards on S3 (moto), read by two forked workers, each shard fetched once."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    url = s3.url("partitions", "expert-0")
+    index = write_shards(url, *partition(40), num_classes=4, shard_size=10)
+    ds, whole = open_shards(url), read_shards(url)
+    order = BatchOrder(40, 8, seed=2)
+    got = list(step_loader(ds, StepBatches(order, 0, 5), workers=2, prefetch=2))
+    for step, (images, labels) in zip(range(1, 6), got):
+        index_s = BatchOrder(40, 8, seed=2).indices(step)
+        assert torch.equal(images, whole.images[index_s]) and torch.equal(labels, whole.labels[index_s])
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert cached == sorted(f"{e['sha256']}.safetensors" for e in index["shards"])
