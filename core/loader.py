@@ -7,10 +7,12 @@ DataLoader keeps its output in sampler order whatever the number of workers, so 
 numerics - are those of a loop that indexed the data itself. Its seed generator is private, so building
 the loader never advances torch's global RNG.
 
-Workers ignore SIGINT and SIGTERM: Ctrl-C, or a scheduler that signals the job's whole process group,
-reaches them too, and a worker that died of it would make the DataLoader raise in the middle of the step
-and the checkpoint the training process is finishing (its ``StopSignal``). The loader stops them when
-the run ends; they also exit by themselves when the training process is gone.
+Workers run in their own process group: Ctrl-C, or a scheduler that signals the job's whole process
+group, would otherwise reach them too, and a worker killed by it makes the DataLoader raise in the middle
+of the step and the checkpoint the training process is finishing (its ``StopSignal``). They still die of
+a signal sent to them (the loader's own shutdown, which terminates stragglers) - ignoring SIGTERM instead
+would hang the interpreter's exit, which terminates and joins leftover workers - and exit by themselves
+when the training process is gone (torch's worker watchdog).
 
 Data held in memory (``ImageDataset``, or any data without ``in_memory = False``) is indexed in the
 training process: workers would only copy what is already resident. Streamed partitions
@@ -19,7 +21,7 @@ training process: workers would only copy what is already resident. Streamed par
 
 from __future__ import annotations
 
-import signal
+import os
 from typing import Any, Protocol
 
 import torch
@@ -49,9 +51,8 @@ def _unchanged(batch: Any) -> Any:
     return batch
 
 
-def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+def _own_process_group(worker_id: int) -> None:
+    os.setpgid(0, 0)  # signals to the job's group reach the training process, which stops the workers
 
 
 def workers_for(data: object, workers: int) -> int:
@@ -72,6 +73,6 @@ def step_loader(
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
         pin_memory=pin_memory,
-        worker_init_fn=_leave_signals_to_the_trainer if workers else None,
+        worker_init_fn=_own_process_group if workers else None,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed; never the global RNG
     )

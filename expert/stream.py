@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from torch.utils.data import Dataset
 CACHE_ENV = "DDM_SHARD_CACHE"
 _HEADER_MAX = 100 * 2**20  # a safetensors header larger than this is not one of ours
 _CHUNK = 8 * 2**20
+MAX_OPEN = 256  # open shard files per process; the least recently used is closed (reopening is cheap)
 _ST_DTYPES = {"images": ("U8", 1), "labels": ("I64", 8), "ids": ("I64", 8)}
 
 
@@ -80,30 +82,40 @@ class _ShardSet:
         self.starts = torch.cumsum(counts, 0) - counts  # (S,) first global position of each shard
         self.total = int(counts.sum())
         self.verified = torch.zeros(len(shards), dtype=torch.uint8).share_memory_()  # (S,) 1 = checked
-        self._open: dict[int, _OpenShard] = {}
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn) reopen their own files
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):  # interpreter shutdown, or a half-built set
+            pass
 
     def opened(self) -> list[int]:
-        """The shards this process has opened (tests: laziness)."""
+        """The shards this process holds open (tests: laziness)."""
         return sorted(self._open) if self._pid == os.getpid() else []
 
     def close(self) -> None:
         if self._pid == os.getpid():
             for shard in self._open.values():
                 os.close(shard.fd)
-        self._open = {}
+        self._open = OrderedDict()
 
     def shard(self, i: int) -> _OpenShard:
         if self._pid != os.getpid():  # a forked worker: close its copies of the parent's descriptors
             for shard in self._open.values():
                 os.close(shard.fd)
-            self._open, self._pid = {}, os.getpid()
+            self._open, self._pid = OrderedDict(), os.getpid()
         got = self._open.get(i)
         if got is None:
             got = self._open[i] = self._open_shard(i)
+            if len(self._open) > MAX_OPEN:  # bound the descriptors of a partition of many small shards
+                os.close(self._open.popitem(last=False)[1].fd)
+        else:
+            self._open.move_to_end(i)
         return got
 
     def locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,8 +198,8 @@ def test_an_expert_resumed_through_the_streamed_loader_equals_an_uninterrupted_r
 
 @pytest.mark.slow  # ~10-30 s: one expert process with two loader workers, stopped and checked
 def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path: Path) -> None:
-    """Ctrl-C, or a scheduler that signals the job's process group, reaches the loader workers too: they
-    leave the stop to the training process, which finishes its step and writes the checkpoint."""
+    """Ctrl-C, or a scheduler that signals the job's process group: the loader workers are in a group of
+    their own, so only the training process gets it; it finishes its step and writes the checkpoint."""
     ds = load_fashion_mnist(limit=64)
     write_shards(str(tmp_path / "part"), ds.images, ds.labels, ds.ids, num_classes=10, shard_size=16)
     out = tmp_path / "out"
@@ -226,6 +226,28 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path: Path) 
     assert 2 <= checkpoint.load(str(out / "checkpoints")).step < 100_000
 
 
+def test_a_run_that_leaves_a_failed_loader_behind_still_exits(tmp_path: Path) -> None:
+    """A worker's error keeps its iterator alive in the traceback; the interpreter's exit terminates
+    and joins leftover workers, which must therefore still die of SIGTERM (a worker ignoring it hung here)."""
+    url = str(tmp_path / "p")
+    write_shards(url, *partition(20), num_classes=4, shard_size=10)
+    (tmp_path / "p" / "shard-00001.safetensors").write_bytes(b"garbage")
+    script = f"""
+import torch
+from ddm.core.loader import step_loader
+from ddm.core.schedule import BatchOrder, StepBatches
+from ddm.expert.stream import open_shards
+kept = []
+try:
+    list(step_loader(open_shards({url!r}), StepBatches(BatchOrder(20, 20, seed=0), 0, 1), workers=1, prefetch=1))
+except Exception as e:
+    kept.append(e)  # its traceback holds the iterator and its worker until the interpreter exits
+print(type(kept[0]).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ShardError", done.stderr[-2000:]
+
+
 @pytest.mark.slow  # moto's server starts for it (~10 s on a free machine, minutes on a loaded one)
 def test_s3_shards_stream_through_workers(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The deployment path: shards on S3 (moto), read by two forked workers, each shard fetched once."""
@@ -240,3 +262,13 @@ def test_s3_shards_stream_through_workers(s3: S3, tmp_path: Path, monkeypatch: p
         assert torch.equal(images, whole.images[index_s]) and torch.equal(labels, whole.labels[index_s])
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
     assert cached == sorted(f"{e['sha256']}.safetensors" for e in index["shards"])
+
+
+def test_open_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ddm.expert.stream.MAX_OPEN", 3)
+    url = str(tmp_path / "p")
+    write_shards(url, *partition(30), num_classes=4, shard_size=5)  # 6 shards
+    ds, whole = open_shards(url), read_shards(url)
+    index = torch.arange(30).flip(0)
+    assert torch.equal(ds.batch_uint8(index)[0], whole.images[index])
+    assert len(ds.opened_shards()) == 3 and torch.equal(ds.labels, whole.labels)  # reopened as needed
