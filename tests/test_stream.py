@@ -26,9 +26,9 @@ from ddm.expert.shards import ShardError, read_shards, write_shards
 from ddm.expert.stream import CACHE_ENV, StreamedDataset, open_partitions, open_shards
 from ddm.expert.trainer import train
 from ddm.router.trainer import read_partitions
+from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture  # noqa: F401 - fixtures
 
 from ddm.train import EXIT_INTERRUPTED
-from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture  # noqa: F401 - fixtures
 
 
 def partition(n: int, seed: int = 0, shape: tuple[int, int, int] = (3, 5, 7), num_classes: int = 4):
