@@ -52,6 +52,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1, description="keep only the newest N checkpoints")
     log_every: int = Field(25, ge=1, description="write metrics every N steps")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes that read streamed partition shards (0 = read them in the training process; in-memory sources are always read there)")
+    loader_prefetch: int = Field(2, ge=1, description="batches each DataLoader worker reads ahead of the step being trained")
 
 
 def train_with_defaults(defaults: dict[str, Any], description: str) -> Any:

@@ -7,6 +7,9 @@
   Drawing globally costs one randn over the global batch per rank - negligible next to the forward
   pass - and makes a run independent of the world size: N ranks reproduce 1 process to float
   reduction order, and a job may resume on a different number of processes;
+* the batches reach the loop through a DataLoader whose sampler (``StepBatches``) yields exactly
+  ``BatchOrder``'s indices of steps start+1, start+2, ..., so workers and prefetching change when a
+  batch is read, never which;
 * the learning rate is a pure function of the step (``lr_at``): linear warm-up then constant (no
   cosine decay: experts are often extended, and a constant tail keeps a resumed, extended run
   identical to a longer one).
@@ -15,8 +18,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import torch
+from torch.utils.data import Sampler
 
 from ddm.core.config import TrainConfig
 
@@ -52,6 +57,22 @@ class BatchOrder:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "data", epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.num_examples, generator=g)
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]  # (B,)
+
+
+class StepBatches(Sampler[torch.Tensor]):
+    """This rank's rows of the global batch indices of steps ``start + 1 .. steps``, in order: a
+    DataLoader sampler (with ``batch_size=None``, each element is one step's index tensor). Resuming at
+    step s is ``start = s``; the order itself never depends on where a run started."""
+
+    def __init__(self, order: BatchOrder, start: int, steps: int, rows: slice = slice(None)):
+        self.order, self.start, self.steps, self.rows = order, start, steps, rows
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for step in range(self.start + 1, self.steps + 1):
+            yield self.order.indices(step)[self.rows]  # (b,)
 
 
 def lr_at(step: int, train: TrainConfig) -> float:

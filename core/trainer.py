@@ -37,7 +37,8 @@ from ddm.core.ema import EMA
 from ddm.core.heartbeat import Heartbeat
 from ddm.core.metrics_log import MetricsLog
 from ddm.core.progress import progress_bar
-from ddm.core.schedule import BatchOrder, lr_at, step_generator
+from ddm.core.loader import step_loader
+from ddm.core.schedule import BatchOrder, StepBatches, lr_at, step_generator
 
 
 @dataclass
@@ -182,15 +183,17 @@ class Trainer(Generic[J]):
     # --- what a specialisation names ----------------------------------------------------------------
 
     def build_data(self) -> Sized:
-        """The training examples: anything the loss can index with a step's batch indices."""
+        """The training examples: ``len(data)`` and ``data.batch_uint8(index) -> tuple of tensors`` (the
+        step's batch, read by the DataLoader of ``ddm.core.loader``; streamed data through its workers)."""
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
         """The network on the CPU, initialised from ``train.seed`` (see ``seeded``); it has ``.config``."""
         raise NotImplementedError
 
-    def loss(self, step: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The scalar objective of this rank's rows ``index`` of step ``step``'s global batch.
+    def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
+        """The scalar objective of ``batch``, this rank's rows of step ``step``'s global batch (what
+        ``data.batch_uint8`` returned for them, still on the host).
 
         ``gen`` is the step's generator: draw the *global* batch's randomness from it (shapes with
         ``train.batch_size`` rows) and take ``self.rows`` of it, so every world size trains alike."""
@@ -293,12 +296,12 @@ class Trainer(Generic[J]):
         self.d.barrier()  # no rank starts before a fresh start has cleared the old checkpoints
         return 0, 0.0, math.nan
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def train_step(self, step: int, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
         tc = self.tc
         lr = lr_at(step, tc)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss(step, self.order.indices(step)[self.rows], step_generator(tc.seed, step))
+        loss = self.loss(step, batch, step_generator(tc.seed, step))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients across ranks here; FSDP reduce-scatters them
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
@@ -326,6 +329,10 @@ class Trainer(Generic[J]):
             self.net = torch.compile(self.net)
         bar = progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step") if self.progress and main else None
 
+        loader = step_loader(
+            self.data, StepBatches(self.order, start_step, tc.steps, self.rows),
+            workers=tc.loader_workers, prefetch=tc.loader_prefetch, pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
         stats = StepStats(d, tc.batch_size)
         ckpt_url: str | None = None
         report: dict[str, Any] | None = None
@@ -334,10 +341,11 @@ class Trainer(Generic[J]):
             heartbeat.beat(start_step, force=True)
         self.model.train()
         t0 = time.perf_counter()
+        batches = iter(loader)  # starts the workers, which read ahead from step start_step + 1
         try:
             with StopSignal() as stop:
-                for step in range(start_step + 1, tc.steps + 1):
-                    loss, grad_norm, lr = self.train_step(step)
+                for step, batch in zip(range(start_step + 1, tc.steps + 1), batches):
+                    loss, grad_norm, lr = self.train_step(step, batch)
                     stats.add(loss, grad_norm)
                     if bar is not None:
                         bar.update(1)
@@ -369,6 +377,7 @@ class Trainer(Generic[J]):
                         break
             finished = True
         finally:  # also on errors, so the coordinator sees that the job is no longer running
+            batches = None  # the last reference: stops the loader's workers now
             if bar is not None:
                 bar.close()
             if heartbeat is not None:

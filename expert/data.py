@@ -1,7 +1,8 @@
 """Datasets for the expert trainer: Fashion-MNIST (Debian's idx files), image folders, partition shards.
 
-Every source becomes one in-memory ``ImageDataset`` of uint8 images with int64 labels and stable source
-ids. Keeping uint8 in memory is 4x smaller than float and lets the shards, the router trainer and the
+``build_dataset`` makes every source one in-memory ``ImageDataset`` of uint8 images with int64 labels and
+stable source ids (what curation and evaluation want); ``build_training_dataset`` is what the trainers
+use: the same, except that partition shards are streamed (``ddm.expert.stream``), never read whole. Keeping uint8 in memory is 4x smaller than float and lets the shards, the router trainer and the
 trainer share one representation; batches are converted to the model range [-1, 1] only when drawn.
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageDataset",
     "build_dataset",
+    "build_training_dataset",
     "load_fashion_mnist",
     "load_image_folder",
     "read_idx",
@@ -79,6 +81,8 @@ class ImageDataset(Dataset):
     ``ids`` are the examples' indices in their source (the Fashion-MNIST split, the sorted file list of
     an image folder), kept through subsets and shards, so a partition can always be traced back.
     """
+
+    in_memory = True  # the trainers index it in their own process (``ddm.core.loader``)
 
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
@@ -174,14 +178,30 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
         from ddm.expert.shards import read_shards  # shards imports this module for ImageDataset
 
         ds = read_shards(cfg.path, limit=cfg.limit)
-        want = (cfg.channels, cfg.image_size, cfg.image_size)
-        if ds.image_shape != want:
-            raise DataError(
-                f"{cfg.path}: shards hold images of shape {list(ds.image_shape)} but data.channels / data.image_size "
-                f"ask for {list(want)}; set data.channels = {ds.image_shape[0]} and data.image_size = {ds.image_shape[1]}"
-            )
+        _check_shape(cfg, ds.image_shape)
         return ds
     raise AssertionError(f"unhandled data.source {cfg.source!r}")  # the config's Literal rules this out
+
+
+def build_training_dataset(cfg: DataConfig) -> Any:
+    """The dataset a trainer reads: ``build_dataset``'s, except that shards are a ``StreamedDataset``
+    (same batches, read lazily shard by shard), so memory does not grow with the partition."""
+    if cfg.source != "shards":
+        return build_dataset(cfg)
+    from ddm.expert.stream import open_shards  # stream imports this module (via shards)
+
+    ds = open_shards(cfg.path, limit=cfg.limit)
+    _check_shape(cfg, ds.image_shape)
+    return ds
+
+
+def _check_shape(cfg: DataConfig, shape: tuple[int, int, int]) -> None:
+    want = (cfg.channels, cfg.image_size, cfg.image_size)
+    if tuple(shape) != want:
+        raise DataError(
+            f"{cfg.path}: shards hold images of shape {list(shape)} but data.channels / data.image_size "
+            f"ask for {list(want)}; set data.channels = {shape[0]} and data.image_size = {shape[1]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -59,10 +59,18 @@ def write_shards(
 
     Rewriting an existing partition first removes its ``index.json`` (so readers see it as incomplete
     while shards change), then writes the shards, the new index, and removes shards the new index does
-    not list. ``meta`` is free-form JSON (cluster id, source, ``class_names``...).
+    not list. ``meta`` is free-form JSON (cluster id, source, ``class_names``...). A partition too large
+    for memory is written chunk by chunk with ``ShardWriter``, which this wraps.
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"write_shards: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    _check_rows(images, labels, ids, num_classes)
+    writer = ShardWriter(url, image_shape=tuple(images.shape[1:]), num_classes=num_classes, shard_size=shard_size, meta=meta)
+    writer.add(images, labels, ids)
+    return writer.close()
+
+
+def _check_rows(images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int) -> None:
     n = images.shape[0]
     for name, t in (("labels", labels), ("ids", ids)):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or tuple(t.shape) != (n,):
@@ -71,46 +79,101 @@ def write_shards(
         raise ValueError(f"write_shards: num_classes must be >= 1, got {num_classes}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"write_shards: labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
-    if shard_size < 1:
-        raise ValueError(f"write_shards: shard_size must be >= 1, got {shard_size}")
-    meta = dict(meta or {})
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"write_shards: meta must be JSON-serialisable ({e})") from None
 
-    index_url = storage.join(url, INDEX_FILE)
-    storage.remove(index_url)  # mark the partition incomplete while its shards change
-    images = images.detach().cpu().contiguous()
-    labels = labels.detach().cpu().to(torch.int64)
-    ids = ids.detach().cpu().to(torch.int64)
-    entries = []
-    for i, start in enumerate(range(0, n, shard_size)):
-        stop = min(start + shard_size, n)
+
+class ShardWriter:
+    """Write a partition chunk by chunk in constant memory (at most one shard buffered).
+
+    ``add(images, labels, ids)`` any number of times, then ``close()`` writes ``index.json`` (last) and
+    returns it; a writer left without ``close()`` (an error) leaves no index, i.e. an incomplete
+    partition. Opening the writer removes an existing partition's index first, as ``write_shards`` does.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        image_shape: tuple[int, ...],
+        num_classes: int,
+        shard_size: int = 10000,
+        meta: dict[str, Any] | None = None,
+    ):
+        if len(image_shape) != 3 or not all(int(d) > 0 for d in image_shape):
+            raise ValueError(f"write_shards: image_shape must be (C, H, W) of positive sizes, got {tuple(image_shape)}")
+        if num_classes < 1:
+            raise ValueError(f"write_shards: num_classes must be >= 1, got {num_classes}")
+        if shard_size < 1:
+            raise ValueError(f"write_shards: shard_size must be >= 1, got {shard_size}")
+        self.meta = dict(meta or {})
+        try:
+            json.dumps(self.meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"write_shards: meta must be JSON-serialisable ({e})") from None
+        self.url, self.num_classes, self.shard_size = url, int(num_classes), shard_size
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.entries: list[dict[str, Any]] = []
+        self.count = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_n = 0
+        self._index_url = storage.join(url, INDEX_FILE)
+        self._started = False
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"write_shards: images must be uint8 (N, {', '.join(map(str, self.image_shape))}), "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+        _check_rows(images, labels, ids, self.num_classes)
+        if not self._started:
+            storage.remove(self._index_url)  # mark the partition incomplete while its shards change
+            self._started = True
+        self._pending.append((
+            images.detach().cpu(), labels.detach().cpu().to(torch.int64), ids.detach().cpu().to(torch.int64)
+        ))  # fmt: skip
+        self._pending_n += images.shape[0]
+        while self._pending_n >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        images, labels, ids = (torch.cat([p[j] for p in self._pending]) for j in range(3))
+        rest = (images[n:], labels[n:], ids[n:])
+        self._pending = [rest] if rest[0].shape[0] else []
+        self._pending_n = rest[0].shape[0]
+        i = len(self.entries)
         payload = st_save(
             {
-                "images": images[start:stop].contiguous(),  # (n_i, C, H, W)
-                "labels": labels[start:stop].contiguous(),  # (n_i,)
-                "ids": ids[start:stop].contiguous(),  # (n_i,)
+                "images": images[:n].contiguous(),  # (n_i, C, H, W)
+                "labels": labels[:n].contiguous(),  # (n_i,)
+                "ids": ids[:n].contiguous(),  # (n_i,)
             },
             metadata={"format": FORMAT},
         )
-        storage.write_bytes(storage.join(url, shard_name(i)), payload)
-        entries.append({"file": shard_name(i), "count": stop - start, "sha256": hashlib.sha256(payload).hexdigest()})
-    index = {
-        "format": FORMAT,
-        "count": n,
-        "image_shape": [int(d) for d in images.shape[1:]],
-        "num_classes": int(num_classes),
-        "shards": entries,
-        "meta": meta,
-    }
-    storage.write_json(index_url, index)
-    listed = {e["file"] for e in entries}
-    for name in storage.listdir(url):
-        if _SHARD_NAME.match(name) and name not in listed:
-            storage.remove(storage.join(url, name))  # left over from an earlier, larger write
-    return index
+        storage.write_bytes(storage.join(self.url, shard_name(i)), payload)
+        self.entries.append({"file": shard_name(i), "count": n, "sha256": hashlib.sha256(payload).hexdigest()})
+        self.count += n
+
+    def close(self) -> dict[str, Any]:
+        """Write the last (short) shard and then ``index.json``; remove shards of an earlier, larger write."""
+        if not self._started:
+            storage.remove(self._index_url)
+            self._started = True
+        if self._pending_n:
+            self._flush(self._pending_n)
+        index = {
+            "format": FORMAT,
+            "count": self.count,
+            "image_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "shards": self.entries,
+            "meta": self.meta,
+        }
+        storage.write_json(self._index_url, index)
+        listed = {e["file"] for e in self.entries}
+        for name in storage.listdir(self.url):
+            if _SHARD_NAME.match(name) and name not in listed:
+                storage.remove(storage.join(self.url, name))  # left over from an earlier, larger write
+        return index
 
 
 def read_index(url: str) -> dict[str, Any]:

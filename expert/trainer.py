@@ -2,7 +2,7 @@
 
 A short specialisation of the one training loop (``ddm.core.trainer.Trainer``), which owns
 distribution, determinism, precision, EMA, checkpoints, signals and metrics. The expert names its data
-(``build_dataset``), its model (a DiT sized by ``model.arch``) and its objective for one step's batch:
+(``build_training_dataset``: partition shards streamed, other sources in memory), its model (a DiT sized by ``model.arch``) and its objective for one step's batch:
 rectified flow with classifier-free label dropout,
 
     x_t = (1 - t) x_0 + t eps,    loss = || v_theta(x_t, t, y) - (eps - x_0) ||^2,
@@ -21,7 +21,8 @@ from ddm.core.config import TrainConfig
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.config import ExpertJobConfig
-from ddm.expert.data import ImageDataset, build_dataset
+from ddm.expert.data import ImageDataset, build_training_dataset
+from ddm.expert.stream import StreamedDataset
 from ddm.expert.images import to_model_range
 from ddm.expert.model import DiT, DiTConfig, dit_config
 
@@ -56,8 +57,8 @@ def build_model(cfg: DiTConfig, seed: int) -> DiT:
     return seeded(lambda: DiT(cfg), seed)  # type: ignore[return-value]
 
 
-def check_dataset(dataset: ImageDataset, cfg: DiTConfig, job: ExpertJobConfig) -> None:
-    shape = tuple(dataset.images.shape[1:])
+def check_dataset(dataset: ImageDataset | StreamedDataset, cfg: DiTConfig, job: ExpertJobConfig) -> None:
+    shape = tuple(dataset.image_shape)
     want = (cfg.in_channels, cfg.image_size, cfg.image_size)
     if shape != want:
         raise ValueError(
@@ -75,21 +76,21 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
     kind = "expert"
     loss_label = "flow-matching loss"
 
-    def build_data(self) -> ImageDataset:
+    def build_data(self) -> ImageDataset | StreamedDataset:
         self.cfg = model_config(self.job)
-        dataset = build_dataset(self.job.data)
+        dataset = build_training_dataset(self.job.data)
         check_dataset(dataset, self.cfg, self.job)
         return dataset
 
     def build_model(self) -> DiT:
         return build_model(self.cfg, self.tc.seed)
 
-    def loss(self, step: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         tc, cfg, rows = self.tc, self.cfg, self.rows
         eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[rows]
         t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
-        images, y = self.data.batch_uint8(index)  # uint8 (b, C, H, W), (b,)
+        images, y = batch  # uint8 (b, C, H, W), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
         images, y, eps, t = self.to_device(images, y, eps, t)
         x_0 = to_model_range(images)  # (b, C, H, W), converted on the device

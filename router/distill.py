@@ -255,7 +255,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
 
         return s
 
-    def loss(self, step: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         tc, sc, tch, rows = self.tc, self.job.shortcut, self.job.teacher, self.rows
         n = tc.batch_size  # the global batch: rows [0, n_flow) learn the teacher, the rest self-consistency
         eps = torch.randn((n, *self.image_shape), generator=gen)  # (B, C, H, W)
@@ -266,7 +266,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         t = torch.cat([t_flow, t_boot])  # (B,)
         d_in = torch.cat([torch.zeros(self.n_flow), size])  # (B,) step-size input, 0 on teacher rows
         eps, t, u_drop, w, d_in = (v[rows] for v in (eps, t, u_drop, w, d_in))
-        images, y, k = self.data.batch_uint8(index)  # uint8 (b, C, H, W), (b,), (b,)
+        images, y, k = batch  # uint8 (b, C, H, W), (b,), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, self.cfg.num_classes)
         images, y, k, eps, t, w, d_in = self.to_device(images, y, k, eps, t, w, d_in)
         x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)

@@ -31,7 +31,7 @@ from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.data import ImageDataset
 from ddm.expert.images import to_model_range
-from ddm.expert.shards import read_shards
+from ddm.expert.stream import StreamedDataset, open_partitions
 from ddm.expert.trainer import drop_labels, sample_times
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterConfig, RouterNet, router_config
@@ -47,12 +47,16 @@ EVAL_HISTORY = "eval.json"  # [{step, conditional, unconditional}] mean accuracy
 
 @dataclass(frozen=True)
 class PartitionData:
-    dataset: ImageDataset  # uint8 images (N, C, H, W), class labels, source ids
+    dataset: ImageDataset | StreamedDataset  # uint8 images (N, C, H, W), class labels, source ids
     partition: torch.Tensor  # int64 (N,): which partition (expert) each example belongs to
     num_partitions: int
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    @property
+    def in_memory(self) -> bool:  # streamed partitions are read through DataLoader workers
+        return bool(getattr(self.dataset, "in_memory", True))
 
     def subset(self, index: torch.Tensor) -> PartitionData:
         return PartitionData(self.dataset.subset(index), self.partition[index], self.num_partitions)
@@ -72,27 +76,14 @@ class PartitionData:
 
 
 def read_partitions(urls: list[str], *, limit: int | None = None) -> PartitionData:
-    """Partition k = the shards at ``urls[k]`` (first ``limit`` examples of each)."""
-    parts = [read_shards(url, limit=limit) for url in urls]
-    for url, part in zip(urls, parts):
-        if len(part) == 0:
+    """Partition k = the shards at ``urls[k]`` (first ``limit`` examples of each), streamed: opening
+    reads only the indexes; shards are read row by row as batches ask (``ddm.expert.stream``)."""
+    dataset, counts = open_partitions(urls, limit=limit)
+    for url, n in zip(urls, counts):
+        if n == 0:
             raise ValueError(f"{url}: the partition is empty; a router needs examples of every partition")
-        if part.image_shape != parts[0].image_shape:
-            raise ValueError(
-                f"{url} holds images of shape {list(part.image_shape)} but {urls[0]} holds "
-                f"{list(parts[0].image_shape)}; every partition of a run must have one image shape"
-            )
-    num_classes = max(p.num_classes for p in parts)
-    names = next((p.class_names for p in parts if p.class_names and len(p.class_names) == num_classes), None)
-    dataset = ImageDataset(
-        images=torch.cat([p.images for p in parts]),  # (N, C, H, W)
-        labels=torch.cat([p.labels for p in parts]),  # (N,)
-        ids=torch.cat([p.ids for p in parts]),  # (N,)
-        num_classes=num_classes,
-        class_names=names,
-    )
-    partition = torch.cat([torch.full((len(p),), k, dtype=torch.int64) for k, p in enumerate(parts)])  # (N,)
-    return PartitionData(dataset, partition, len(parts))
+    partition = torch.cat([torch.full((n,), k, dtype=torch.int64) for k, n in enumerate(counts)])  # (N,)
+    return PartitionData(dataset, partition, len(urls))
 
 
 def split_holdout(data: PartitionData, fraction: float, seed: int) -> tuple[PartitionData, PartitionData]:
@@ -240,12 +231,12 @@ class RouterTrainer(Trainer[RouterJobConfig]):
             class_names=self.class_names,
         )
 
-    def loss(self, step: int, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         tc, cfg, rows = self.tc, self.cfg, self.rows
         eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[rows]
         t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
-        images, y, k = self.data.batch_uint8(index)  # uint8 (b, C, H, W), (b,), (b,)
+        images, y, k = batch  # uint8 (b, C, H, W), (b,), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
         images, y, k, eps, t = self.to_device(images, y, k, eps, t)
         x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)

@@ -17,6 +17,7 @@ from ddm.expert.shards import (
     FORMAT,
     IncompletePartitionError,
     ShardError,
+    ShardWriter,
     read_index,
     read_shards,
     write_shards,
@@ -202,3 +203,15 @@ def test_build_dataset_from_shards(tmp_path):
     assert len(ds) == 6 and torch.equal(ds.images, images[:6])
     with pytest.raises(DataError, match="data.image_size = 28"):
         build_dataset(DataConfig(source="shards", path=root, image_size=32))
+
+
+def test_shard_writer_streams_chunks_into_the_same_partition(tmp_path):
+    images, labels, ids = partition(45, c=3, size=5)
+    write_shards(str(tmp_path / "a"), images, labels, ids, num_classes=4, shard_size=10)
+    writer = ShardWriter(str(tmp_path / "b"), image_shape=(3, 5, 5), num_classes=4, shard_size=10)
+    for lo in range(0, 45, 13):  # chunks that do not line up with the shards
+        writer.add(images[lo : lo + 13], labels[lo : lo + 13], ids[lo : lo + 13])
+    assert not storage.exists(str(tmp_path / "b" / "index.json"))  # incomplete until closed
+    assert writer.close() == storage.read_json(str(tmp_path / "a" / "index.json"))
+    with pytest.raises(ValueError, match="uint8"):
+        writer.add(images[:, :1], labels, ids)
