@@ -20,15 +20,6 @@ from ddm.expert.analytic import GaussianDenoiser, GaussianMixtureDenoiser
 from ddm.expert.denoiser import Denoiser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MU = np.array([0.5, -1.0, 0.0, 2.0])
 _L = np.array([[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [-0.3, 0.2, 0.5, 0], [0.1, -0.4, 0.3, 0.7]])
 SIGMA = _L @ _L.T  # non-diagonal, well conditioned

@@ -58,15 +58,6 @@ class ExpertProcess:
         self.p.wait(10)
 
 
-@pytest.fixture(scope="module")
-def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    for k in range(2):
-        expert_checkpoint(root, k)
-    router_checkpoint(root, 2)
-    return root
-
-
 def _expert0_alone(root: Path, n: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
     """What the full ensemble renormalised over expert-0 alone samples: expert-0's guided sample."""
     from ddm.expert.guidance import with_guidance

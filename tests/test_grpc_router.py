@@ -26,16 +26,6 @@ from ddm.router.model import load_router
 from ddm.router.remote import ExpertFailure
 from ddm.router.server import RouterServer, initial_noise
 
-from grpc_fixtures import expert_checkpoint, router_checkpoint
-
-
-@pytest.fixture(scope="module")
-def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    for k in range(2):
-        expert_checkpoint(root, k)
-    router_checkpoint(root, 2)
-    return root
 
 
 def _experts(root: Path, **kwargs) -> list[ExpertServer]:

@@ -22,7 +22,7 @@ from ddm.expert.student import StudentDenoiser
 from ddm.router.client import RouterClient
 from ddm.router.server import RouterServer, initial_noise
 
-from grpc_fixtures import EXPERT_CFG, _randomise, expert_checkpoint, router_checkpoint
+from grpc_fixtures import EXPERT_CFG, _randomise
 
 STUDENT_CFG = EXPERT_CFG.__class__(**{**EXPERT_CFG.to_dict(), "guidance_embed": True, "step_embed": True})
 
@@ -44,13 +44,9 @@ def expert_rows(server: ExpertServer) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    for k in range(2):
-        expert_checkpoint(root, k)
-    router_checkpoint(root, 2)
-    student_checkpoint(root)
-    return root
+def run_root(served_root: Path) -> Path:
+    student_checkpoint(served_root)  # the module's own copy of the shared two-expert root, plus a student
+    return served_root
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,6 @@ from ddm.expert.sampling import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MU = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
 _L = torch.tensor(
     [[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [-0.3, 0.2, 0.5, 0], [0.1, -0.4, 0.3, 0.7]], dtype=torch.float64
