@@ -394,9 +394,8 @@ class Chaos(threading.Thread):
         """The launcher's promise: a job never runs twice at once. Sampled every 0.2 s."""
         while not self.done.wait(0.2):
             seen: dict[str, int] = {}
-            for cmd in marked(self.tag).values():
-                if job_of(cmd) and " -m ddm." in f" {cmd}":
-                    seen[job_of(cmd)] = seen.get(job_of(cmd), 0) + 1
+            for job in self._trainers().values():
+                seen[job] = seen.get(job, 0) + 1
             for job, n in seen.items():
                 if n > 1 and job not in self.duplicates:
                     self.duplicates.add(job)
@@ -415,6 +414,14 @@ class Chaos(threading.Thread):
             if self.done.is_set():
                 return
 
+    def _trainers(self) -> dict[int, str]:
+        """pid -> job of every trainer process of the run (the trainer itself, not a torchrun)."""
+        return {
+            pid: job_of(cmd)
+            for pid, cmd in marked(self.tag).items()
+            if job_of(cmd) and " -m ddm." in f" {cmd}"
+        }
+
     def _fire(self, fault: Fault) -> bool:
         if fault.kind == "kill_coordinator":
             proc = self.coordinator
@@ -422,12 +429,23 @@ class Chaos(threading.Thread):
                 return False
             kill(proc.pid)
             fault.target = f"ddm run pid {proc.pid}"
+        elif fault.kind == "kill_coordinator_at_launch":  # the moment a job it launched starts
+            proc = self.coordinator
+            if proc is None or proc.poll() is not None:
+                return False
+            known = set(self._trainers())
+            deadline = time.monotonic() + 120
+            while not (fresh := set(self._trainers()) - known) and time.monotonic() < deadline:
+                if self.done.is_set() or proc.poll() is not None:
+                    return False
+                time.sleep(0.01)
+            if not fresh or not kill(proc.pid):
+                return False
+            fault.target = (
+                f"ddm run pid {proc.pid}, just after it launched {self._trainers().get(min(fresh), '?')}"
+            )
         elif fault.kind == "kill_trainer":
-            trainers = {
-                pid: job_of(cmd)
-                for pid, cmd in marked(self.tag).items()
-                if job_of(cmd) and " -m ddm." in f" {cmd}"
-            }  # the trainer itself, not a torchrun
+            trainers = self._trainers()
             if not trainers:
                 return False
             pid = self.rng.choice(sorted(trainers))
@@ -459,14 +477,17 @@ STORAGE = ("disk_full", "s3_drop", "s3_stall")
 SERVE_KINDS = ["kill_expert_server", "kill_router"]
 
 
-def schedule(rng: random.Random, store: str, span: float, n: int, disk_ok: bool) -> list[Fault]:
+def schedule(
+    rng: random.Random, store: str, span: float, n: int, disk_ok: bool, only: list[str] | None = None
+) -> list[Fault]:
     """``n`` pipeline faults at random moments in the first ``span`` seconds; every kind of the store once
     before any repeats, in a random order."""
-    kinds = ["kill_coordinator", "kill_trainer"] + (
+    kinds = ["kill_coordinator", "kill_coordinator_at_launch", "kill_trainer"] + (
         ["s3_drop", "s3_stall"] if store == "s3" else ["disk_full"] if disk_ok else []
     )
+    kinds = [k for k in kinds if not only or k in only]
     picks: list[str] = []
-    while len(picks) < n:
+    while kinds and len(picks) < n:
         picks += rng.sample(kinds, len(kinds))
     picks = picks[:n]
     moments = sorted(rng.uniform(0.1 * span, 0.9 * span) for _ in picks)
@@ -792,7 +813,9 @@ def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], span: float
     else:
         root = str(disk / f"run-{seed}") if disk else str(work / f"local-{seed}")
     run = Run(seed, store, root)
-    run.faults = schedule(rng, store, span, args.faults, disk is not None)  # span: of the side-by-side runs
+    run.faults = schedule(
+        rng, store, span, args.faults, disk is not None, args.kinds
+    )  # span: of the side-by-side runs
     say(f"seed {seed} {store}: {root}; faults " + ", ".join(f"{f.kind}@{f.at:.1f}s" for f in run.faults))
     env = child_env(tag, extra)
     start = time.monotonic()
@@ -843,6 +866,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--serve-stores",
         help="stores whose finished run is served under faults (default: local with --quick, else local,s3)",
+    )
+    p.add_argument(
+        "--kinds",
+        type=lambda v: v.split(","),
+        help="only these pipeline fault kinds (comma-separated; default all)",
     )
     p.add_argument("--work", help="working directory (default: a fresh temporary one, removed at the end)")
     p.add_argument(
