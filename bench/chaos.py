@@ -161,14 +161,13 @@ def marked(tag: str) -> dict[int, str]:
     return out
 
 
+def parent(pid: int) -> int:
+    stat = _read(f"/proc/{pid}/stat")
+    return int(stat.rsplit(b")", 1)[1].split()[1]) if stat else 0
+
+
 def children(pid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = _read(f"/proc/{name}/stat")
-            if stat and int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
-                out.append(int(name))
-    return out
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and parent(int(name)) == pid]
 
 
 def job_of(cmdline: str) -> str | None:
@@ -415,12 +414,15 @@ class Chaos(threading.Thread):
                 return
 
     def _trainers(self) -> dict[int, str]:
-        """pid -> job of every trainer process of the run (the trainer itself, not a torchrun)."""
-        return {
+        """pid -> job of every trainer process of the run: the trainer itself, not a torchrun, nor a child
+        it is forking (``git rev-parse`` for the checkpoint metadata shows the trainer's command line
+        between fork and exec)."""
+        found = {
             pid: job_of(cmd)
             for pid, cmd in marked(self.tag).items()
             if job_of(cmd) and " -m ddm." in f" {cmd}"
         }
+        return {pid: job for pid, job in found.items() if parent(pid) not in found}
 
     def _fire(self, fault: Fault) -> bool:
         if fault.kind == "kill_coordinator":
