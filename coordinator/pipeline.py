@@ -93,6 +93,13 @@ def expert_is_complete(cfg: RunConfig, name: str) -> bool:
     return trained_to(expert_output(cfg, name), cfg.experts.train.steps)
 
 
+def router_is_complete(cfg: RunConfig) -> bool:
+    """Trained to the end and its final accuracy-vs-t written: the job writes that after its last
+    checkpoint, so a router killed in between is not complete (its rerun only evaluates)."""
+    out = router_output(cfg)
+    return trained_to(out, cfg.router.train.steps) and storage.exists(storage.join(out, "accuracy_vs_t.json"))
+
+
 @dataclass
 class Pipeline:
     cfg: RunConfig
@@ -297,9 +304,8 @@ class Pipeline:
         island = self.cfg.router.island or self.islands.default
         if island not in self.islands.island:
             raise ValueError(f"router.island {island!r} is not defined in the islands file")
-        steps = self.cfg.router.train.steps
         return [self._job("router", self.router_job(), router_output(self.cfg), island, components.trainer,
-                          lambda: trained_to(router_output(self.cfg), steps))]  # fmt: skip
+                          lambda: router_is_complete(self.cfg))]  # fmt: skip
 
     def router_job(self) -> Any:
         from ddm.router.config import RouterDataConfig, RouterJobConfig
