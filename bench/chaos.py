@@ -372,6 +372,7 @@ class Run:
     seconds: float = 0.0
     job_attempts: dict[str, list[str]] = field(default_factory=dict)
     duplicates: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
     errors_seen: dict[str, int] = field(default_factory=dict)
 
 
@@ -632,6 +633,12 @@ def partial_files(root: str, moto: Moto | None) -> list[str]:
     return bad
 
 
+def files(root: str, moto: Moto | None) -> set[str]:
+    """Every file under the root, relative, but the jobs' logs."""
+    fs, base = filesystem(root, moto)
+    return {p[len(base) + 1 :] for p in fs.find(base) if not p[len(base) + 1 :].startswith("logs/")}
+
+
 def orphans(tag: str, grace: float = 10.0) -> dict[int, str]:
     """Processes of the run still alive ``grace`` seconds after it ended (then killed, by pid)."""
     deadline = time.monotonic() + grace
@@ -797,7 +804,7 @@ def write_config(work: Path, seed: int) -> Path:
     return cfg
 
 
-def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], span: float, args, work: Path,
+def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], ref_files: set[str], span: float, args, work: Path,
               moto: Moto | None, disk: Path | None, serve_kinds: list[str]) -> Run:  # fmt: skip
     rng = random.Random(f"{seed}-{store}")
     tag = f"{seed}-{store}-{uuid.uuid4().hex[:6]}"
@@ -842,6 +849,7 @@ def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], span: float
     run.manifest_problems, run.job_attempts = manifest_problems(root, moto)
     run.manifest_ok = not run.manifest_problems
     run.partial = partial_files(root, moto)
+    run.missing = sorted(ref_files - files(root, moto))  # e.g. a report the killed job never wrote
     if serve_kinds:
         serve_env = {**env, "AWS_ENDPOINT_URL_S3": moto.endpoint} if store == "s3" else env
         serve_faults(run, rng, serve_env, work, serve_kinds)
@@ -850,7 +858,7 @@ def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], span: float
     say(f"  seed {seed} {store}: {run.seconds} s, ddm run exits {run.coordinator_rcs}, attempts {run.job_attempts}, "
         f"errors in logs {run.errors_seen}, jobs run twice at once {run.duplicates}, "
         f"identical {run.identical} ({len(ref)} tensors){'' if run.identical else ' MISMATCH ' + str(run.mismatched[:5])}, "
-        f"manifest {'ok' if run.manifest_ok else run.manifest_problems}, partial {run.partial}, orphans {list(run.orphans.values())}, "
+        f"manifest {'ok' if run.manifest_ok else run.manifest_problems}, partial {run.partial}, missing {run.missing}, orphans {list(run.orphans.values())}, "
         f"requests {run.requests}, lost {run.lost}, sampling identical {run.sampling_identical}")  # fmt: skip
     return run
 
@@ -916,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
             ddm_run(cfg, str(work / f"ref-{seed}"), child_env(tag), work / f"ref-{seed}.log", [])
             span = (time.monotonic() - start) * (1 + 0.5 * (len(stores) - 1))  # the chaos runs share the CPUs
             ref = weights(str(work / f"ref-{seed}"), None)
+            ref_files = files(str(work / f"ref-{seed}"), None)
             ref_orphans = orphans(tag)
             say(
                 f"seed {seed} reference: {span:.0f} s, {len(ref)} tensors, orphans {list(ref_orphans.values())}"
@@ -926,10 +935,11 @@ def main(argv: list[str] | None = None) -> int:
             # The stores' chaos runs are independent (own root, tag, schedule): run them side by side.
             results: dict[str, Run | BaseException] = {}
 
-            def one(store: str, cfg=cfg, ref=ref, span=span, seed=seed, results=results, serve=serve) -> None:
+            def one(store: str, cfg=cfg, ref=ref, span=span, seed=seed, results=results, serve=serve,
+                    ref_files=ref_files) -> None:  # fmt: skip
                 try:
                     results[store] = chaos_run(
-                        seed, store, cfg, ref, span, args, work, moto, disk, serve[store]
+                        seed, store, cfg, ref, ref_files, span, args, work, moto, disk, serve[store]
                     )
                 except BaseException as e:  # noqa: BLE001  # reported below, after the other store finished
                     results[store] = e
@@ -967,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs_identical": sum(r.identical for r in runs),
         "manifests_consistent": sum(r.manifest_ok for r in runs),
         "partial_files": sum(len(r.partial) for r in runs),
+        "missing_files": sum(len(r.missing) for r in runs),
         "jobs_run_twice": sum(len(r.duplicates) for r in runs),
         "orphans": sum(len(r.orphans) for r in runs),
         "lost_requests": sum(len(r.lost) for r in runs),
@@ -979,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary), flush=True)
     ok = (summary["runs_identical"] == summary["manifests_consistent"] == len(runs)
-          and not (summary["partial_files"] or summary["orphans"] or summary["lost_requests"] or summary["jobs_run_twice"])
+          and not (summary["partial_files"] or summary["orphans"] or summary["lost_requests"] or summary["jobs_run_twice"] or summary["missing_files"])
           and summary["sampling_identical"])  # fmt: skip
     return 0 if ok else 1
 

@@ -34,7 +34,7 @@ def test_chaos_quick_converges_to_the_fault_free_run(tmp_path: Path) -> None:
     assert out["runs"] == 2 and out["runs_identical"] == out["runs"], report
     assert out["manifests_consistent"] == out["runs"], report
     assert out["partial_files"] == 0 and out["orphans"] == 0 and out["lost_requests"] == 0, report
-    assert out["jobs_run_twice"] == 0 and out["sampling_identical"], report
+    assert out["jobs_run_twice"] == 0 and out["missing_files"] == 0 and out["sampling_identical"], report
     assert out["faults_injected"] >= 4, report  # the late ones may find the run already done
     assert {"kill_expert_server", "kill_router"} <= out["faults"].keys(), report
     assert out["requests"].get("OK", 0) > 0, report
