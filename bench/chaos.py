@@ -854,6 +854,8 @@ def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], ref_files: 
         serve_env = {**env, "AWS_ENDPOINT_URL_S3": moto.endpoint} if store == "s3" else env
         serve_faults(run, rng, serve_env, work, serve_kinds)
     run.orphans = orphans(tag)
+    if store == "local" and disk:  # the next seed needs the tmpfs's room (a run takes ~170 MB of 400)
+        shutil.rmtree(root, ignore_errors=True)
     run.seconds = round(time.monotonic() - start, 1)
     say(f"  seed {seed} {store}: {run.seconds} s, ddm run exits {run.coordinator_rcs}, attempts {run.job_attempts}, "
         f"errors in logs {run.errors_seen}, jobs run twice at once {run.duplicates}, "
