@@ -639,8 +639,9 @@ def files(root: str, moto: Moto | None) -> set[str]:
     return {p[len(base) + 1 :] for p in fs.find(base) if not p[len(base) + 1 :].startswith("logs/")}
 
 
-def orphans(tag: str, grace: float = 10.0) -> dict[int, str]:
-    """Processes of the run still alive ``grace`` seconds after it ended (then killed, by pid)."""
+def orphans(tag: str, grace: float = 30.0) -> dict[int, str]:
+    """Processes of the run still alive ``grace`` seconds after it ended (then killed, by pid). 30 s:
+    ``ddm serve run`` gives running calls 10 s (``--grace``) and then waits up to 10 s more per expert."""
     deadline = time.monotonic() + grace
     while (left := marked(tag)) and time.monotonic() < deadline:
         time.sleep(0.2)
