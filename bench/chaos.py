@@ -805,7 +805,39 @@ def write_config(work: Path, seed: int) -> Path:
     return cfg
 
 
-def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], ref_files: set[str], span: float, args, work: Path,
+class Reference(threading.Thread):
+    """The fault-free run of a seed, side by side with its chaos runs (only their checks wait for it)."""
+
+    def __init__(self, cfg: Path, seed: int, work: Path):
+        super().__init__(daemon=True)
+        self.cfg, self.seed, self.work = cfg, seed, work
+        self.result: tuple[dict[str, str], set[str]] | BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            root, tag, start = (
+                str(self.work / f"ref-{self.seed}"),
+                f"{self.seed}-ref-{uuid.uuid4().hex[:6]}",
+                time.monotonic(),
+            )
+            ddm_run(self.cfg, root, child_env(tag), self.work / f"ref-{self.seed}.log", [])
+            self.result = (weights(root, None), files(root, None))
+            left = orphans(tag)
+            say(
+                f"seed {self.seed} reference: {time.monotonic() - start:.0f} s, {len(self.result[0])} tensors, orphans {list(left.values())}"
+            )
+        except BaseException as e:  # noqa: BLE001 - raised by get()
+            self.result = e
+
+    def get(self) -> tuple[dict[str, str], set[str]]:
+        self.join()
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+def chaos_run(seed: int, store: str, cfg: Path, reference: Reference, span: float, args, work: Path,
               moto: Moto | None, disk: Path | None, serve_kinds: list[str]) -> Run:  # fmt: skip
     rng = random.Random(f"{seed}-{store}")
     tag = f"{seed}-{store}-{uuid.uuid4().hex[:6]}"
@@ -845,6 +877,7 @@ def chaos_run(seed: int, store: str, cfg: Path, ref: dict[str, str], ref_files: 
     if store == "s3":
         proxy.set_mode("pass")
     got = weights(root, moto)
+    ref, ref_files = reference.get()
     run.mismatched = sorted(k for k in ref.keys() | got.keys() if ref.get(k) != got.get(k))
     run.identical = not run.mismatched
     run.manifest_problems, run.job_attempts = manifest_problems(root, moto)
@@ -885,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: v.split(","),
         help="only these pipeline fault kinds (comma-separated; default all)",
     )
+    p.add_argument("--span", type=float, default=80.0,
+                   help="pipeline faults fall in [0.1, 0.9] x this many seconds of a chaos run (default 80)")  # fmt: skip
     p.add_argument("--work", help="working directory (default: a fresh temporary one, removed at the end)")
     p.add_argument(
         "--no-namespace", action="store_true", help="do not enter a mount namespace (no disk_full)"
@@ -922,27 +957,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:
             cfg = write_config(work, seed)
-            tag = f"{seed}-ref-{uuid.uuid4().hex[:6]}"
-            start = time.monotonic()
-            ddm_run(cfg, str(work / f"ref-{seed}"), child_env(tag), work / f"ref-{seed}.log", [])
-            span = (time.monotonic() - start) * (1 + 0.5 * (len(stores) - 1))  # the chaos runs share the CPUs
-            ref = weights(str(work / f"ref-{seed}"), None)
-            ref_files = files(str(work / f"ref-{seed}"), None)
-            ref_orphans = orphans(tag)
-            say(
-                f"seed {seed} reference: {span:.0f} s, {len(ref)} tensors, orphans {list(ref_orphans.values())}"
-            )
+            reference = Reference(cfg, seed, work)  # its time is not measured: faults fall in --span
+            span = args.span
             # Serving faults: both kinds, in an order drawn from the seed, on every served store.
             kinds = random.Random(f"{seed}-serve").sample(SERVE_KINDS, 2)
             serve = {s: kinds if s in serve_stores else [] for s in stores}
             # The stores' chaos runs are independent (own root, tag, schedule): run them side by side.
             results: dict[str, Run | BaseException] = {}
 
-            def one(store: str, cfg=cfg, ref=ref, span=span, seed=seed, results=results, serve=serve,
-                    ref_files=ref_files) -> None:  # fmt: skip
+            def one(store: str, cfg=cfg, reference=reference, span=span, seed=seed, results=results,
+                    serve=serve) -> None:  # fmt: skip
                 try:
                     results[store] = chaos_run(
-                        seed, store, cfg, ref, ref_files, span, args, work, moto, disk, serve[store]
+                        seed, store, cfg, reference, span, args, work, moto, disk, serve[store]
                     )
                 except BaseException as e:  # noqa: BLE001  # reported below, after the other store finished
                     results[store] = e
