@@ -78,9 +78,20 @@ class Launcher:
             cfg.setdefault("log_dir", self.log_dir)
         record = self.manifest.job(job.name)
         attempt = len(record["attempts"]) + 1
-        handle = self.runner.run(job.app, scheduler=scheduler_key(job.island, island), cfg=cfg)
-        record["attempts"].append({"handle": handle, "island": job.island, "submitted_at": time.time(), "state": SUBMITTED})
-        self.manifest.update_job(job.name, state=SUBMITTED, island=job.island, handle=handle, attempt=attempt)
+        # Write-ahead: the attempt is on the record before its process exists, so a coordinator killed
+        # inside runner.run leaves a SUBMITTED attempt (no handle) that the next one waits for
+        # (``_observe``), instead of no record and a second copy of the job.
+        entry = {"handle": None, "island": job.island, "submitted_at": time.time(), "state": SUBMITTED}
+        record["attempts"].append(entry)
+        self.manifest.update_job(job.name, state=SUBMITTED, island=job.island, handle=None, attempt=attempt)
+        try:
+            handle = self.runner.run(job.app, scheduler=scheduler_key(job.island, island), cfg=cfg)
+        except Exception as e:  # recorded, then raised as before: the attempt did not start
+            entry.update(state=JOB_FAILED, error=f"could not submit: {e}", ended_at=time.time())
+            self.manifest.update_job(job.name, state=JOB_FAILED, error=entry["error"])
+            raise
+        entry["handle"] = handle
+        self.manifest.update_job(job.name, handle=handle)
         log.info("submitted %s (attempt %d/%d) on %s: %s", job.name, attempt, self.max_attempts, job.island, handle)
 
     def _observe(self, job: JobSpec) -> str:
@@ -111,11 +122,21 @@ class Launcher:
         # The scheduler does not know the job (e.g. the coordinator restarted): trust the heartbeat.
         if job.is_complete():
             return SUCCEEDED
-        if heartbeat.is_alive(heartbeat.read(job.output), self.lease_seconds):
+        beat = heartbeat.read(job.output)
+        if heartbeat.is_alive(beat, self.lease_seconds):
             if job.name not in self._adopted:
                 log.info("adopted %s: still running from an earlier coordinator (heartbeat is fresh)", job.name)
                 self._adopted.add(job.name)
             return "RUNNING"
+        # Submitted by an earlier coordinator and not beating yet: a trainer's first heartbeat comes after
+        # its interpreter, data and model are up, seconds after its launch. Until lease_seconds after the
+        # submission, it is starting, not lost (relaunching it would run the job twice at once).
+        submitted = float((record["attempts"][-1].get("submitted_at") if record["attempts"] else None) or 0.0)
+        if time.time() - submitted < self.lease_seconds and float((beat or {}).get("time", 0)) < submitted:
+            if job.name not in self._adopted:
+                log.info("adopted %s: submitted %.0f s ago, not beating yet (starting)", job.name, time.time() - submitted)
+                self._adopted.add(job.name)
+            return "PENDING"
         return "LOST"
 
     def _error_text(self, handle: str, status: specs.AppStatus) -> str:

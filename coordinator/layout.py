@@ -70,3 +70,10 @@ def trained_to(output: str, steps: int) -> bool:
 
 def expert_is_complete(cfg: Any, name: str) -> bool:
     return trained_to(expert_output(cfg, name), cfg.experts.train.steps)
+
+
+def router_is_complete(cfg: Any) -> bool:
+    """Trained to the end and its final accuracy-vs-t written: the job writes that after its last
+    checkpoint, so a router killed in between is not complete (its rerun only evaluates)."""
+    out = router_output(cfg)
+    return trained_to(out, cfg.router.train.steps) and storage.exists(storage.join(out, "accuracy_vs_t.json"))

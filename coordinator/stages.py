@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddm.coordinator.layout import expert_is_complete, expert_names, expert_output, router_output, trained_to
+from ddm.coordinator.layout import expert_is_complete, expert_names, expert_output, router_is_complete, router_output
 from ddm.core import storage
 
 
@@ -222,9 +222,8 @@ class Router(Stage):
         island = ctx.cfg.router.island or ctx.islands.default
         if island not in ctx.islands.island:
             raise ValueError(f"router.island {island!r} is not defined in the islands file")
-        steps = ctx.cfg.router.train.steps
         output = router_output(ctx.cfg)
-        return [ctx.job("router", self.router_job(ctx.cfg), output, island, components.trainer, lambda: trained_to(output, steps))]
+        return [ctx.job("router", self.router_job(ctx.cfg), output, island, components.trainer, lambda: router_is_complete(ctx.cfg))]
 
     def run(self, ctx: Any) -> dict[str, Any]:
         ctx.launch(self.jobs(ctx), ctx.cfg.experts.max_attempts)

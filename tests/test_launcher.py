@@ -137,6 +137,68 @@ def test_dead_job_with_stale_heartbeat_is_relaunched(tmp_path, outdirs):
     assert "lost" in saved["attempts"][0]["error"]
 
 
+SLOW_START = (  # a trainer whose interpreter, data and model take a while: first heartbeat after 2 s
+    "import json, os, socket, time\n"
+    "out = os.environ['OUT']\n"
+    "time.sleep(2.0)\n"
+    "for step in range(4):\n"
+    "    json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'step': step, 'steps': 4,\n"
+    "               'time': time.time(), 'state': 'running'}, open(out + '/heartbeat.json.tmp', 'w'))\n"
+    "    os.replace(out + '/heartbeat.json.tmp', out + '/heartbeat.json')\n"
+    "    time.sleep(0.25)\n"
+    "open(out + '/runs', 'a').write('x')\n"
+    "open(out + '/done', 'w').write('ok')\n"
+)
+
+
+@pytest.mark.parametrize("handle", ["local_cwd://ddm-old/starting-1", None], ids=["recorded", "write-ahead"])
+def test_a_job_still_starting_when_its_coordinator_died_is_waited_for_not_run_twice(tmp_path, outdirs, handle):
+    """The coordinator was SIGKILLed just after launching a job (found by bench/chaos.py): the job's
+    process lives on but has not written a heartbeat yet. The rerun must wait for it, not launch a
+    second copy. ``None``: killed inside runner.run, so only the write-ahead attempt is on the record."""
+    out = outdirs("starting")
+    orphan = subprocess.Popen([sys.executable, "-c", SLOW_START], env={**os.environ, "OUT": out}, start_new_session=True)
+    try:
+        manifest = Manifest.open(str(tmp_path), {"name": "t"})
+        manifest.update_job("starting", state="SUBMITTED", island="local", handle=handle,
+                            attempts=[{"handle": handle, "state": "SUBMITTED", "submitted_at": time.time()}])  # fmt: skip
+        with get_runner() as runner:
+            # A relaunch would run BROKEN, and the orphan would finish the job on a second attempt.
+            outcomes = launcher(tmp_path, runner).run([script_job("starting", out, BROKEN)])
+        assert outcomes["starting"].state == "SUCCEEDED" and outcomes["starting"].attempts == 1
+        saved = json.loads((tmp_path / "manifest.json").read_text())["jobs"]["starting"]
+        assert [a["state"] for a in saved["attempts"]] == ["SUCCEEDED"]
+    finally:
+        orphan.wait(timeout=20)
+    with open(os.path.join(out, "runs")) as f:
+        assert f.read() == "x"  # the job's process ran once
+
+
+def test_an_attempt_is_on_the_record_before_its_process_starts(tmp_path, outdirs):
+    """Write-ahead: while runner.run starts the process, the stored manifest already holds the attempt
+    (SUBMITTED, no handle yet), so a coordinator killed there leaves a record the next one waits on."""
+    seen = []
+
+    class Watching:
+        def __init__(self, runner):
+            self.runner = runner
+
+        def run(self, *args, **kwargs):
+            seen.append(json.loads((tmp_path / "manifest.json").read_text())["jobs"]["ok"])
+            return self.runner.run(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.runner, name)
+
+    with get_runner() as runner:
+        outcomes = launcher(tmp_path, Watching(runner)).run([script_job("ok", outdirs("ok"), SUCCEED)])
+    assert outcomes["ok"].state == "SUCCEEDED" and outcomes["ok"].attempts == 1
+    assert [(a["state"], a["handle"]) for a in seen[0]["attempts"]] == [("SUBMITTED", None)]
+    assert seen[0]["state"] == "SUBMITTED" and seen[0]["attempts"][0]["submitted_at"] > 0
+    saved = json.loads((tmp_path / "manifest.json").read_text())["jobs"]["ok"]
+    assert saved["attempts"][0]["handle"].startswith("local") and saved["handle"] == saved["attempts"][0]["handle"]
+
+
 def test_manifest_refuses_a_different_config(tmp_path):
     """Once a stage finished under a config (before that, a new config takes the root: test_stages.py)."""
     Manifest.open(str(tmp_path), {"name": "t", "partition": {"k": 4}}).set_stage("curate", "done")

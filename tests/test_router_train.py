@@ -293,6 +293,27 @@ def test_entry_point_trains_and_reports(
     assert not (tmp_path / "ignored").exists()
 
 
+def test_a_router_killed_before_its_final_evaluation_is_not_complete_and_its_rerun_evaluates(
+    small_root: Path, tmp_path: Path
+) -> None:
+    """Found by bench/chaos.py: a router trainer SIGKILLed after its last checkpoint but before it wrote
+    accuracy_vs_t.json counted as complete, so the run finished without the report. Completeness now
+    needs the report; the job's rerun only evaluates (finished_before)."""
+    from ddm.coordinator.config import load_run_config
+    from ddm.coordinator.layout import router_is_complete
+
+    cfg = load_run_config(None, {"root": str(tmp_path / "run"), "router.train.steps": 2})
+    out = tmp_path / "run" / "router"
+    path = tmp_path / "job.toml"
+    path.write_text(toml(job(small_root, out, steps=2)))
+    assert main(["--config", str(path), "--no-progress"]) == EXIT_OK
+    assert router_is_complete(cfg)
+    (out / "accuracy_vs_t.json").unlink()  # as if killed between the checkpoint and the report
+    assert checkpoint.load(str(out / "checkpoints")).step == 2 and not router_is_complete(cfg)
+    assert main(["--config", str(path), "--no-progress"]) == EXIT_OK
+    assert router_is_complete(cfg) and checkpoint.load(str(out / "checkpoints")).step == 2
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
