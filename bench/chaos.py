@@ -715,6 +715,7 @@ def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: lis
     restarts ``ddm serve run`` after each fault. Fills ``run.requests``, ``run.lost``, ``run.faults``."""
     import grpc
     import torch
+
     from ddm.router.client import RouterClient
 
     torch.set_num_threads(1)

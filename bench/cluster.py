@@ -25,7 +25,6 @@ scikit-learn is needed for the comparison only: ``pip install scikit-learn``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys

@@ -72,7 +72,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                    log_every=1000, num_threads=spec["threads"], precision="fp32", loader_workers=spec["workers"]),
     ))  # fmt: skip
     stamps: dict[int, float] = {}
-    result = expert_trainer.train(job, progress=False, on_step=lambda s: stamps.__setitem__(s, time.perf_counter()))
+    result = expert_trainer.train(
+        job, progress=False, on_step=lambda s: stamps.__setitem__(s, time.perf_counter())
+    )
     k = spec["steps"]
     train_ips = (k - 2) * spec["batch_size"] / (stamps[k - 1] - stamps[1])
 
@@ -109,8 +111,12 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 2,000 at 64x64, 6 steps (about a minute on two free cores)")
-    parser.add_argument("--n", type=int, default=None, help="images in the small partition (the large has 10x)")
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 2,000 at 64x64, 6 steps (about a minute on two free cores)"
+    )
+    parser.add_argument(
+        "--n", type=int, default=None, help="images in the small partition (the large has 10x)"
+    )
     parser.add_argument("--size", type=int, default=64, help="image side (RGB)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per job (>= 4)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -174,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "small_in_memory" in figures:
         a, b = figures["small_in_memory"]["rss_mb"], figures["large_in_memory"]["rss_mb"]
-        out.update(rss_mb_small_in_memory=round(a, 1), rss_mb_large_in_memory=round(b, 1), rss_ratio_in_memory=round(b / a, 3))
+        out.update(
+            rss_mb_small_in_memory=round(a, 1),
+            rss_mb_large_in_memory=round(b, 1),
+            rss_ratio_in_memory=round(b / a, 3),
+        )
     out["targets"] = {"rss_ratio": "<= 1.2", "loader_headroom": ">= 2"}
     out["seconds"] = round(time.perf_counter() - t_start, 1)
-    print(f"rss_ratio {out['rss_ratio']} (target <= 1.2), loader_headroom {out['loader_headroom']} (target >= 2)")
+    print(
+        f"rss_ratio {out['rss_ratio']} (target <= 1.2), loader_headroom {out['loader_headroom']} (target >= 2)"
+    )
     print(json.dumps(out))
     return 0
 

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default="runs/demo", help="finished experts-mode run root (default runs/demo)")
     p.add_argument("--student", help="student checkpoint (default: RUN/distill/checkpoints)")
     p.add_argument("--quick", action="store_true", help="two rows (ensemble 32, student 4) at 250 samples")
-    p.add_argument("--num-samples", type=int, help="images per row (default: 250 quick, else the run's eval.num_samples)")
+    p.add_argument(
+        "--num-samples", type=int, help="images per row (default: 250 quick, else the run's eval.num_samples)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", help="output folder (default: runs/bench-distill/RUN_NAME)")
     from ddm.core.device import add_argument as add_device_argument
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+
     from ddm.coordinator.config import RunConfig
     from ddm.coordinator.distill_stage import distill_table, markdown_table, student_checkpoint
     from ddm.coordinator.eval_stage import eval_context, load_experts
@@ -50,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Manifest.load(args.run)
     cfg = RunConfig.model_validate({**manifest.data["config"], "root": args.run})
     if cfg.mode != "experts":
-        print(f"bench/distill.py: {args.run} is a {cfg.mode} run; distillation needs an experts run", file=sys.stderr)
+        print(
+            f"bench/distill.py: {args.run} is a {cfg.mode} run; distillation needs an experts run",
+            file=sys.stderr,
+        )
         return 2
     student = args.student or student_checkpoint(args.run)
     router = checkpoint.latest(storage.join(router_output(cfg), "checkpoints"))
@@ -63,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join("runs", "bench-distill", cfg.name + ("-quick" if args.quick else ""))
     started = time.perf_counter()
     table = distill_table(
-        experts=load_experts({n: expert_output(cfg, n) for n in expert_names(cfg)}, placement, purpose="bench"),
+        experts=load_experts(
+            {n: expert_output(cfg, n) for n in expert_names(cfg)}, placement, purpose="bench"
+        ),
         router_url=router,
         student_url=student,
         context=context,

@@ -211,7 +211,7 @@ def train_throughput(
     elapsed = time.perf_counter() - start
     flops = 3 * net.flops_per_image()
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    del net, opt, step_fn
+    net = opt = step_fn = None  # free the GPU memory before empty_cache (the closure holds them too)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=None, help="timed training steps per model (default 30, 10 with --quick)"
     )
     parser.add_argument(
-        "--workdir", default=None, help="keep the pipeline's run root and logs here (default: a temporary one)"
+        "--workdir",
+        default=None,
+        help="keep the pipeline's run root and logs here (default: a temporary one)",
     )
     parser.add_argument(
         "--budget-s", type=float, default=420,
@@ -418,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         device = policy.resolve("cuda")
         policy.configure(device)
         name = torch.cuda.get_device_name(device)
-        say(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {policy.describe(device)}, ddm {ddm_source}")
+        say(
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}, {policy.describe(device)}, ddm {ddm_source}"
+        )
 
         peak = mm_flops("bfloat16")
         say(f"torch.mm 8192^2 bf16: {peak / 1e12:.1f} TFLOP/s (the MFU denominator)")
@@ -448,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             except StepFailed as e:
                 say(f"pipeline: FAILED at {e.step}\n{e.detail}")
                 out.update(pipeline_ok=False, pipeline_error=f"{e.step}: {e.detail.splitlines()[0]}")
-        out["pipeline_note"] = "every stage, the expert servers and the router on cuda (run config device, train.device, --device)"
+        out["pipeline_note"] = (
+            "every stage, the expert servers and the router on cuda (run config device, train.device, --device)"
+        )
 
         head = models.get("DiT-B/2", {})
         out.update(

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import grpc
 import torch
+
 from ddm.coordinator.stack import SERVE, ServerProcess, start_all
 from ddm.core import checkpoint
 from ddm.expert.model import DiT, DiTConfig
@@ -105,7 +106,9 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def server(name: str, args: list[str], log: Path) -> ServerProcess:
     """A ``ddm serve ...`` process with one torch thread, its stderr in ``log``."""
-    return ServerProcess(name, [*SERVE, *args, "--host", "127.0.0.1", "--threads", "1"], env=ONE_THREAD, log=log)
+    return ServerProcess(
+        name, [*SERVE, *args, "--host", "127.0.0.1", "--threads", "1"], env=ONE_THREAD, log=log
+    )
 
 
 def free_ports(n: int) -> list[int]:
@@ -203,8 +206,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2, help="images per request (default 2)")
     p.add_argument("--steps", type=int, default=4, help="sampler steps per request (default 4)")
     p.add_argument("--timeout", type=float, default=30.0, help="client deadline per call, s (default 30)")
-    p.add_argument("--soak", action="store_true", help="long mode: `ddm serve run`, experts SIGKILLed during the load")
-    p.add_argument("--restart-every", type=float, default=20.0, help="soak: seconds between expert kills (default 20)")
+    p.add_argument(
+        "--soak", action="store_true", help="long mode: `ddm serve run`, experts SIGKILLed during the load"
+    )
+    p.add_argument(
+        "--restart-every", type=float, default=20.0, help="soak: seconds between expert kills (default 20)"
+    )
     p.add_argument("--keep-log", metavar="FILE", help="soak: copy the ddm serve run log here at the end")
     args = p.parse_args()
     if args.quick and args.soak:
@@ -388,7 +395,11 @@ def soak(args: argparse.Namespace) -> None:
             run_load(address, args, args.warmup, None)
             rss_router_warm = stack.rss_mb()
             rss_warm = rss_router_warm + sum(rss_mb(pid) for pid in stack_pids(log).values())
-            tally, chaos, health = Tally(), Chaos(address, log, sorted(pids), args.restart_every), HealthWatch(address)
+            tally, chaos, health = (
+                Tally(),
+                Chaos(address, log, sorted(pids), args.restart_every),
+                HealthWatch(address),
+            )
             chaos.thread.start()
             health.thread.start()
             t0 = time.perf_counter()
@@ -404,7 +415,9 @@ def soak(args: argparse.Namespace) -> None:
             alive = stack.alive and all(Path(f"/proc/{pid}").exists() for pid in pids.values())
             text = log.read_text()
             exits: dict[str, int] = {}
-            for status in re.findall(r"expert \S+ \(pid \d+, \S+\) (.+?); restarting it on the same port", text):
+            for status in re.findall(
+                r"expert \S+ \(pid \d+, \S+\) (.+?); restarting it on the same port", text
+            ):
                 exits[status] = exits.get(status, 0) + 1
             restart_failures = re.findall(r"expert \S+ restart \d+ failed: .*", text)
         finally:

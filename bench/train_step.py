@@ -42,10 +42,10 @@ from typing import Any
 
 import torch
 
-from ddm.expert import flow
-from ddm.expert.config import ExpertJobConfig
 from ddm.core.device import autocast
 from ddm.core.trainer import build_optimizer
+from ddm.expert import flow
+from ddm.expert.config import ExpertJobConfig
 from ddm.expert.trainer import build_model, model_config, train
 from ddm.router.config import RouterJobConfig
 from ddm.router.distill_config import DistillJobConfig
@@ -145,7 +145,9 @@ class BareStudent:
         self.y = torch.randint(0, cfg.num_classes, (b,), generator=g)
         self.w = 1 + 4 * torch.rand(b, generator=g)
         self.d = torch.cat([torch.zeros(self.n_flow), torch.full((self.n_boot,), 0.5)])
-        self.weights = partition_weights(torch.randint(0, len(self.experts), (self.n_flow,), generator=g), len(self.experts))
+        self.weights = partition_weights(
+            torch.randint(0, len(self.experts), (self.n_flow,), generator=g), len(self.experts)
+        )
         self.min_step = job.shortcut.min_step
 
     def step(self) -> None:
@@ -154,7 +156,9 @@ class BareStudent:
         f, b = slice(0, self.n_flow), slice(self.n_flow, None)
         student = lambda x, t, y, w, d: self.model(x, t, y, w=w, d=d).float()  # noqa: E731
         target = teacher_velocity(self.experts, self.x_t[f], self.t[f], self.y[f], self.weights, self.w[f])
-        boot = shortcut_target(student, self.x_t[b], self.t[b], self.y[b], self.w[b], self.d[b], self.min_step)
+        boot = shortcut_target(
+            student, self.x_t[b], self.t[b], self.y[b], self.w[b], self.d[b], self.min_step
+        )
         v_pred = student(self.x_t, self.t, self.y, self.w, self.d)
         loss = torch.mean((v_pred - torch.cat([target, boot])) ** 2)
         self.optimizer.zero_grad(set_to_none=True)
@@ -163,7 +167,11 @@ class BareStudent:
 
 
 def interleaved(
-    run: Callable[[Callable[[int], None]], Any], bare: Any, steps: int, warmup: int, probe: MatmulProbe,
+    run: Callable[[Callable[[int], None]], Any],
+    bare: Any,
+    steps: int,
+    warmup: int,
+    probe: MatmulProbe,
     flops_per_step: float,
 ) -> dict[str, Any]:
     """Run a trainer (``run(on_step)``) for ``steps`` steps; after each, one bare step and one matmul probe."""
@@ -217,7 +225,9 @@ def write_partitions(root: str, n: int) -> tuple[int, int, int]:
     return ds.image_shape
 
 
-def router_and_student(tmp: str, args: argparse.Namespace, steps: int, warmup: int, probe: MatmulProbe) -> dict[str, Any]:
+def router_and_student(
+    tmp: str, args: argparse.Namespace, steps: int, warmup: int, probe: MatmulProbe
+) -> dict[str, Any]:
     """overhead_ratio_router and overhead_ratio_student on two Fashion-MNIST partitions (fp32)."""
     from ddm.router.distill import train as train_student
     from ddm.router.trainer import train as train_router
@@ -302,7 +312,9 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.arch}, batch {args.batch_size}"
     )
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    probes = {p: MatmulProbe(dtypes[p]) for p in {"fp32", *args.precisions.split(",")}}  # fp32: router, student
+    probes = {
+        p: MatmulProbe(dtypes[p]) for p in {"fp32", *args.precisions.split(",")}
+    }  # fp32: router, student
     rates = ", ".join(f"{p} {probe.sustained() / 1e9:.1f} GFLOP/s" for p, probe in probes.items())
     print(f"torch.mm 1024^2 before training: {rates}")
 

@@ -13,12 +13,27 @@ from ddm.core.placement import add_override_argument
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="run root whose partition stage is done (local path or s3://...)")
-    p.add_argument("--source", choices=["fashion-mnist", "image-folder", "shards"], default="image-folder", help="kind of the new data")
-    p.add_argument("--path", required=True, help="the new data: an image folder (one sub-folder per class), Fashion-MNIST directory or shards")
+    p.add_argument(
+        "--source",
+        choices=["fashion-mnist", "image-folder", "shards"],
+        default="image-folder",
+        help="kind of the new data",
+    )
+    p.add_argument(
+        "--path",
+        required=True,
+        help="the new data: an image folder (one sub-folder per class), Fashion-MNIST directory or shards",
+    )
     p.add_argument("--split", choices=["train", "test"], default="test", help="Fashion-MNIST split")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--balanced", action="store_true", help="balance the new batch across clusters within the run's tolerance")
-    p.add_argument("--out", help="write per-image assignments here as JSON (local or s3://); default: only print counts")
+    p.add_argument(
+        "--balanced",
+        action="store_true",
+        help="balance the new batch across clusters within the run's tolerance",
+    )
+    p.add_argument(
+        "--out", help="write per-image assignments here as JSON (local or s3://); default: only print counts"
+    )
     add_override_argument(p)
 
 
@@ -36,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = Manifest.load(args.root)
     if not manifest.stage_done("partition"):
-        print(f"ddm assign: {args.root}: the partition stage is not done yet; run `ddm run` first", file=sys.stderr)
+        print(
+            f"ddm assign: {args.root}: the partition stage is not done yet; run `ddm run` first",
+            file=sys.stderr,
+        )
         return 2
     cfg = RunConfig.model_validate(manifest.data["config"])
     placement = Placement.resolve(args.device or cfg.device, field="--device" if args.device else "device")

@@ -13,18 +13,49 @@ import sys
 # add_arguments(parser) and run(args) -> int unless other function names are given.
 COMMANDS: dict[str, tuple[str, ...]] = {
     "run": ("ddm.coordinator.run_cmd", "run the whole pipeline from a run config (resumable)"),
-    "status": ("ddm.coordinator.status_cmd", "show a run's stages, jobs, islands, cluster sizes and checkpoints"),
-    "assign": ("ddm.coordinator.assign_cmd", "place new images in a finished run's clusters (which expert owns them)"),
-    "cancel": ("ddm.coordinator.jobs_cmd", "cancel a run's running jobs", "add_cancel_arguments", "run_cancel"),
-    "logs": ("ddm.coordinator.jobs_cmd", "print (or follow) the logs of one of a run's jobs", "add_logs_arguments", "run_logs"),
-    "train": ("ddm.train", "train one job (an expert or the monolith, the router, the student) from its job config"),
+    "status": (
+        "ddm.coordinator.status_cmd",
+        "show a run's stages, jobs, islands, cluster sizes and checkpoints",
+    ),
+    "assign": (
+        "ddm.coordinator.assign_cmd",
+        "place new images in a finished run's clusters (which expert owns them)",
+    ),
+    "cancel": (
+        "ddm.coordinator.jobs_cmd",
+        "cancel a run's running jobs",
+        "add_cancel_arguments",
+        "run_cancel",
+    ),
+    "logs": (
+        "ddm.coordinator.jobs_cmd",
+        "print (or follow) the logs of one of a run's jobs",
+        "add_logs_arguments",
+        "run_logs",
+    ),
+    "train": (
+        "ddm.train",
+        "train one job (an expert or the monolith, the router, the student) from its job config",
+    ),
     "sample": ("ddm.coordinator.sample_cmd", "sample images from a checkpoint and write a PNG grid"),
-    "serve": ("ddm.coordinator.serve_cmd", "serve an expert checkpoint or the router over gRPC (until SIGTERM)"),
+    "serve": (
+        "ddm.coordinator.serve_cmd",
+        "serve an expert checkpoint or the router over gRPC (until SIGTERM)",
+    ),
     "eval": ("ddm.coordinator.eval_cmd", "evaluate a checkpoint: FD, KID, precision/recall, class accuracy"),
     "k8s": ("ddm.coordinator.k8s_cmd", "write the per-expert kustomize Component of a k8s/ overlay"),
-    "compare": ("ddm.coordinator.compare_cmd", "K experts vs a compute-matched monolith: train it, score all, one table"),
-    "report": ("ddm.coordinator.report", "write one self-contained HTML page of a run: stages, clusters, curves, samples, tables"),
-    "models": ("ddm.coordinator.models_cmd", "list DiT and router architectures: parameters, GFLOPs per image, tokens"),
+    "compare": (
+        "ddm.coordinator.compare_cmd",
+        "K experts vs a compute-matched monolith: train it, score all, one table",
+    ),
+    "report": (
+        "ddm.coordinator.report",
+        "write one self-contained HTML page of a run: stages, clusters, curves, samples, tables",
+    ),
+    "models": (
+        "ddm.coordinator.models_cmd",
+        "list DiT and router architectures: parameters, GFLOPs per image, tokens",
+    ),
 }
 
 

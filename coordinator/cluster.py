@@ -49,13 +49,12 @@ from typing import Any
 
 import faiss
 import numpy as np
+from pydantic import model_validator
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from scipy import sparse
 from scipy.optimize import linprog
-
-from pydantic import model_validator
 
 from ddm.coordinator.config import ClusterSettings
 from ddm.core import storage
@@ -86,7 +85,7 @@ class ClusterConfig(ClusterSettings):
     defined once with the run config's ``[partition]``)."""
 
     @model_validator(mode="after")
-    def _sample_covers_fine_k(self) -> "ClusterConfig":
+    def _sample_covers_fine_k(self) -> ClusterConfig:
         if self.sample_size < self.fine_k:
             raise ValueError(
                 f"sample_size ({self.sample_size}) must be >= fine_k ({self.fine_k}): each fine centroid needs points to fit"

@@ -23,7 +23,16 @@ from typing import Any
 from ddm.coordinator.config import EVAL_MODELS, RunConfig
 from ddm.core import storage
 
-COLUMNS = ("fd", "kid_mean", "kid_std", "precision", "recall", "class_accuracy", "denoiser_calls_per_sample", "seconds_per_image")
+COLUMNS = (
+    "fd",
+    "kid_mean",
+    "kid_std",
+    "precision",
+    "recall",
+    "class_accuracy",
+    "denoiser_calls_per_sample",
+    "seconds_per_image",
+)
 
 
 def load_run(root: str) -> RunConfig:
@@ -39,7 +48,10 @@ def matched_monolith(cfg: RunConfig, root: str) -> RunConfig:
     k = cfg.partition.k
     threads = cfg.experts.train.num_threads  # unset: torch's choice for the monolith too
     train = cfg.experts.train.model_copy(
-        update={"batch_size": cfg.experts.train.batch_size * k, "num_threads": threads and threads * min(k, 2)}
+        update={
+            "batch_size": cfg.experts.train.batch_size * k,
+            "num_threads": threads and threads * min(k, 2),
+        }
     )
     return cfg.model_copy(
         update={
@@ -59,7 +71,11 @@ def training_cost(cfg: RunConfig, mono: RunConfig) -> dict[str, dict[str, float]
     from ddm.router.model import router_config
     from ddm.router.model_cost import router_cost
 
-    image = {"image_size": cfg.data.image_size, "in_channels": cfg.data.channels, "num_classes": cfg.experts.model.num_classes}
+    image = {
+        "image_size": cfg.data.image_size,
+        "in_channels": cfg.data.channels,
+        "num_classes": cfg.experts.model.num_classes,
+    }
 
     def cost(images: int, forward_flops: float) -> dict[str, float]:
         return {"images": images, "flops": 3 * forward_flops * images}
@@ -70,7 +86,9 @@ def training_cost(cfg: RunConfig, mono: RunConfig) -> dict[str, dict[str, float]
     if cfg.router.enabled:
         router = router_cost(router_config(cfg.router.model.arch, num_experts=k, **image))
         out["router"] = cost(cfg.router.train.steps * cfg.router.train.batch_size, router.flops)
-    out["monolith"] = cost(mt.steps * mt.batch_size, dit_cost(dit_config(mono.experts.model.arch, **image)).flops)
+    out["monolith"] = cost(
+        mt.steps * mt.batch_size, dit_cost(dit_config(mono.experts.model.arch, **image)).flops
+    )
     return out
 
 
@@ -81,7 +99,9 @@ def eval_settings(cfg: RunConfig) -> dict[str, Any]:
             "classifier": ev.classifier, "threshold": ev.threshold, "sample": ev.sample.model_dump(mode="json")}  # fmt: skip
 
 
-def train_monolith(mono: RunConfig, *, progress: bool, say: Callable[[str], None], placement: Any = None) -> None:
+def train_monolith(
+    mono: RunConfig, *, progress: bool, say: Callable[[str], None], placement: Any = None
+) -> None:
     from ddm.coordinator.islands import load_islands
     from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.pipeline import Pipeline
@@ -115,7 +135,9 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
         raise ValueError(f"--models {unknown}: unknown; choose from {', '.join(EVAL_MODELS)}")
     router_url = checkpoint.latest(storage.join(router_output(cfg), "checkpoints"))
     if router_url is None and any(m != "mixture" for m in models):
-        raise ValueError(f"{root}: the router has no checkpoint; finish `ddm run` first (or compare only 'mixture')")
+        raise ValueError(
+            f"{root}: the router has no checkpoint; finish `ddm run` first (or compare only 'mixture')"
+        )
     expert_dirs = {n: expert_output(cfg, n) for n in expert_names(cfg)}
     missing = [n for n, d in expert_dirs.items() if checkpoint.latest(storage.join(d, "checkpoints")) is None]
     if missing:
@@ -137,7 +159,11 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
         out = storage.join(out_root, "eval", model)
         # a score is reused only for the same settings AND the same checkpoints (a retrained or
         # relocated monolith, or experts trained further, are scored again)
-        used = [mono_ckpt] if model == "monolith" else expert_ckpts + ([router_url] if model != "mixture" else [])
+        used = (
+            [mono_ckpt]
+            if model == "monolith"
+            else expert_ckpts + ([router_url] if model != "mixture" else [])
+        )
         marker = {**settings, "checkpoints": used}
         if scored_with(out, marker):
             results[model] = summary_from(storage.read_json(storage.join(out, "metrics.json")))
@@ -159,7 +185,10 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     storage.write_json(storage.join(out_root, "results.json"), report)
     table = markdown_table(report)
     storage.write_bytes(storage.join(out_root, "table.md"), table.encode())
-    comparison_grid({m: storage.join(out_root, "eval", m, "samples.png") for m in results}, storage.join(out_root, "grid.png"))
+    comparison_grid(
+        {m: storage.join(out_root, "eval", m, "samples.png") for m in results},
+        storage.join(out_root, "grid.png"),
+    )
     print(table)
     return report
 
@@ -192,7 +221,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         "",
         f"{s['num_samples']} samples per model, {s['sample']['sampler']} {s['sample']['steps']} steps, "
         f"guidance {s['sample']['guidance']}, features {s['features']}, against {s['real_samples']} held-out real images.",
-        "Training: " + "; ".join(f"{name} {v['images']:,} images, {v['flops'] / 1e12:.2f} TFLOPs" for name, v in train.items()) + ".",
+        "Training: "
+        + "; ".join(
+            f"{name} {v['images']:,} images, {v['flops'] / 1e12:.2f} TFLOPs" for name, v in train.items()
+        )
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 

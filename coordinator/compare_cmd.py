@@ -1,7 +1,7 @@
 """``ddm compare RUN``: K experts vs a compute-matched monolith (trained if needed), one table.
 
-    ddm compare runs/demo                       # monolith at runs/demo/compare/monolith, every model
-    ddm compare runs/demo --models top-1,full --num-samples 500
+ddm compare runs/demo                       # monolith at runs/demo/compare/monolith, every model
+ddm compare runs/demo --models top-1,full --num-samples 500
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--models", default=",".join(EVAL_MODELS),
         help=f"comma-separated ensembles to score beside the monolith (default: all of {','.join(EVAL_MODELS)})",
     )  # fmt: skip
-    p.add_argument("--monolith-root", help="where the matched monolith trains (default: ROOT/compare/monolith)")
-    p.add_argument("--num-samples", type=int, help="generated images per model (default: the run's eval.num_samples)")
+    p.add_argument(
+        "--monolith-root", help="where the matched monolith trains (default: ROOT/compare/monolith)"
+    )
+    p.add_argument(
+        "--num-samples", type=int, help="generated images per model (default: the run's eval.num_samples)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_override_argument(p)
 

@@ -51,7 +51,14 @@ def python_job(
         return specs.AppDef(
             name=name,
             roles=[
-                specs.Role(name=name, image=image, entrypoint=python, args=["-m", module, *args], env=env, resource=resource)
+                specs.Role(
+                    name=name,
+                    image=image,
+                    entrypoint=python,
+                    args=["-m", module, *args],
+                    env=env,
+                    resource=resource,
+                )
             ],
         )
     if nodes == 1:
@@ -62,7 +69,16 @@ def python_job(
             "--rdzv-endpoint", f"$${{{specs.macros.rank0_env}:=localhost}}:{rdzv_port}",
             "--rdzv-id", specs.macros.app_id,
         ]  # fmt: skip
-    cmd = [python, "-m", "torch.distributed.run", *rdzv, "--nnodes", str(nodes), "--nproc-per-node", str(procs)]
+    cmd = [
+        python,
+        "-m",
+        "torch.distributed.run",
+        *rdzv,
+        "--nnodes",
+        str(nodes),
+        "--nproc-per-node",
+        str(procs),
+    ]
     quoted = " ".join(a if a.startswith("$$") or a == specs.macros.app_id else shlex.quote(a) for a in cmd)
     script = f"{quoted} -m {shlex.quote(module)} {' '.join(shlex.quote(a) for a in args)}"
     return specs.AppDef(

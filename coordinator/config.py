@@ -21,9 +21,14 @@ from ddm.router.distill_config import DistillStageConfig
 class CurateConfig(Strict):
     enabled: bool = Field(True, description="remove exact and near duplicates before clustering")
     near_duplicate_cosine: float = Field(
-        0.995, gt=0, le=1, description="embeddings with cosine similarity at or above this are near duplicates (1 = exact only)"
+        0.995,
+        gt=0,
+        le=1,
+        description="embeddings with cosine similarity at or above this are near duplicates (1 = exact only)",
     )
-    example_pairs: int = Field(16, ge=0, description="near-duplicate pairs shown in curate/near_duplicates.png")
+    example_pairs: int = Field(
+        16, ge=0, description="near-duplicate pairs shown in curate/near_duplicates.png"
+    )
 
 
 class ClusterSettings(Strict):
@@ -31,15 +36,24 @@ class ClusterSettings(Strict):
     (:class:`PartitionConfig`) and one clustering fit (``ddm.coordinator.cluster.ClusterConfig``) share them."""
 
     k: int = Field(4, ge=1, le=1024, strict=True, description="number of clusters = number of experts")
-    fine_k: int = Field(256, ge=1, strict=True, description="fine k-means centroids, grouped into k coarse clusters")
+    fine_k: int = Field(
+        256, ge=1, strict=True, description="fine k-means centroids, grouped into k coarse clusters"
+    )
     sample_size: int = Field(50_000, ge=1, strict=True, description="points used to fit the fine centroids")
     niter: int = Field(20, ge=1, strict=True, description="k-means (Lloyd) iterations, fine and coarse")
     seed: int = Field(0, ge=0, lt=2**31, strict=True, description="clustering seed")
-    balanced: bool = Field(True, strict=True, description="balance cluster sizes to within `tolerance` of N/k")
-    tolerance: float = Field(0.04, ge=0, le=1, description="allowed relative deviation from N/k when balanced (0.04 keeps largest/smallest <= 1.1)")
+    balanced: bool = Field(
+        True, strict=True, description="balance cluster sizes to within `tolerance` of N/k"
+    )
+    tolerance: float = Field(
+        0.04,
+        ge=0,
+        le=1,
+        description="allowed relative deviation from N/k when balanced (0.04 keeps largest/smallest <= 1.1)",
+    )
 
     @model_validator(mode="after")
-    def _k_le_fine_k(self) -> "ClusterSettings":
+    def _k_le_fine_k(self) -> ClusterSettings:
         if self.k > self.fine_k:
             raise ValueError(f"fine_k ({self.fine_k}) must be >= k ({self.k}); raise fine_k or lower k")
         return self
@@ -56,7 +70,12 @@ class PartitionConfig(ClusterSettings):
         "efficientnet-lite0",
         description="embedding encoder: 'efficientnet-lite0' (pretrained, ships offline), 'pixels' (fast, for tests) or 'torchscript:/local/path.pt'",
     )
-    embed_image_size: int = Field(64, ge=32, le=1024, description="encoder input size (images are resized); 64 embeds ~3x faster than 96 on CPU")
+    embed_image_size: int = Field(
+        64,
+        ge=32,
+        le=1024,
+        description="encoder input size (images are resized); 64 embeds ~3x faster than 96 on CPU",
+    )
     embed_batch_size: int = Field(256, ge=1, description="images per encoder batch")
     shard_size: int = Field(10_000, ge=1, description="images per partition shard file")
 
@@ -64,10 +83,14 @@ class PartitionConfig(ClusterSettings):
 class ExpertsConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    max_attempts: int = Field(3, ge=1, le=100, description="launch attempts per expert job before the run reports it failed")
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="launch attempts per expert job before the run reports it failed"
+    )
     poll_seconds: float = Field(2.0, gt=0, description="how often the coordinator polls job states")
     lease_seconds: float = Field(
-        120.0, gt=0, description="a job whose heartbeat is older than this (and unknown to its scheduler) is presumed dead"
+        120.0,
+        gt=0,
+        description="a job whose heartbeat is older than this (and unknown to its scheduler) is presumed dead",
     )
 
 
@@ -75,7 +98,9 @@ class RouterStageConfig(Strict):
     """The router job of a run: trained on every partition to predict p(k | x_t, t, c)."""
 
     enabled: bool = Field(True, description="train a router (experts mode); the ensemble strategies need it")
-    island: str | None = Field(None, description="island to train on (default: the islands file's default island)")
+    island: str | None = Field(
+        None, description="island to train on (default: the islands file's default island)"
+    )
     model: RouterModelConfig = RouterModelConfig()
     train: RouterTrainConfig
     eval: RouterEvalConfig = RouterEvalConfig()
@@ -87,8 +112,13 @@ EVAL_MODELS = ("top-1", "top-2", "full", "threshold", "mixture")
 class EvalConfig(Strict):
     enabled: bool = Field(True, description="evaluate at the end of the run")
     num_samples: int = Field(1000, ge=10, description="generated images per evaluation")
-    features: str = Field("efficientnet-lite0", description="feature space for FD/KID/PR: 'efficientnet-lite0', 'pixels' or 'torchscript:/local/path.pt'")
-    classifier: bool = Field(True, description="class accuracy with the in-repo classifier (trained once per dataset, then cached)")
+    features: str = Field(
+        "efficientnet-lite0",
+        description="feature space for FD/KID/PR: 'efficientnet-lite0', 'pixels' or 'torchscript:/local/path.pt'",
+    )
+    classifier: bool = Field(
+        True, description="class accuracy with the in-repo classifier (trained once per dataset, then cached)"
+    )
     real_samples: int = Field(10_000, ge=10, description="held-out real images the samples are compared with")
     models: list[str] = Field(
         ["top-1"],
@@ -104,6 +134,7 @@ class EvalConfig(Strict):
         if bad:
             raise ValueError(f"unknown {bad}; choose from {', '.join(EVAL_MODELS)}")
         return v
+
     sample: SampleConfig = SampleConfig()
 
 
@@ -126,11 +157,19 @@ class StorageConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field("demo", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="run name (lowercase, digits, dashes)")
-    root: str = Field("runs/demo", description="run root (local path or s3://bucket/prefix): every stage reads and writes only here")
-    islands: str | None = Field(None, description="islands TOML mapping experts to compute islands (default: one local island)")
+    name: str = Field(
+        "demo", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="run name (lowercase, digits, dashes)"
+    )
+    root: str = Field(
+        "runs/demo",
+        description="run root (local path or s3://bucket/prefix): every stage reads and writes only here",
+    )
+    islands: str | None = Field(
+        None, description="islands TOML mapping experts to compute islands (default: one local island)"
+    )
     mode: Literal["experts", "monolith"] = Field(
-        "experts", description="'experts' partitions the data and trains k isolated experts; 'monolith' trains one model on all data"
+        "experts",
+        description="'experts' partitions the data and trains k isolated experts; 'monolith' trains one model on all data",
     )
     device: str = Field(
         "auto", pattern=DEVICE_PATTERN,

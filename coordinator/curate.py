@@ -49,7 +49,9 @@ def embed_dataset(data: ImageDataset, cfg: PartitionConfig, cache_url: str, *, p
                                progress=progress, device=placement.device)  # fmt: skip
     announce_features(extractor, placement, "curation embeddings")
     feats = np.ascontiguousarray(extractor(data.images), dtype=np.float32)  # (N, D)
-    storage.write_bytes(cache_url, np_save({"features": feats, "key": np.frombuffer(key.encode(), dtype=np.uint8)}))
+    storage.write_bytes(
+        cache_url, np_save({"features": feats, "key": np.frombuffer(key.encode(), dtype=np.uint8)})
+    )
     return feats
 
 
@@ -80,7 +82,9 @@ def exact_duplicates(images: torch.Tensor) -> np.ndarray:
     return dup
 
 
-def near_duplicates(feats: np.ndarray, threshold: float, *, neighbours: int = 8, pca_dim: int = 128, seed: int = 0):
+def near_duplicates(
+    feats: np.ndarray, threshold: float, *, neighbours: int = 8, pca_dim: int = 128, seed: int = 0
+):
     """For each point, the earliest other point at cosine >= threshold, or -1. Returns (match (N,), cosine (N,)).
 
     Features are L2-normalised, reduced by PCA to ``pca_dim`` (cosines in the reduced space differ
@@ -135,7 +139,11 @@ def curate(data: ImageDataset, feats: np.ndarray, cfg: CurateConfig) -> Curation
             # j > i: j will be dropped when its turn comes (if it still matches a kept point)
     pairs.sort(key=lambda p: -p[2])
     return CurationResult(
-        np.flatnonzero(~removed), int(exact.sum()), near, int((degenerate & ~exact).sum()), pairs[: max(cfg.example_pairs, 0)]
+        np.flatnonzero(~removed),
+        int(exact.sum()),
+        near,
+        int((degenerate & ~exact).sum()),
+        pairs[: max(cfg.example_pairs, 0)],
     )
 
 

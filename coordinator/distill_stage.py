@@ -32,7 +32,9 @@ def distill_job(cfg: Any, expert_dirs: list[str], router_url: str | None) -> Any
     from ddm.router.distill_config import DistillJobConfig, TeacherConfig
 
     dc = cfg.distill
-    teacher = TeacherConfig(**dc.teacher.model_dump(), router=router_url if dc.teacher.kind == "ensemble" else None)
+    teacher = TeacherConfig(
+        **dc.teacher.model_dump(), router=router_url if dc.teacher.kind == "ensemble" else None
+    )
     return DistillJobConfig(
         name="student",
         output=distill_output(cfg.root),
@@ -66,7 +68,9 @@ def row_summary(name: str, kind: str, steps: int, result: Any, *, router_calls: 
     }
 
 
-def ratios(rows: list[dict[str, Any]], student_steps: int = 4, ensemble_steps: int = 32) -> dict[str, float | None]:
+def ratios(
+    rows: list[dict[str, Any]], student_steps: int = 4, ensemble_steps: int = 32
+) -> dict[str, float | None]:
     """fd_ratio_4step and time_ratio_4step: the student at 4 steps over the guided top-1 ensemble at 32."""
     s = next((r for r in rows if r["model"] == "student" and r["steps"] == student_steps), None)
     e = next((r for r in rows if r["model"] == "ensemble" and r["steps"] == ensemble_steps), None)
@@ -119,7 +123,9 @@ def distill_table(
     def run(denoiser: Any, kind: str, steps: int, router_calls: int) -> None:
         sample_cfg = base.model_copy(update={"steps": steps, "guidance": guidance})
         name = f"{kind}-{steps}"
-        result = evaluate(denoiser, **{**context, "sample_cfg": sample_cfg}, out_dir=storage.join(out_dir, name))
+        result = evaluate(
+            denoiser, **{**context, "sample_cfg": sample_cfg}, out_dir=storage.join(out_dir, name)
+        )
         label = "guided top-1 ensemble" if kind == "ensemble" else "student"
         rows.append(row_summary(label, kind, steps, result, router_calls=router_calls))
         r = rows[-1]
@@ -163,7 +169,9 @@ def distill_job_spec(ctx: Any, router_url: str | None) -> Any:
     cfg = ctx.cfg
     dc = cfg.distill
     if dc.teacher.kind == "ensemble" and router_url is None:
-        raise ValueError("distill.teacher.kind = 'ensemble' needs the router; enable router or use 'partition'")
+        raise ValueError(
+            "distill.teacher.kind = 'ensemble' needs the router; enable router or use 'partition'"
+        )
     island = dc.island or ctx.islands.default
     if island not in ctx.islands.island:
         raise ValueError(f"distill.island {island!r} is not defined in the islands file")
@@ -195,7 +203,9 @@ def run_distill_stage(pipeline: Any, jobs: list) -> dict[str, Any]:
     if dc.eval.num_samples is not None:
         context["num_samples"] = dc.eval.num_samples
     table = distill_table(
-        experts=load_experts({n: d for n, d in zip(expert_names(cfg), dirs)}, placement, purpose="distill table"),
+        experts=load_experts(
+            {n: d for n, d in zip(expert_names(cfg), dirs)}, placement, purpose="distill table"
+        ),
         router_url=router_url,
         student_url=student_url,
         context=context,

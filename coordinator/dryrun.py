@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from torchx.runner import Runner
+
 from ddm.coordinator.islands import IslandsConfig
 from ddm.coordinator.kube import make_runner, scheduler_key
-from torchx.runner import Runner
 
 
 @dataclass
@@ -40,7 +41,9 @@ def render_job(runner: Runner, islands: IslandsConfig, job: Any) -> RenderedJob:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(role.env.items()))
     cmd = shlex.join([role.entrypoint, *role.args])
     replicas = f" (x{role.num_replicas} nodes)" if role.num_replicas > 1 else ""
-    where = f"cd {shlex.quote(role.image)} && " if island.scheduler == "local_cwd" else f"image {role.image}: "
+    where = (
+        f"cd {shlex.quote(role.image)} && " if island.scheduler == "local_cwd" else f"image {role.image}: "
+    )
     return RenderedJob(job.name, job.island, key, f"{where}env {env} {cmd}{replicas}")
 
 

@@ -18,16 +18,32 @@ SAMPLING = ("steps", "sampler", "guidance", "time_shift", "churn")  # SampleConf
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory (local or s3://)")
-    p.add_argument("--num-samples", type=int, default=1000, help="generated images, class-balanced (default 1000)")
+    p.add_argument(
+        "--num-samples", type=int, default=1000, help="generated images, class-balanced (default 1000)"
+    )
     add_options(p, SampleConfig, SAMPLING)
-    p.add_argument("--features", default="efficientnet-lite0", help="feature space: efficientnet-lite0, pixels or torchscript:/path.pt")
-    p.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="reference data: the Fashion-MNIST directory")
-    p.add_argument("--split", choices=["train", "test"], default="test", help="reference split (default: test)")
+    p.add_argument(
+        "--features",
+        default="efficientnet-lite0",
+        help="feature space: efficientnet-lite0, pixels or torchscript:/path.pt",
+    )
+    p.add_argument(
+        "--data",
+        default="/usr/share/datasets/fashion-mnist",
+        help="reference data: the Fashion-MNIST directory",
+    )
+    p.add_argument(
+        "--split", choices=["train", "test"], default="test", help="reference split (default: test)"
+    )
     p.add_argument("--real-samples", type=int, default=10000, help="reference images used (default 10000)")
-    p.add_argument("--no-classifier", action="store_true", help="skip class accuracy (no in-repo classifier is trained)")
+    p.add_argument(
+        "--no-classifier", action="store_true", help="skip class accuracy (no in-repo classifier is trained)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
-    p.add_argument("--out", default="eval", help="output directory for metrics.json and samples.png (local or s3://)")
+    p.add_argument(
+        "--out", default="eval", help="output directory for metrics.json and samples.png (local or s3://)"
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_device_argument(p)
 
@@ -61,5 +77,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, out_dir=args.out, cache_dir=os.path.join(machine_cache(), "reference"),
         device=placement.device,
     )  # fmt: skip
-    print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str))
+    print(
+        json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str)
+    )
     return 0

@@ -31,7 +31,15 @@ from ddm.expert.images import to_uint8
 from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import CountingDenoiser
 
-SUMMARY_KEYS = ("fd", "kid_mean", "precision", "recall", "class_accuracy", "denoiser_calls_per_sample", "seconds_per_image")
+SUMMARY_KEYS = (
+    "fd",
+    "kid_mean",
+    "precision",
+    "recall",
+    "class_accuracy",
+    "denoiser_calls_per_sample",
+    "seconds_per_image",
+)
 
 
 def reference_set(cfg: RunConfig, limit: int = 10_000) -> ImageDataset:
@@ -48,7 +56,11 @@ def classifier_cache(cfg: RunConfig) -> str:
 
 
 def summary(result: EvalResult) -> dict[str, Any]:
-    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.to_dict().items() if k in SUMMARY_KEYS}
+    return {
+        k: (round(v, 5) if isinstance(v, float) else v)
+        for k, v in result.to_dict().items()
+        if k in SUMMARY_KEYS
+    }
 
 
 def mixture_assignment(y: torch.Tensor, class_counts: np.ndarray, seed: int) -> torch.Tensor:
@@ -93,7 +105,9 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
     return result
 
 
-def routed_ensemble(experts: list, router_url: str, model: str, threshold: float, placement: Placement | None = None):
+def routed_ensemble(
+    experts: list, router_url: str, model: str, threshold: float, placement: Placement | None = None
+):
     """The router-weighted ensemble for an eval model name: top-1, top-2, full or threshold (the router
     on ``placement``, default the CPU, where the experts must be too)."""
     from ddm.router.ensemble import Ensemble
@@ -124,7 +138,9 @@ def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None 
         classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg),
                                     progress=progress, device=placement.device)  # fmt: skip
         placement.announce("eval: classifier")
-    reference_cache = storage.join(classifier_cache(cfg), "reference")  # real-set features, keyed by image hash
+    reference_cache = storage.join(
+        classifier_cache(cfg), "reference"
+    )  # real-set features, keyed by image hash
     return dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
                 seed=0, batch_size=250, progress=progress, cache_dir=reference_cache, device=placement.device)  # fmt: skip
 
@@ -139,18 +155,24 @@ def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | 
         report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
         return evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out_dir, **context)
     if router_url is None:
-        raise ValueError(f"eval.models asks for {model!r}, which needs the router; enable router or use 'mixture'")
+        raise ValueError(
+            f"eval.models asks for {model!r}, which needs the router; enable router or use 'mixture'"
+        )
     ensemble = routed_ensemble(experts, router_url, model, cfg.eval.threshold, placement)
     return evaluate(ensemble, out_dir=out_dir, **context)
 
 
-def load_experts(expert_dirs: dict[str, str], placement: Placement | None = None, *, purpose: str = "eval") -> list:
+def load_experts(
+    expert_dirs: dict[str, str], placement: Placement | None = None, *, purpose: str = "eval"
+) -> list:
     """Each directory's newest checkpoint as a denoiser on ``placement`` (default: the CPU), announced."""
     placement = placement or Placement.cpu()
     experts = [load_denoiser(checkpoint.latest(storage.join(d, "checkpoints")), device=placement.device)
                for d in expert_dirs.values()]  # fmt: skip
     names = ", ".join(expert_dirs)
-    placement.announce(f"{purpose}: {len(experts)} model(s) ({names})" if len(experts) > 1 else f"{purpose}: {names}")
+    placement.announce(
+        f"{purpose}: {len(experts)} model(s) ({names})" if len(experts) > 1 else f"{purpose}: {names}"
+    )
     return experts
 
 

@@ -40,11 +40,20 @@ from pydantic import Field, field_validator, model_validator
 
 from ddm.core.config import Strict, load_toml, parse_config
 from ddm.core.registry import Registry
+
 _J = re.compile(r"^(\d+:)?\d+x\d+$|^\d+$")
 _ISLAND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Kubernetes object names (RFC 1123 labels): namespaces, queues, service accounts, secrets.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-KUBERNETES_ONLY = ("kubeconfig", "kube_context", "namespace", "queue", "service_account", "env_from_secrets", "env_from_configmaps")
+KUBERNETES_ONLY = (
+    "kubeconfig",
+    "kube_context",
+    "namespace",
+    "queue",
+    "service_account",
+    "env_from_secrets",
+    "env_from_configmaps",
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,9 @@ def _kubernetes_names(island: Island) -> None:
     names.update({f"env_from_configmaps[{i}]": s for i, s in enumerate(island.env_from_configmaps)})
     for field, value in names.items():
         if value is not None and not _DNS_LABEL.match(value):
-            raise ValueError(f"{field} = {value!r} is not a kubernetes name (lowercase letters, digits and '-')")
+            raise ValueError(
+                f"{field} = {value!r} is not a kubernetes name (lowercase letters, digits and '-')"
+            )
 
 
 def _kubernetes_run_cfg(island: Island) -> dict[str, Any]:
@@ -107,7 +118,9 @@ KNOWN_SCHEDULERS = ISLAND_SCHEDULERS.names()
 def parse_j(j: str) -> tuple[int, int]:
     """``"NxM"`` (or ``"M"``, or ``"min:NxM"``) -> (nodes, processes per node)."""
     if not _J.match(j):
-        raise ValueError(f"j={j!r}: expected NODESxPROCS such as '1x1', '2x8' or 'min:maxxprocs' such as '1:2x8'")
+        raise ValueError(
+            f"j={j!r}: expected NODESxPROCS such as '1x1', '2x8' or 'min:maxxprocs' such as '1:2x8'"
+        )
     if "x" not in j:
         return 1, int(j)
     nodes, procs = j.split("x")
@@ -120,26 +133,39 @@ class Island(Strict):
     )
     max_concurrent: int = Field(1, ge=1, description="most jobs of this run running at once on this island")
     experts: list[int] = Field(default_factory=list, description="expert indices placed on this island")
-    j: str = Field("1x1", description="nodes x processes per node for every job on the island (experts, router, student); more than one process runs under torchrun: DDP, or FSDP2 with train.parallelism = \"fsdp\"")
+    j: str = Field(
+        "1x1",
+        description='nodes x processes per node for every job on the island (experts, router, student); more than one process runs under torchrun: DDP, or FSDP2 with train.parallelism = "fsdp"',
+    )
     cpu: int = Field(1, ge=1, description="CPUs per node")
     gpu: int = Field(0, ge=0, description="GPUs per node")
     memMB: int = Field(4096, ge=128, description="memory per node in MB")
-    image: str | None = Field(None, description="container image (kubernetes/docker); local_cwd runs in the current directory")
+    image: str | None = Field(
+        None, description="container image (kubernetes/docker); local_cwd runs in the current directory"
+    )
     namespace: str | None = Field(None, description="kubernetes namespace")
     queue: str | None = Field(None, description="Volcano queue (kubernetes)")
-    kube_context: str | None = Field(None, description="kubeconfig context of the cluster this island uses (default: the file's current context)")
+    kube_context: str | None = Field(
+        None,
+        description="kubeconfig context of the cluster this island uses (default: the file's current context)",
+    )
     kubeconfig: str | None = Field(
-        None, description="kubeconfig file of this island's cluster (default: $KUBECONFIG, ~/.kube/config, else in-cluster)"
+        None,
+        description="kubeconfig file of this island's cluster (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
     )
     service_account: str | None = Field(None, description="kubernetes service account of the job pods")
     env_from_secrets: list[str] = Field(
-        default_factory=list, description="kubernetes Secrets whose keys become environment variables of every job pod (e.g. S3 credentials)"
+        default_factory=list,
+        description="kubernetes Secrets whose keys become environment variables of every job pod (e.g. S3 credentials)",
     )
     env_from_configmaps: list[str] = Field(
-        default_factory=list, description="kubernetes ConfigMaps whose keys become environment variables of every job pod (e.g. the S3 endpoint)"
+        default_factory=list,
+        description="kubernetes ConfigMaps whose keys become environment variables of every job pod (e.g. the S3 endpoint)",
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every job")
-    cfg: dict[str, Any] = Field(default_factory=dict, description="extra TorchX scheduler run options, passed through")
+    cfg: dict[str, Any] = Field(
+        default_factory=dict, description="extra TorchX scheduler run options, passed through"
+    )
 
     @field_validator("j")
     @classmethod
@@ -152,11 +178,13 @@ class Island(Strict):
         return ISLAND_SCHEDULERS.get(self.scheduler)
 
     @model_validator(mode="after")
-    def _scheduler_needs(self) -> "Island":
+    def _scheduler_needs(self) -> Island:
         kind = self.kind
         missing = [f for f in kind.needs if not getattr(self, f)]
         if missing:
-            raise ValueError(f"a {self.scheduler} island needs {', '.join(missing)} (set them in the island's table)")
+            raise ValueError(
+                f"a {self.scheduler} island needs {', '.join(missing)} (set them in the island's table)"
+            )
         if kind.check is not None:
             kind.check(self)
         owners = {f: e.name for e in ISLAND_SCHEDULERS for f in e.value.owns if e.name != self.scheduler}
@@ -186,13 +214,17 @@ class IslandsConfig(Strict):
     def _names(cls, v: dict[str, Island]) -> dict[str, Island]:
         for name in v:
             if not _ISLAND_NAME.match(name):
-                raise ValueError(f"island name {name!r}: use letters, digits, '_', '.' and '-' (it becomes part of job handles)")
+                raise ValueError(
+                    f"island name {name!r}: use letters, digits, '_', '.' and '-' (it becomes part of job handles)"
+                )
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "IslandsConfig":
+    def _consistent(self) -> IslandsConfig:
         if self.default not in self.island:
-            raise ValueError(f"default island {self.default!r} is not defined; define [island.{self.default}] or change `default`")
+            raise ValueError(
+                f"default island {self.default!r} is not defined; define [island.{self.default}] or change `default`"
+            )
         seen: dict[int, str] = {}
         for name, isl in self.island.items():
             for e in isl.experts:

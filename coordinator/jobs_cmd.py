@@ -26,8 +26,8 @@ def add_cancel_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cancel(args: argparse.Namespace) -> int:
     from ddm.coordinator.launcher import cancel_jobs
-    from ddm.coordinator.manifest import Manifest
     from ddm.coordinator.layout import job_output
+    from ddm.coordinator.manifest import Manifest
 
     manifest = Manifest.load(args.root)
     outputs = {name: job_output(args.root, name) for name in manifest.data["jobs"]}
@@ -51,7 +51,10 @@ def run_logs(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.root)
     record = manifest.data["jobs"].get(args.job)
     if record is None or not record.get("handle"):
-        print(f"ddm logs: no job {args.job!r} in {args.root}; jobs: {', '.join(manifest.data['jobs']) or 'none'}", file=sys.stderr)
+        print(
+            f"ddm logs: no job {args.job!r} in {args.root}; jobs: {', '.join(manifest.data['jobs']) or 'none'}",
+            file=sys.stderr,
+        )
         return 2
     handle = record["handle"]
     # The local scheduler knows only the jobs its own process launched, so from here none: their log
@@ -76,12 +79,19 @@ def _scheduler_log_lines(manifest, args: argparse.Namespace, handle: str) -> lis
             if runner.status(handle) is not None:
                 app = runner.describe(handle)
                 run_name = manifest.data.get("config", {}).get("name")
-                role = app.roles[0].name if app and app.roles else (f"{run_name}-{args.job}" if run_name else args.job)
+                role = (
+                    app.roles[0].name
+                    if app and app.roles
+                    else (f"{run_name}-{args.job}" if run_name else args.job)
+                )
                 lines = list(runner.log_lines(handle, role, k=0, should_tail=args.follow))
         except (ValueError, KeyError, RuntimeError):
             lines = []
         except Exception as e:  # a cluster API error (pod gone, API server unreachable)
-            print(f"ddm logs: cannot read the logs of {args.job} from its cluster: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(
+                f"ddm logs: cannot read the logs of {args.job} from its cluster: {str(e).splitlines()[0]}",
+                file=sys.stderr,
+            )
     return lines
 
 

@@ -25,8 +25,9 @@ from torchx.schedulers.kubernetes_scheduler import KubernetesOpts, KubernetesSch
 from torchx.specs import AppDef, AppDryRunInfo
 
 if TYPE_CHECKING:
-    from ddm.coordinator.islands import Island, IslandsConfig
     from kubernetes.client import ApiClient
+
+    from ddm.coordinator.islands import Island, IslandsConfig
 
 # The image's user (Dockerfile: USER 10001); the pods insist on it.
 RUN_AS_USER = 10001
@@ -45,17 +46,26 @@ def api_client(island: Island) -> ApiClient:
 
     path = os.path.expanduser(island.kubeconfig) if island.kubeconfig else None
     default = os.path.expanduser(os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0])
-    if path is None and island.kube_context is None and not os.path.exists(default) and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if (
+        path is None
+        and island.kube_context is None
+        and not os.path.exists(default)
+        and os.environ.get("KUBERNETES_SERVICE_HOST")
+    ):
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
         return client.ApiClient(configuration)
     if path is not None and not os.path.exists(path):
-        raise ValueError(f"kubeconfig {island.kubeconfig!r} of a kubernetes island does not exist; fix the island's `kubeconfig`")
+        raise ValueError(
+            f"kubeconfig {island.kubeconfig!r} of a kubernetes island does not exist; fix the island's `kubeconfig`"
+        )
     try:
         return config.new_client_from_config(config_file=path, context=island.kube_context)
     except config.ConfigException as e:
         where = path or default
-        raise ValueError(f"cannot use kubeconfig {where} (context {island.kube_context or 'current'}): {e}") from None
+        raise ValueError(
+            f"cannot use kubeconfig {where} (context {island.kube_context or 'current'}): {e}"
+        ) from None
 
 
 class IslandKubernetesScheduler(KubernetesScheduler):
@@ -95,7 +105,9 @@ def rank0_hosts_env(app: AppDef) -> tuple[str, str]:
     return torchx_name, torchx_name.replace("-", "_")
 
 
-def harden_pod(pod: dict[str, Any], secrets: list[str], configmaps: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def harden_pod(
+    pod: dict[str, Any], secrets: list[str], configmaps: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Restrict a job pod template (a plain dict) the way every ddm pod is restricted, and give it the
     island's ConfigMaps and Secrets as environment variables."""
     pod = copy.deepcopy(pod)
@@ -111,7 +123,9 @@ def harden_pod(pod: dict[str, Any], secrets: list[str], configmaps: list[str] | 
     for c in spec["containers"]:
         sc = c.get("securityContext") or {}
         if sc.get("privileged"):
-            raise ValueError(f"job container {c['name']!r} asks to run privileged (a device mount); ddm jobs never do")
+            raise ValueError(
+                f"job container {c['name']!r} asks to run privileged (a device mount); ddm jobs never do"
+            )
         c["securityContext"] = {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -120,8 +134,14 @@ def harden_pod(pod: dict[str, Any], secrets: list[str], configmaps: list[str] | 
         c.setdefault("volumeMounts", []).append({"name": SCRATCH_VOLUME, "mountPath": "/tmp"})
         env = c.setdefault("env", [])
         present = {e["name"] for e in env}
-        env += [{"name": k, "value": v} for k, v in (("HOME", "/tmp"), ("MPLCONFIGDIR", "/tmp/matplotlib")) if k not in present]
-        env_from = [{"configMapRef": {"name": m}} for m in configmaps] + [{"secretRef": {"name": s}} for s in secrets]
+        env += [
+            {"name": k, "value": v}
+            for k, v in (("HOME", "/tmp"), ("MPLCONFIGDIR", "/tmp/matplotlib"))
+            if k not in present
+        ]
+        env_from = [{"configMapRef": {"name": m}} for m in configmaps] + [
+            {"secretRef": {"name": s}} for s in secrets
+        ]
         if env_from:
             c["envFrom"] = env_from
     return pod

@@ -22,8 +22,8 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torchx import specs
 from torchx.runner import Runner
@@ -37,7 +37,12 @@ log = logging.getLogger("ddm.launcher")
 
 TERMINAL_FAILED = {specs.AppState.FAILED, specs.AppState.CANCELLED}
 # Accepted by the scheduler but not running yet (a Volcano job waiting in its queue for a gang of pods).
-NOT_STARTED = {specs.AppState.SUBMITTED, specs.AppState.PENDING, specs.AppState.UNSUBMITTED, specs.AppState.UNKNOWN}
+NOT_STARTED = {
+    specs.AppState.SUBMITTED,
+    specs.AppState.PENDING,
+    specs.AppState.UNSUBMITTED,
+    specs.AppState.UNKNOWN,
+}
 
 
 @dataclass
@@ -92,7 +97,9 @@ class Launcher:
             raise
         entry["handle"] = handle
         self.manifest.update_job(job.name, handle=handle)
-        log.info("submitted %s (attempt %d/%d) on %s: %s", job.name, attempt, self.max_attempts, job.island, handle)
+        log.info(
+            "submitted %s (attempt %d/%d) on %s: %s", job.name, attempt, self.max_attempts, job.island, handle
+        )
 
     def _observe(self, job: JobSpec) -> str:
         """Current state of a submitted job: PENDING (accepted, not started), RUNNING, SUCCEEDED, FAILED
@@ -109,7 +116,11 @@ class Launcher:
                 if not is_not_found(e):
                     # Unreachable API server, 5xx, expired credentials: we cannot tell, so we neither
                     # resubmit (that could run the job twice) nor give up; ask again next poll.
-                    log.warning("cannot get the status of %s (%s); asking again", handle, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    log.warning(
+                        "cannot get the status of %s (%s); asking again",
+                        handle,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    )
                     return "UNKNOWN"
                 log.debug("%s is gone from its cluster", handle)
         if status is not None:
@@ -125,7 +136,9 @@ class Launcher:
         beat = heartbeat.read(job.output)
         if heartbeat.is_alive(beat, self.lease_seconds):
             if job.name not in self._adopted:
-                log.info("adopted %s: still running from an earlier coordinator (heartbeat is fresh)", job.name)
+                log.info(
+                    "adopted %s: still running from an earlier coordinator (heartbeat is fresh)", job.name
+                )
                 self._adopted.add(job.name)
             return "RUNNING"
         # Submitted by an earlier coordinator and not beating yet: a trainer's first heartbeat comes after
@@ -134,7 +147,11 @@ class Launcher:
         submitted = float((record["attempts"][-1].get("submitted_at") if record["attempts"] else None) or 0.0)
         if time.time() - submitted < self.lease_seconds and float((beat or {}).get("time", 0)) < submitted:
             if job.name not in self._adopted:
-                log.info("adopted %s: submitted %.0f s ago, not beating yet (starting)", job.name, time.time() - submitted)
+                log.info(
+                    "adopted %s: submitted %.0f s ago, not beating yet (starting)",
+                    job.name,
+                    time.time() - submitted,
+                )
                 self._adopted.add(job.name)
             return "PENDING"
         return "LOST"
@@ -190,7 +207,11 @@ class Launcher:
         outcomes: dict[str, JobOutcome] = {}
         # A job that failed in an earlier run gets a fresh budget of attempts: running again is how the
         # operator says its island is back (RunFailed asks for exactly that).
-        earlier = {n: len(self.manifest.job(n)["attempts"]) for n in pending if self.manifest.job(n)["state"] == JOB_FAILED}
+        earlier = {
+            n: len(self.manifest.job(n)["attempts"])
+            for n in pending
+            if self.manifest.job(n)["state"] == JOB_FAILED
+        }
         while pending:
             try:
                 self._poll(jobs, pending, outcomes, earlier)
@@ -238,7 +259,9 @@ class Launcher:
                     continue
                 # FAILED, LOST, or "succeeded" without a complete output: the attempt failed.
                 why = record.get("error") or (
-                    "the job ended without completing its output" if state == SUCCEEDED else "lost: no longer known to its scheduler and no fresh heartbeat"
+                    "the job ended without completing its output"
+                    if state == SUCCEEDED
+                    else "lost: no longer known to its scheduler and no fresh heartbeat"
                 )
                 record["attempts"][-1].update(state=JOB_FAILED, error=why, ended_at=time.time())
                 self.manifest.update_job(name, state=JOB_FAILED, error=why)

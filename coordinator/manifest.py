@@ -67,7 +67,9 @@ class Manifest:
         self.root = root
         self.url = storage.join(root, MANIFEST)
         self.data = data
-        self.version = version  # of the stored manifest this copy was read from / last wrote (None: not stored yet)
+        self.version = (
+            version  # of the stored manifest this copy was read from / last wrote (None: not stored yet)
+        )
         # What the store held at ``version`` (to tell another writer's changes from ours)
         if stored is None and version is not None:
             stored = copy.deepcopy(data)
@@ -81,7 +83,7 @@ class Manifest:
     def open(
         cls, root: str, config: dict[str, Any], *,
         resumable_keys: tuple[str, ...] = ("eval", "storage", "distill", "device"),
-    ) -> "Manifest":  # fmt: skip
+    ) -> Manifest:  # fmt: skip
         """Load the run's manifest, or create it. A rerun with a different config is refused (except for
         ``resumable_keys``, which only affect later stages, how the root is reached or where the
         coordinator's own networks run) so two configs never mix in one run root."""
@@ -89,7 +91,9 @@ class Manifest:
         try:
             stored = storage.read_versioned(url)
         except FileNotFoundError:
-            manifest = cls(root, {"format": FORMAT, "created": time.time(), "config": config, "stages": {}, "jobs": {}})
+            manifest = cls(
+                root, {"format": FORMAT, "created": time.time(), "config": config, "stages": {}, "jobs": {}}
+            )
             try:
                 manifest.save()
                 return manifest
@@ -97,7 +101,9 @@ class Manifest:
                 stored = storage.read_versioned(url)
         data = storage.parse_json(stored.data, url)
         if data.get("format") != FORMAT:
-            raise ManifestError(f"{url}: not a ddm manifest (format {data.get('format')!r}, expected {FORMAT!r})")
+            raise ManifestError(
+                f"{url}: not a ddm manifest (format {data.get('format')!r}, expected {FORMAT!r})"
+            )
         old = {k: v for k, v in data["config"].items() if k not in resumable_keys}
         new = {k: v for k, v in config.items() if k not in resumable_keys}
         changes = _diff(old, new)
@@ -111,7 +117,9 @@ class Manifest:
         snapshot = copy.deepcopy(data)
         data["config"] = config
         if changes:  # nothing was made under the old config: the new one takes the root over
-            data["stages"] = {n: st for n, st in data["stages"].items() if not st.get("skipped")}  # re-decided
+            data["stages"] = {
+                n: st for n, st in data["stages"].items() if not st.get("skipped")
+            }  # re-decided
             data.setdefault("config_changes", []).append({"at": time.time(), "changes": changes[:20]})
         manifest = cls(root, data, stored.version, snapshot)
         manifest.config_changes = changes
@@ -120,7 +128,7 @@ class Manifest:
         return manifest
 
     @classmethod
-    def load(cls, root: str) -> "Manifest":
+    def load(cls, root: str) -> Manifest:
         url = storage.join(root, MANIFEST)
         try:
             stored = storage.read_versioned(url)
@@ -209,7 +217,11 @@ class Manifest:
         if attempts and "seconds" not in attempts[-1]:
             last = attempts[-1]
             alive = self.last_written
-            if last_alive and last_alive.get("stage") == name and last_alive.get("attempt_started_at") == last["started_at"]:
+            if (
+                last_alive
+                and last_alive.get("stage") == name
+                and last_alive.get("attempt_started_at") == last["started_at"]
+            ):
                 alive = last_alive.get("time")
             end = min(max(float(alive or last["started_at"]), last["started_at"]), now)
             last.update(seconds=round(end - last["started_at"], 1), end="killed")
@@ -230,7 +242,11 @@ class Manifest:
             attempts.append({"started_at": now})
         attempts[-1].update(seconds=round(now - attempts[-1]["started_at"], 1), end=state or "interrupted")
         stage["attempts"] = attempts
-        stage.update(info, seconds=round(sum(a["seconds"] for a in attempts), 1), wall_seconds=round(now - attempts[0]["started_at"], 1))
+        stage.update(
+            info,
+            seconds=round(sum(a["seconds"] for a in attempts), 1),
+            wall_seconds=round(now - attempts[0]["started_at"], 1),
+        )
         if state is not None:
             stage.update(state=state)
             stage[f"{state}_at"] = now
@@ -250,7 +266,9 @@ def produced_output(data: dict[str, Any]) -> str | None:
     """What locks a run root to its config: a stage that finished (not merely skipped) or a job that
     was ever submitted, named; None while nothing has been made (a first stage that failed on a wrong
     path leaves the root free to take the corrected config)."""
-    done = [n for n, st in data.get("stages", {}).items() if st.get("state") == DONE and not st.get("skipped")]
+    done = [
+        n for n, st in data.get("stages", {}).items() if st.get("state") == DONE and not st.get("skipped")
+    ]
     if done:
         return f"stage {done[0]} finished under it"
     jobs = [n for n, job in data.get("jobs", {}).items() if job.get("attempts")]
@@ -285,5 +303,7 @@ def stage_times(stage: dict[str, Any], now: float | None = None) -> tuple[float 
     if stage.get("state") == RUNNING or "seconds" not in attempts[-1]:
         wall = now - attempts[0]["started_at"]
     else:
-        wall = stage.get("wall_seconds", attempts[-1]["started_at"] + attempts[-1]["seconds"] - attempts[0]["started_at"])
+        wall = stage.get(
+            "wall_seconds", attempts[-1]["started_at"] + attempts[-1]["seconds"] - attempts[0]["started_at"]
+        )
     return round(own, 1), round(wall, 1)

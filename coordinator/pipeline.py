@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ddm.coordinator import stages as stage_objects
 from ddm.coordinator.config import RunConfig
@@ -100,7 +100,9 @@ class Pipeline:
         """One timed attempt at ``stage``, recorded in the manifest as done or failed."""
         name = stage.name
         self.say(f"[{name}] running")
-        clock = self._clock = Clock(storage.join(self.cfg.root, "coordinator.json"), name, every=self.clock_seconds)
+        clock = self._clock = Clock(
+            storage.join(self.cfg.root, "coordinator.json"), name, every=self.clock_seconds
+        )
         started = self.manifest.start_stage(name, last_alive=clock.last_alive)
         clock.start(started)
         try:
@@ -121,7 +123,16 @@ class Pipeline:
                      f"{format_seconds(record['wall_seconds'])} from the first start)")  # fmt: skip
         self.say(line)
 
-    def job(self, name: str, job_cfg: Any, output: str, island_name: str, component: Callable, complete: Callable[[], bool], **resources: Any):
+    def job(
+        self,
+        name: str,
+        job_cfg: Any,
+        output: str,
+        island_name: str,
+        component: Callable,
+        complete: Callable[[], bool],
+        **resources: Any,
+    ):
         """Write the job's config next to its output and describe it for the launcher; the job runs as the
         island's ``j`` processes (torchrun for more than one: every trainer is data-parallel)."""
         from ddm.coordinator.launcher import JobSpec
@@ -185,7 +196,9 @@ class Pipeline:
         now = time.time()
         parts, etas = [], []
         for name, state in states.items():
-            beat = heartbeat.read(job_output(self.cfg.root, name)) if state in ("SUBMITTED", "RUNNING") else None
+            beat = (
+                heartbeat.read(job_output(self.cfg.root, name)) if state in ("SUBMITTED", "RUNNING") else None
+            )
             if not beat:
                 parts.append(f"{name}={state}")
                 continue

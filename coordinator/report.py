@@ -186,7 +186,9 @@ def accuracy_plot(report: dict[str, Any]) -> bytes | None:
     router must beat: the largest partition, and the best guess from the class label alone."""
     try:
         ts = [float(t) for t in report["t_mid"]]
-        curves = {key: [float(a) for a in report[key]] for key in ("conditional", "unconditional") if key in report}
+        curves = {
+            key: [float(a) for a in report[key]] for key in ("conditional", "unconditional") if key in report
+        }
     except (KeyError, TypeError, ValueError):
         return None
     if not ts or not curves:
@@ -195,7 +197,10 @@ def accuracy_plot(report: dict[str, Any]) -> bytes | None:
     def draw(ax: Any) -> None:
         for key, acc in curves.items():
             ax.plot(ts, acc, marker="o", lw=1.4, label=f"router, {key}")
-        for key, label, style in (("prior_accuracy", "largest partition", "--"), ("class_prior_accuracy", "from the label alone", ":")):
+        for key, label, style in (
+            ("prior_accuracy", "largest partition", "--"),
+            ("class_prior_accuracy", "from the label alone", ":"),
+        ):
             if isinstance(report.get(key), (int, float)):
                 ax.axhline(float(report[key]), ls=style, color="grey", label=label)
         ax.set_ylim(0, 1.02)
@@ -262,7 +267,9 @@ def _clusters_section(root: str) -> str:
         for k, size in enumerate(sizes):
             per_class = counts[k] if k < len(counts) else []
             top = sorted(((c, i) for i, c in enumerate(per_class) if c), reverse=True)[:4]
-            makeup = ", ".join(f"{_e(names[i] if i < len(names) else i)} {100 * c / max(1, size):.0f}%" for c, i in top)
+            makeup = ", ".join(
+                f"{_e(names[i] if i < len(names) else i)} {100 * c / max(1, size):.0f}%" for c, i in top
+            )
             bar = f'<span class="bar" style="width:{int(160 * size / biggest)}px"></span>'
             rows.append((f"expert-{k}", str(size), bar, makeup))
         parts.append("<h3>Sizes and class make-up (largest classes)</h3>")
@@ -274,12 +281,16 @@ def _training_section(root: str, experts: list[str]) -> str:
     curves = {name: _metric_rows(storage.join(root, "experts", name, "metrics.csv")) for name in experts}
     curves["router"] = _metric_rows(storage.join(root, "router", "metrics.csv"))
     curves["student"] = _metric_rows(storage.join(root, "distill", "metrics.csv"))
-    parts = ["<section><h2>Training</h2><div class=\"grids\">"]
-    parts.append(_figure(loss_plot(curves), "loss against step, every job (the router's is a cross-entropy)", "plot"))
+    parts = ['<section><h2>Training</h2><div class="grids">']
+    parts.append(
+        _figure(loss_plot(curves), "loss against step, every job (the router's is a cross-entropy)", "plot")
+    )
     acc = _json(storage.join(root, "router", "accuracy_vs_t.json"))
     acc_png = accuracy_plot(acc) if acc is not None else None
     if acc_png is not None:
-        parts.append(_figure(acc_png, "router accuracy against t: high near the data, falling towards noise", "plot"))
+        parts.append(
+            _figure(acc_png, "router accuracy against t: high near the data, falling towards noise", "plot")
+        )
     else:
         parts.append(_missing("router accuracy against t: not written (no router, or not trained yet)"))
     rows = []
@@ -309,10 +320,15 @@ def _distill_section(root: str) -> str:
     parts = ["<section><h2>Distillation</h2>", _table([label for _, label, _ in DISTILL_COLUMNS], rows)]
     ratios = {k: v for k, v in table.items() if k.endswith("_ratio") or "_ratio_" in k}
     if ratios:
-        parts.append(_table(("ratio", "value"), [(_e(k), _fmt(v, "{:.3f}") or "n/a") for k, v in ratios.items()]))
+        parts.append(
+            _table(("ratio", "value"), [(_e(k), _fmt(v, "{:.3f}") or "n/a") for k, v in ratios.items()])
+        )
     grids = []
     for r in table.get("rows", []):
-        kind, steps = r.get("kind") or ("ensemble" if "ensemble" in str(r.get("model")) else "student"), r.get("steps")
+        kind, steps = (
+            r.get("kind") or ("ensemble" if "ensemble" in str(r.get("model")) else "student"),
+            r.get("steps"),
+        )
         png = _bytes(storage.join(root, "distill", "eval", f"{kind}-{steps}", "samples.png"))
         if png is not None:
             grids.append(_figure(png, f"{r.get('model')}, {steps} steps"))
@@ -325,14 +341,24 @@ def _compare_section(root: str) -> str:
     results = _json(storage.join(root, "compare", "results.json"))
     if results is None:
         return ""  # `ddm compare` is optional: no section until it has run
-    rows = [[_e(r.get("model"))] + [_fmt(r.get(key), how) for key, _, how in EVAL_COLUMNS] for r in results.get("results", [])]
+    rows = [
+        [_e(r.get("model"))] + [_fmt(r.get(key), how) for key, _, how in EVAL_COLUMNS]
+        for r in results.get("results", [])
+    ]
     parts = ["<section><h2>Compute-matched comparison (ddm compare)</h2>",
              _table(["model"] + [label for _, label, _ in EVAL_COLUMNS], rows)]  # fmt: skip
     training = results.get("training") or {}
     if training:
-        trows = [(_e(name), _fmt(t.get("images"), "{:d}"), _fmt(t.get("flops"), "{:.3g}")) for name, t in training.items()]
+        trows = [
+            (_e(name), _fmt(t.get("images"), "{:d}"), _fmt(t.get("flops"), "{:.3g}"))
+            for name, t in training.items()
+        ]
         parts.append(_table(("trained", "images", "FLOPs"), trows))
-    parts.append(_figure(_bytes(storage.join(root, "compare", "grid.png")), "the same noise and labels through each model"))
+    parts.append(
+        _figure(
+            _bytes(storage.join(root, "compare", "grid.png")), "the same noise and labels through each model"
+        )
+    )
     return "".join(parts) + "</section>"
 
 
@@ -365,7 +391,7 @@ def build_report(root: str) -> str:
     )
     made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>ddm run {_e(name)}</title><style>{_STYLE}</style></head><body>"
         f"<header><h1>ddm run {_e(name)}</h1><p>{_e(root)} · {_e(summary)} · report made {made}</p></header>"
         f"<main>{body}</main></body></html>\n"
@@ -381,7 +407,9 @@ def write_report(root: str, out: str | None = None) -> str:
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument("root", help="run root (local path or s3://bucket/prefix), running or finished")
-    parser.add_argument("--out", metavar="PATH", help=f"where to write the page (default: ROOT/{REPORT_FILE})")
+    parser.add_argument(
+        "--out", metavar="PATH", help=f"where to write the page (default: ROOT/{REPORT_FILE})"
+    )
 
 
 def run(args: Any) -> int:
@@ -394,4 +422,3 @@ def run(args: Any) -> int:
     url = write_report(args.root, args.out)
     print(url)
     return 0
-

@@ -11,9 +11,15 @@ from ddm.core.placement import add_override_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="run config TOML (local or s3://); default: the embedded default config")
-    p.add_argument("--islands", help="islands TOML mapping experts to compute islands (overrides the config's `islands`)")
-    p.add_argument("--root", help="run root (overrides the config's `root`), e.g. runs/try2 or s3://bucket/run")
+    p.add_argument(
+        "config", nargs="?", help="run config TOML (local or s3://); default: the embedded default config"
+    )
+    p.add_argument(
+        "--islands", help="islands TOML mapping experts to compute islands (overrides the config's `islands`)"
+    )
+    p.add_argument(
+        "--root", help="run root (overrides the config's `root`), e.g. runs/try2 or s3://bucket/run"
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set experts.train.steps=200 (TOML value syntax; repeatable)",
@@ -131,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if serve_at:
         from ddm.coordinator.cli import main  # `ddm serve run ROOT` with the router's defaults
 
-        return main(["serve", "run", cfg.root, "--host", serve_at[0], "--port", serve_at[1], "--device", cfg.device])
+        return main(
+            ["serve", "run", cfg.root, "--host", serve_at[0], "--port", serve_at[1], "--device", cfg.device]
+        )
     return 0
 
 
@@ -143,7 +151,10 @@ def _report(root: str) -> None:
     try:
         print(f"ddm run: report {write_report(root)}", file=sys.stderr)
     except OSError as e:
-        print(f"ddm run: the report could not be written ({e}); `ddm report {root}` tries again", file=sys.stderr)
+        print(
+            f"ddm run: the report could not be written ({e}); `ddm report {root}` tries again",
+            file=sys.stderr,
+        )
 
 
 def parse_address(address: str) -> tuple[str, str]:

@@ -113,16 +113,17 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ddm.core import storage
+    from ddm.core.placement import Placement
     from ddm.expert.guidance import with_guidance
     from ddm.expert.images import save_grid, to_uint8
     from ddm.expert.load import load_denoiser
     from ddm.expert.sampling import sample
-    from ddm.core.placement import Placement
     from ddm.expert.student import StudentDenoiser
 
-    from ddm.core import storage
-
-    if not args.checkpoint.endswith(".safetensors") and storage.exists(storage.join(args.checkpoint, "manifest.json")):
+    if not args.checkpoint.endswith(".safetensors") and storage.exists(
+        storage.join(args.checkpoint, "manifest.json")
+    ):
         print(f"ddm sample: --checkpoint {args.checkpoint} is a run root; sample its ensemble with --run {args.checkpoint}",
               file=sys.stderr)  # fmt: skip
         return 2
@@ -256,5 +257,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
     rows = ", ".join(f"{name} {r}" for (name, _), r in zip(named, ensemble.calls.rows))
-    print(f"wrote {args.n} samples to {args.out} (in-process ensemble of {len(experts)} experts; expert rows: {rows})")
+    print(
+        f"wrote {args.n} samples to {args.out} (in-process ensemble of {len(experts)} experts; expert rows: {rows})"
+    )
     return 0

@@ -134,7 +134,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("root", help="run root of a finished experts-mode run (local or s3://)")
     s.add_argument(
-        "--expert-threads", type=int, default=1, help="torch threads of each expert server process (default 1)"
+        "--expert-threads",
+        type=int,
+        default=1,
+        help="torch threads of each expert server process (default 1)",
     )
     s.add_argument(
         "--expert-ports",

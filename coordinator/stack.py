@@ -208,12 +208,16 @@ def run_experts(root: str) -> list[tuple[str, str]]:
     if cfg.mode != "experts":
         raise ValueError(f"{root}: a {cfg.mode} run has no router; serve its model with `ddm serve expert`")
     if checkpoint.latest(storage.join(router_output(cfg), "checkpoints")) is None:
-        raise ValueError(f"{root}: the router has no checkpoint yet; run `ddm run` to finish the router stage")
+        raise ValueError(
+            f"{root}: the router has no checkpoint yet; run `ddm run` to finish the router stage"
+        )
     out = []
     for name in expert_names(cfg):
         ckpts = storage.join(expert_output(cfg, name), "checkpoints")
         if checkpoint.latest(ckpts) is None:
-            raise ValueError(f"{root}: {name} has no checkpoint yet; run `ddm run` to finish the experts stage")
+            raise ValueError(
+                f"{root}: {name} has no checkpoint yet; run `ddm run` to finish the experts stage"
+            )
         out.append((name, ckpts))
     return out
 
@@ -224,11 +228,15 @@ def parse_ports(spec: str, count: int) -> list[int]:
     try:
         values = [int(v) for v in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--expert-ports {spec!r}: expected comma-separated port numbers or one base port") from None
+        raise ValueError(
+            f"--expert-ports {spec!r}: expected comma-separated port numbers or one base port"
+        ) from None
     if len(values) == 1 and count > 1:
         values = [values[0] + k for k in range(count)]
     if len(values) != count:
-        raise ValueError(f"--expert-ports {spec!r}: {len(values)} ports for {count} experts; give one per expert or a base port")
+        raise ValueError(
+            f"--expert-ports {spec!r}: {len(values)} ports for {count} experts; give one per expert or a base port"
+        )
     if any(not 1 <= v <= 65535 for v in values) or len(set(values)) != len(values):
         raise ValueError(f"--expert-ports {spec!r}: ports must be distinct and in 1..65535, got {values}")
     return values
@@ -325,7 +333,9 @@ class LocalStack:
             raise
         if self.supervise:
             for e in self.experts:
-                t = threading.Thread(target=self._supervise, args=(e,), name=f"supervise-{e.name}", daemon=True)
+                t = threading.Thread(
+                    target=self._supervise, args=(e,), name=f"supervise-{e.name}", daemon=True
+                )
                 t.start()
                 self._supervisors.append(t)
         return self

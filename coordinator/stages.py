@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddm.coordinator.layout import expert_is_complete, expert_names, expert_output, router_is_complete, router_output
+from ddm.coordinator.layout import (
+    expert_is_complete,
+    expert_names,
+    expert_output,
+    router_is_complete,
+    router_output,
+)
 from ddm.core import storage
 
 
@@ -75,7 +81,9 @@ class Curate(Stage):
             "degenerate_embeddings": result.degenerate,
             "near_duplicate_cosine": ctx.cfg.curate.near_duplicate_cosine,
             "skipped_unreadable": len(getattr(data, "skipped", []) or []),
-            "example_pairs": [{"removed": int(a), "kept": int(b), "cosine": round(c, 4)} for a, b, c in result.pairs],
+            "example_pairs": [
+                {"removed": int(a), "kept": int(b), "cosine": round(c, 4)} for a, b, c in result.pairs
+            ],
         }
         storage.write_bytes(storage.join(ctx.cfg.root, "curate", "keep.npy"), npy(result.keep))
         storage.write_json(storage.join(ctx.cfg.root, "curate", "report.json"), report)
@@ -85,7 +93,17 @@ class Curate(Stage):
             f"{report['near_duplicates']} near duplicates and {report['degenerate_embeddings']} blank embeddings removed, "
             f"{report['skipped_unreadable']} unreadable skipped, {report['kept']} kept"
         )
-        return {k: report[k] for k in ("images", "kept", "exact_duplicates", "near_duplicates", "degenerate_embeddings", "skipped_unreadable")}
+        return {
+            k: report[k]
+            for k in (
+                "images",
+                "kept",
+                "exact_duplicates",
+                "near_duplicates",
+                "degenerate_embeddings",
+                "skipped_unreadable",
+            )
+        }
 
     def headline(self, record: dict[str, Any]) -> str:
         if "kept" not in record:
@@ -112,7 +130,9 @@ class Partition(Stage):
         from ddm.expert.shards import write_shards
 
         data = ctx.data()
-        keep = torch.from_numpy(load_npy(storage.read_bytes(storage.join(ctx.cfg.root, "curate", "keep.npy"))))
+        keep = torch.from_numpy(
+            load_npy(storage.read_bytes(storage.join(ctx.cfg.root, "curate", "keep.npy")))
+        )
         feats = embed_dataset(data, ctx.cfg.partition, storage.join(ctx.cfg.root, "curate", "embeddings.safetensors"),
                               progress=ctx.progress, placement=ctx.where())  # fmt: skip
         p = ctx.cfg.partition
@@ -121,15 +141,30 @@ class Partition(Stage):
         clustering.save(storage.join(ctx.cfg.root, "clusters", "clustering"))
         report = cluster_report(labels, p.k)
         sizes = [int(s) for s in np.bincount(labels, minlength=p.k)]
-        per_class = [np.bincount(data.labels[keep][labels == k].numpy(), minlength=data.num_classes).tolist() for k in range(p.k)]
-        storage.write_json(storage.join(ctx.cfg.root, "clusters", "report.json"), {**jsonable(report), "sizes": sizes, "class_counts": per_class, "class_names": data.class_names})
+        per_class = [
+            np.bincount(data.labels[keep][labels == k].numpy(), minlength=data.num_classes).tolist()
+            for k in range(p.k)
+        ]
+        storage.write_json(
+            storage.join(ctx.cfg.root, "clusters", "report.json"),
+            {**jsonable(report), "sizes": sizes, "class_counts": per_class, "class_names": data.class_names},
+        )
         # A few images per cluster, one row each, so a person sees what each expert will learn.
         rows = []
         gen = np.random.default_rng(p.seed)
         for k in range(p.k):
             members = keep[torch.from_numpy(np.flatnonzero(labels == k))]
-            pick = members[torch.from_numpy(gen.choice(len(members), size=min(12, len(members)), replace=False))]
-            rows.append(torch.cat([data.images[pick], torch.full((12 - len(pick), *data.images.shape[1:]), 255, dtype=torch.uint8)]))
+            pick = members[
+                torch.from_numpy(gen.choice(len(members), size=min(12, len(members)), replace=False))
+            ]
+            rows.append(
+                torch.cat(
+                    [
+                        data.images[pick],
+                        torch.full((12 - len(pick), *data.images.shape[1:]), 255, dtype=torch.uint8),
+                    ]
+                )
+            )
         save_grid(torch.cat(rows), storage.join(ctx.cfg.root, "clusters", "samples.png"), nrow=12)
         for k, name in enumerate(expert_names(ctx.cfg)):
             members = keep[torch.from_numpy(np.flatnonzero(labels == k))]
@@ -165,8 +200,16 @@ class Experts(Stage):
             data = cfg.data
         else:
             part = storage.join(cfg.root, "partitions", name)
-            data = DataConfig(source="shards", path=part, image_size=cfg.data.image_size, channels=cfg.data.channels)
-        return ExpertJobConfig(name=name, output=expert_output(cfg, name), data=data, model=cfg.experts.model, train=cfg.experts.train)
+            data = DataConfig(
+                source="shards", path=part, image_size=cfg.data.image_size, channels=cfg.data.channels
+            )
+        return ExpertJobConfig(
+            name=name,
+            output=expert_output(cfg, name),
+            data=data,
+            model=cfg.experts.model,
+            train=cfg.experts.train,
+        )
 
     def jobs(self, ctx: Any) -> list:
         from ddm.coordinator import components
@@ -174,8 +217,14 @@ class Experts(Stage):
         names = expert_names(ctx.cfg)
         ctx.islands.check_experts(len(names))
         return [
-            ctx.job(name, self.expert_job(ctx.cfg, name), expert_output(ctx.cfg, name), ctx.islands.island_for(k),
-                    components.trainer, lambda n=name: expert_is_complete(ctx.cfg, n))  # fmt: skip
+            ctx.job(
+                name,
+                self.expert_job(ctx.cfg, name),
+                expert_output(ctx.cfg, name),
+                ctx.islands.island_for(k),
+                components.trainer,
+                lambda n=name: expert_is_complete(ctx.cfg, n),
+            )  # fmt: skip
             for k, name in enumerate(names)
         ]
 
@@ -223,7 +272,16 @@ class Router(Stage):
         if island not in ctx.islands.island:
             raise ValueError(f"router.island {island!r} is not defined in the islands file")
         output = router_output(ctx.cfg)
-        return [ctx.job("router", self.router_job(ctx.cfg), output, island, components.trainer, lambda: router_is_complete(ctx.cfg))]
+        return [
+            ctx.job(
+                "router",
+                self.router_job(ctx.cfg),
+                output,
+                island,
+                components.trainer,
+                lambda: router_is_complete(ctx.cfg),
+            )
+        ]
 
     def run(self, ctx: Any) -> dict[str, Any]:
         ctx.launch(self.jobs(ctx), ctx.cfg.experts.max_attempts)
@@ -287,7 +345,9 @@ class Distill(Stage):
         if self.skipped(ctx.cfg):
             return []
         if ctx.dry_run:
-            router_url = None if ROUTER.skipped(ctx.cfg) else storage.join(router_output(ctx.cfg), "checkpoints")
+            router_url = (
+                None if ROUTER.skipped(ctx.cfg) else storage.join(router_output(ctx.cfg), "checkpoints")
+            )
         else:
             router_url = router_checkpoint(ctx.cfg)
         return [distill_job_spec(ctx, router_url)]
@@ -300,10 +360,19 @@ class Distill(Stage):
     def headline(self, record: dict[str, Any]) -> str:
         if record.get("fd_ratio_4step") is None:
             return "student trained" if record.get("student") else ""
-        return f"student/ensemble at 4 steps: FD x{record['fd_ratio_4step']}, time x{record['time_ratio_4step']}"
+        return (
+            f"student/ensemble at 4 steps: FD x{record['fd_ratio_4step']}, time x{record['time_ratio_4step']}"
+        )
 
 
-CURATE, PARTITION, EXPERTS, ROUTER, EVAL, DISTILL = Curate(), Partition(), Experts(), Router(), Eval(), Distill()
+CURATE, PARTITION, EXPERTS, ROUTER, EVAL, DISTILL = (
+    Curate(),
+    Partition(),
+    Experts(),
+    Router(),
+    Eval(),
+    Distill(),
+)
 ALL: tuple[Stage, ...] = (CURATE, PARTITION, EXPERTS, ROUTER, EVAL, DISTILL)
 NAMES: tuple[str, ...] = tuple(s.name for s in ALL)
 BY_NAME: dict[str, Stage] = {s.name: s for s in ALL}

@@ -37,7 +37,9 @@ def _run_config(config: dict[str, Any]) -> Any:
         return None
 
 
-def stage_rows(manifest: Any, cfg: Any, *, alive_at: float | None = None, now: float | None = None) -> list[dict[str, Any]]:
+def stage_rows(
+    manifest: Any, cfg: Any, *, alive_at: float | None = None, now: float | None = None
+) -> list[dict[str, Any]]:
     """One row per stage, in pipeline order: name, state, own and wall seconds, attempts, headline.
     ``alive_at``: when the coordinator was last heard from (a running stage's time stops there when
     that is long ago: the coordinator was killed)."""
@@ -57,7 +59,11 @@ def stage_rows(manifest: Any, cfg: Any, *, alive_at: float | None = None, now: f
         if st.get("skipped"):
             note = f"skipped: {st['skipped']}"
         elif st["state"] == "failed":
-            note = "failed: " + (st.get("error") or "").strip().splitlines()[0][:160] if st.get("error") else "failed"
+            note = (
+                "failed: " + (st.get("error") or "").strip().splitlines()[0][:160]
+                if st.get("error")
+                else "failed"
+            )
         elif st["state"] == "pending" and cfg is not None and stage.skipped(cfg):
             note = f"will skip: {stage.skipped(cfg)}"
         else:
@@ -114,14 +120,18 @@ def print_status(root: str) -> None:
     running = any(st.get("state") == "running" for st in m.data["stages"].values())
     heard = ""
     if running and clock:
-        heard = f"; coordinator {clock.get('pid')} on {clock.get('host')} last heard {_age(clock.get('time'))}"
+        heard = (
+            f"; coordinator {clock.get('pid')} on {clock.get('host')} last heard {_age(clock.get('time'))}"
+        )
     print(f"run {config.get('name')} at {root}  (mode {config.get('mode')}{heard})")
     rows = stage_rows(m, _run_config(config), alive_at=clock.get("time") if clock else None)
     print(format_stage_table(rows))
     sizes_url = storage.join(root, "clusters", "report.json")
     sizes = storage.read_json(sizes_url).get("sizes") if storage.exists(sizes_url) else None
     if m.data["jobs"]:
-        print(f"\n{'job':<12}{'state':<11}{'island':<10}{'att':>4}{'size':>8}{'step':>13}{'ETA':>9}  {'heartbeat':<10} latest checkpoint")
+        print(
+            f"\n{'job':<12}{'state':<11}{'island':<10}{'att':>4}{'size':>8}{'step':>13}{'ETA':>9}  {'heartbeat':<10} latest checkpoint"
+        )
     for name, job in m.data["jobs"].items():
         out = job_output(root, name)
         beat = heartbeat.read(out)

@@ -55,7 +55,9 @@ def file_name(step: int) -> str:
     return f"step-{step:08d}.safetensors"
 
 
-def save(directory: str, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, keep: int = 3) -> str:
+def save(
+    directory: str, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, keep: int = 3
+) -> str:
     """Write a checkpoint for ``step`` and point ``latest.json`` at it. Returns the file's URL."""
     from safetensors.torch import save as st_save
 
@@ -110,12 +112,16 @@ def read_metadata(raw: bytes, url: str) -> dict[str, Any]:
         raise CheckpointError(f"{url}: truncated ({len(raw)} bytes); not a safetensors checkpoint")
     (header_len,) = struct.unpack("<Q", raw[:8])
     if header_len > len(raw) - 8:
-        raise CheckpointError(f"{url}: header claims {header_len} bytes but the file has {len(raw)}; truncated or not safetensors")
+        raise CheckpointError(
+            f"{url}: header claims {header_len} bytes but the file has {len(raw)}; truncated or not safetensors"
+        )
     try:
         header = json.loads(raw[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"][META_KEY])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{url}: no ddm metadata in the safetensors header; not a ddm checkpoint") from None
+        raise CheckpointError(
+            f"{url}: no ddm metadata in the safetensors header; not a ddm checkpoint"
+        ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{url}: metadata is not a JSON object")
     return meta
@@ -126,7 +132,9 @@ def load(url: str) -> Checkpoint:
     if not url.endswith(".safetensors"):
         resolved = latest(url)
         if resolved is None:
-            raise FileNotFoundError(f"{url}: no checkpoint found (expected step-*.safetensors or latest.json)")
+            raise FileNotFoundError(
+                f"{url}: no checkpoint found (expected step-*.safetensors or latest.json)"
+            )
         url = resolved
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
@@ -138,6 +146,7 @@ def load(url: str) -> Checkpoint:
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{url}: corrupt tensor data ({e})") from None
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{url}: format_version {meta['format_version']} is newer than this ddm understands ({FORMAT_VERSION}); upgrade ddm")
+        raise CheckpointError(
+            f"{url}: format_version {meta['format_version']} is newer than this ddm understands ({FORMAT_VERSION}); upgrade ddm"
+        )
     return Checkpoint(url=url, tensors=tensors, meta=meta)
-

@@ -61,7 +61,14 @@ class Checkpointer:
         return storage.join(self.directory, checkpoint.file_name(step))
 
     def save(
-        self, step: int, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, *, write: bool, **extra: Any
+        self,
+        step: int,
+        model: nn.Module,
+        ema: EMA,
+        optimizer: torch.optim.Optimizer,
+        *,
+        write: bool,
+        **extra: Any,
     ) -> str:
         """Gather the state (collective under FSDP: call on every rank) and, where ``write``, save it."""
         tensors = {f"model.{k}": v for k, v in parallel.full_state(model.state_dict()).items()}
@@ -71,7 +78,9 @@ class Checkpointer:
             return self.url(step)
         return checkpoint.save(self.directory, step, tensors, {**self.meta, **extra}, keep=self.keep)
 
-    def restore(self, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> checkpoint.Checkpoint | None:
+    def restore(
+        self, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer
+    ) -> checkpoint.Checkpoint | None:
         """Load the newest checkpoint into the components; None if there is none."""
         url = checkpoint.latest(self.directory)
         if url is None:

@@ -21,10 +21,11 @@ import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-from ddm.core.config import ConfigError
-from ddm.core.registry import Choices
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
+
+from ddm.core.config import ConfigError
+from ddm.core.registry import Choices
 
 M = TypeVar("M", bound=BaseModel)
 

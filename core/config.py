@@ -34,14 +34,25 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 disables)")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights used for sampling")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="probability of replacing the class by the null class (classifier-free guidance)")
-    time_sampling: Literal["uniform", "logit-normal"] = Field("logit-normal", description="distribution of training times t")
+    label_dropout: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="probability of replacing the class by the null class (classifier-free guidance)",
+    )
+    time_sampling: Literal["uniform", "logit-normal"] = Field(
+        "logit-normal", description="distribution of training times t"
+    )
     logit_mean: float = Field(0.0, description="mean of the logit-normal time distribution")
     logit_std: float = Field(1.0, gt=0, description="std of the logit-normal time distribution")
-    time_shift: float = Field(1.0, gt=0, description="resolution-dependent time shift applied to sampled t (1 = none)")
+    time_shift: float = Field(
+        1.0, gt=0, description="resolution-dependent time shift applied to sampled t (1 = none)"
+    )
     device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=PRECISION_HELP)
-    compile: bool = Field(False, description="torch.compile the network (opt-in: the first steps pay the compile time)")
+    compile: bool = Field(
+        False, description="torch.compile the network (opt-in: the first steps pay the compile time)"
+    )
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="with several processes (torchrun): 'ddp' replicates the model on every device, "
@@ -51,9 +62,17 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="keep only the newest N checkpoints")
     log_every: int = Field(25, ge=1, description="write metrics every N steps")
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
-    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes that read streamed partition shards (0 = read them in the training process; in-memory sources are always read there)")
-    loader_prefetch: int = Field(2, ge=1, description="batches each DataLoader worker reads ahead of the step being trained")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (default: torch's choice)"
+    )
+    loader_workers: int = Field(
+        2,
+        ge=0,
+        description="DataLoader worker processes that read streamed partition shards (0 = read them in the training process; in-memory sources are always read there)",
+    )
+    loader_prefetch: int = Field(
+        2, ge=1, description="batches each DataLoader worker reads ahead of the step being trained"
+    )
 
 
 def train_with_defaults(defaults: dict[str, Any], description: str) -> Any:
@@ -68,7 +87,9 @@ def train_with_defaults(defaults: dict[str, Any], description: str) -> Any:
         return {**defaults, **v} if isinstance(v, dict) else v
 
     return Annotated[
-        TrainConfig, BeforeValidator(merge), Field(default_factory=lambda: TrainConfig(**defaults), description=description)
+        TrainConfig,
+        BeforeValidator(merge),
+        Field(default_factory=lambda: TrainConfig(**defaults), description=description),
     ]
 
 
@@ -78,7 +99,9 @@ class JobConfig(Strict):
 
     kind: str = Field(description="which trainer runs the job: expert, router or student (ddm.train's JOBS)")
     name: str = Field(description="job name, used in paths and logs")
-    output: str = Field(description="output directory (local or s3://): checkpoints/, metrics.csv, heartbeat.json")
+    output: str = Field(
+        description="output directory (local or s3://): checkpoints/, metrics.csv, heartbeat.json"
+    )
     train: TrainConfig = TrainConfig()
 
 

@@ -51,7 +51,11 @@ def resolve(spec: str = "auto", *, field: str = "device") -> torch.device:
         return torch.device("cpu")
     available = torch.cuda.is_available()
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if available else torch.device("cpu")
+        return (
+            torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+            if available
+            else torch.device("cpu")
+        )
     if not available:
         raise DeviceError(
             f"{field} = {spec!r} but torch sees no CUDA device here (torch {torch.__version__}, "
@@ -117,7 +121,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def add_argument(parser: argparse.ArgumentParser, *, default: str | None = "auto", help: str | None = None) -> None:
+def add_argument(
+    parser: argparse.ArgumentParser, *, default: str | None = "auto", help: str | None = None
+) -> None:
     """``--device`` with the policy's help and choices check (every command that runs a network).
     ``default=None``: unset keeps what the command's config says (``help`` then names that setting)."""
 
@@ -127,7 +133,9 @@ def add_argument(parser: argparse.ArgumentParser, *, default: str | None = "auto
         except DeviceError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parser.add_argument("--device", type=device_type, default=default, help=help or f"{DEVICE_HELP} (default: {default})")
+    parser.add_argument(
+        "--device", type=device_type, default=default, help=help or f"{DEVICE_HELP} (default: {default})"
+    )
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:

@@ -32,7 +32,14 @@ class Heartbeat:
         self._last = now
         storage.write_json(
             self.url,
-            {"host": socket.gethostname(), "pid": os.getpid(), "step": step, "steps": self.steps, "time": now, "state": state},
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "step": step,
+                "steps": self.steps,
+                "time": now,
+                "state": state,
+            },
         )
 
 

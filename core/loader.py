@@ -25,8 +25,9 @@ import os
 from typing import Any, Protocol
 
 import torch
-from ddm.core.schedule import StepBatches
 from torch.utils.data import DataLoader, Dataset
+
+from ddm.core.schedule import StepBatches
 
 
 class Batched(Protocol):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -97,7 +98,9 @@ def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(current) - set(state))
     unexpected = sorted(set(state) - set(current))
     if missing or unexpected:
-        raise RuntimeError(f"state does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"state does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     module.load_state_dict({k: like(state[k], current[k]) for k in current})
 
 
@@ -131,4 +134,3 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         state.setdefault(int(idx), {})[key] = value
     sd["state"] = state
     optimizer.load_state_dict(sd)
-

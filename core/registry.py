@@ -91,7 +91,9 @@ class Registry(Generic[T]):
 
     def names(self, **where: Any) -> tuple[str, ...]:
         """The registered names, optionally only those whose attributes equal ``where``."""
-        return tuple(e.name for e in self._entries.values() if all(e.attrs.get(k) == v for k, v in where.items()))
+        return tuple(
+            e.name for e in self._entries.values() if all(e.attrs.get(k) == v for k, v in where.items())
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -122,8 +124,12 @@ class Registry(Generic[T]):
     def field(self, **where: Any) -> Any:
         """The type of a config field holding one of these names: a ``str`` validated against the
         registry, whose choices the CLI and the docs read (``Choices``)."""
-        return Annotated[str, AfterValidator(lambda v: self.check(v, **where)), Choices(self, tuple(where.items()))]
+        return Annotated[
+            str, AfterValidator(lambda v: self.check(v, **where)), Choices(self, tuple(where.items()))
+        ]
 
     def describe(self, **where: Any) -> str:
         """'name: help; name: help' for ``--help`` texts and docs."""
-        return "; ".join(f"{e.name}: {e.help}" for e in self if all(e.attrs.get(k) == v for k, v in where.items()))
+        return "; ".join(
+            f"{e.name}: {e.help}" for e in self if all(e.attrs.get(k) == v for k, v in where.items())
+        )

@@ -35,9 +35,9 @@ from ddm.core.config import JobConfig, TrainConfig
 from ddm.core.distributed import Distributed, any_rank, close_distributed, init_distributed
 from ddm.core.ema import EMA
 from ddm.core.heartbeat import Heartbeat
+from ddm.core.loader import step_loader
 from ddm.core.metrics_log import MetricsLog
 from ddm.core.progress import progress_bar
-from ddm.core.loader import step_loader
 from ddm.core.schedule import BatchOrder, StepBatches, lr_at, step_generator
 
 
@@ -109,7 +109,9 @@ class StepStats:
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self._loss.append(loss)
-        self._norm.append(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)  # FSDP: a DTensor
+        self._norm.append(
+            grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        )  # FSDP: a DTensor
 
     def row(self, step: int, lr: float, *, elapsed_s: float) -> dict[str, float]:
         """A metrics row averaging the steps since the previous row. Collective: every rank calls it."""
@@ -296,7 +298,9 @@ class Trainer(Generic[J]):
         self.d.barrier()  # no rank starts before a fresh start has cleared the old checkpoints
         return 0, 0.0, math.nan
 
-    def train_step(self, step: int, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def train_step(
+        self, step: int, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         tc = self.tc
         lr = lr_at(step, tc)
         for group in self.optimizer.param_groups:
@@ -322,12 +326,20 @@ class Trainer(Generic[J]):
 
         main = d.is_main
         title = f"{job.name} ({self.arch})"
-        metrics = MetricsLog(job.output, resume_step=start_step, title=title, ylabel=self.loss_label) if main else None
+        metrics = (
+            MetricsLog(job.output, resume_step=start_step, title=title, ylabel=self.loss_label)
+            if main
+            else None
+        )
         heartbeat = Heartbeat(job.output, tc.steps) if main else None  # the coordinator watches this
         self.net = self.model if self.sharded else parallel.data_parallel(self.model, d)
         if tc.compile:
             self.net = torch.compile(self.net)
-        bar = progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step") if self.progress and main else None
+        bar = (
+            progress_bar(total=tc.steps, initial=start_step, desc=job.name, unit="step")
+            if self.progress and main
+            else None
+        )
 
         loader = step_loader(
             self.data, StepBatches(self.order, start_step, tc.steps, self.rows),
@@ -352,7 +364,9 @@ class Trainer(Generic[J]):
                     if heartbeat is not None:
                         heartbeat.beat(step)  # rate-limited inside: a clock read most steps
 
-                    interrupted = any_rank(stop.requested, d) or (self.stop_after is not None and step >= self.stop_after)
+                    interrupted = any_rank(stop.requested, d) or (
+                        self.stop_after is not None and step >= self.stop_after
+                    )
                     save_now = step % tc.checkpoint_every == 0 or step == tc.steps or interrupted
                     if step % tc.log_every == 0 or save_now:
                         row = stats.row(step, lr, elapsed_s=elapsed_before + time.perf_counter() - t0)

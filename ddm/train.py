@@ -81,7 +81,9 @@ def load_job(args: argparse.Namespace) -> Any:
     if train:
         overrides["train"] = {**job.train.model_dump(), **train}
     if overrides:
-        job = parse_config(cls, {**job.model_dump(), **overrides}, f"{args.config} with command-line overrides")
+        job = parse_config(
+            cls, {**job.model_dump(), **overrides}, f"{args.config} with command-line overrides"
+        )
     return job
 
 
@@ -105,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports
     if result.interrupted:
         if not quiet:
-            print(f"stopped at step {result.step}; checkpoint {result.checkpoint_url}; rerun to resume", file=sys.stderr)
+            print(
+                f"stopped at step {result.step}; checkpoint {result.checkpoint_url}; rerun to resume",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
     if not quiet:
         print(trainer.summary(result), file=sys.stderr)

@@ -27,10 +27,10 @@ from torch import nn
 
 from ddm.core import checkpoint, storage
 from ddm.core.device import to_device
+from ddm.core.progress import progress_bar
 from ddm.expert.config import DataConfig
 from ddm.expert.data import ImageDataset, build_dataset
 from ddm.expert.images import to_model_range
-from ddm.core.progress import progress_bar
 
 __all__ = [
     "CLASSIFIER_VERSION",
@@ -181,7 +181,9 @@ def train_classifier(
         raise ValueError(f"the classifier needs at least 2 training images, got {len(train)}")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = SmallCNN(train.image_shape[0], train.num_classes, cfg.width).to(device)  # initialised on the CPU
+        model = SmallCNN(train.image_shape[0], train.num_classes, cfg.width).to(
+            device
+        )  # initialised on the CPU
         gen = torch.Generator().manual_seed(cfg.seed)
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
@@ -242,7 +244,9 @@ def _cache_identity(data_cfg: DataConfig, cfg: ClassifierTrainConfig) -> dict[st
     return {"version": CLASSIFIER_VERSION, "data": data, "train": asdict(cfg)}
 
 
-def classifier_cache_dir(data_cfg: DataConfig, cache_dir: str, cfg: ClassifierTrainConfig = ClassifierTrainConfig()) -> str:
+def classifier_cache_dir(
+    data_cfg: DataConfig, cache_dir: str, cfg: ClassifierTrainConfig = ClassifierTrainConfig()
+) -> str:
     """The checkpoint directory of the classifier for this dataset and recipe under ``cache_dir``."""
     identity = json.dumps(_cache_identity(data_cfg, cfg), sort_keys=True)
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -274,7 +278,11 @@ def get_classifier(
     train, test = split_train_test(data_cfg, cfg)
     log.info("training the evaluation classifier on %d images (%s)", len(train), data_cfg.path)
     model, stats = train_classifier(train, cfg, test=test, progress=progress, device=device)
-    log.info("classifier test accuracy %.4f on %d images", stats["test_accuracy"] or float("nan"), stats["test_examples"])
+    log.info(
+        "classifier test accuracy %.4f on %d images",
+        stats["test_accuracy"] or float("nan"),
+        stats["test_examples"],
+    )
     meta = {
         "kind": "classifier",
         "arch": model.config(),

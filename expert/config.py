@@ -17,7 +17,8 @@ from ddm.expert.sizes import DIT_ARCHS
 
 class DataConfig(Strict):
     source: Literal["fashion-mnist", "image-folder", "shards"] = Field(
-        "fashion-mnist", description="where images come from: Debian's Fashion-MNIST, a folder of images, or partition shards"
+        "fashion-mnist",
+        description="where images come from: Debian's Fashion-MNIST, a folder of images, or partition shards",
     )
     path: str = Field(
         "/usr/share/datasets/fashion-mnist",
@@ -31,7 +32,9 @@ class DataConfig(Strict):
 
 class ModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"DiT size from the registry: {', '.join(DIT_ARCHS)}")
-    num_classes: int = Field(10, ge=1, description="number of class labels (one more, the null class, is added for guidance)")
+    num_classes: int = Field(
+        10, ge=1, description="number of class labels (one more, the null class, is added for guidance)"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -50,9 +53,16 @@ class SampleConfig(Strict):
     sampler: SAMPLERS.field() = Field(  # type: ignore[valid-type]
         "euler", description="sampler (ddm.expert.samplers.SAMPLERS): " + SAMPLERS.describe()
     )
-    guidance: float = Field(3.0, ge=0, le=100, description="classifier-free guidance scale (1 = none, 0 = unconditional)")
+    guidance: float = Field(
+        3.0, ge=0, le=100, description="classifier-free guidance scale (1 = none, 0 = unconditional)"
+    )
     time_shift: float = Field(1.0, gt=0, description="time shift of the sampling grid (1 = none)")
-    churn: float = Field(0.5, ge=0, le=1, description="stochastic sampler: 0 = deterministic (Euler), 1 = ancestral (DDPM-like), between = DDIM eta")
+    churn: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="stochastic sampler: 0 = deterministic (Euler), 1 = ancestral (DDPM-like), between = DDIM eta",
+    )
 
 
 class ExpertJobConfig(JobConfig):
@@ -60,9 +70,9 @@ class ExpertJobConfig(JobConfig):
 
     kind: Literal["expert"] = Field("expert", description="the job kind (ddm.train picks the trainer by it)")
     name: str = Field("monolith", description="expert name, used in paths and logs")
-    output: str = Field("runs/monolith", description="output directory (local or s3://): checkpoints/, metrics.csv, samples")
+    output: str = Field(
+        "runs/monolith", description="output directory (local or s3://): checkpoints/, metrics.csv, samples"
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-
-

@@ -94,12 +94,16 @@ class ImageDataset(Dataset):
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         n = self.images.shape[0]
         for name in ("labels", "ids"):
             t = getattr(self, name)
             if t.dtype != torch.int64 or tuple(t.shape) != (n,):
-                raise DataError(f"{name} must be int64 ({n},) to match the images, got {t.dtype} {tuple(t.shape)}")
+                raise DataError(
+                    f"{name} must be int64 ({n},) to match the images, got {t.dtype} {tuple(t.shape)}"
+                )
         if self.num_classes < 1:
             raise DataError(f"num_classes must be >= 1, got {self.num_classes}")
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
@@ -148,7 +152,9 @@ class ImageDataset(Dataset):
                 raise DataError(f"boolean index must have shape ({len(self)},), got {tuple(index.shape)}")
             return index.nonzero().squeeze(1)  # (B,)
         if index.dim() != 1 or index.is_floating_point():
-            raise DataError(f"index must be 1-D integers or a boolean mask, got {index.dtype} {tuple(index.shape)}")
+            raise DataError(
+                f"index must be 1-D integers or a boolean mask, got {index.dtype} {tuple(index.shape)}"
+            )
         return index.to(torch.long)  # (B,)
 
     @property
@@ -225,7 +231,9 @@ def read_idx(url: str) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (EOFError, OSError, zlib.error) as e:
-            raise DataError(f"{url}: corrupt or truncated gzip data ({e}); re-download or reinstall the file") from None
+            raise DataError(
+                f"{url}: corrupt or truncated gzip data ({e}); re-download or reinstall the file"
+            ) from None
     return parse_idx(raw, url)
 
 
@@ -243,15 +251,21 @@ def parse_idx(raw: bytes, name: str = "<idx>") -> np.ndarray:
         raise DataError(f"{name}: idx header declares 0 dimensions")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise DataError(f"{name}: truncated idx header ({len(raw)} bytes, {ndim} dimensions need {header_len})")
+        raise DataError(
+            f"{name}: truncated idx header ({len(raw)} bytes, {ndim} dimensions need {header_len})"
+        )
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     dtype = _IDX_DTYPES[type_code]
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     actual = len(raw) - header_len
     if actual < expected:
-        raise DataError(f"{name}: truncated: header says {dims} ({expected} data bytes) but only {actual} follow")
+        raise DataError(
+            f"{name}: truncated: header says {dims} ({expected} data bytes) but only {actual} follow"
+        )
     if actual > expected:
-        raise DataError(f"{name}: {actual - expected} unexpected bytes after the {dims} array; the file is corrupt")
+        raise DataError(
+            f"{name}: {actual - expected} unexpected bytes after the {dims} array; the file is corrupt"
+        )
     data = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header_len)
     return data.reshape(dims).astype(dtype.newbyteorder("="))  # native byte order, writable copy
 
@@ -268,10 +282,14 @@ def fashion_mnist_file(path: str, split: str, kind: str) -> str:
     for candidate in (stem + ".gz", stem):
         if storage.exists(candidate):
             return candidate
-    raise DatasetNotFoundError(f"{path}: Fashion-MNIST file {stem.rsplit('/', 1)[-1]}[.gz] not found; {FASHION_MNIST_INSTALL_HINT}")
+    raise DatasetNotFoundError(
+        f"{path}: Fashion-MNIST file {stem.rsplit('/', 1)[-1]}[.gz] not found; {FASHION_MNIST_INSTALL_HINT}"
+    )
 
 
-def load_fashion_mnist(path: str = FASHION_MNIST_DIR, *, split: str = "train", limit: int | None = None) -> ImageDataset:
+def load_fashion_mnist(
+    path: str = FASHION_MNIST_DIR, *, split: str = "train", limit: int | None = None
+) -> ImageDataset:
     """Fashion-MNIST from idx files: 60,000 train or 10,000 test images, uint8 (N, 1, 28, 28), 10 classes."""
     if not storage.exists(path):
         raise DatasetNotFoundError(f"{path}: Fashion-MNIST directory not found; {FASHION_MNIST_INSTALL_HINT}")
@@ -280,13 +298,19 @@ def load_fashion_mnist(path: str = FASHION_MNIST_DIR, *, split: str = "train", l
     images = read_idx(images_url)
     labels = read_idx(labels_url)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise DataError(f"{images_url}: expected uint8 images (N, H, W), got {images.dtype} {list(images.shape)}")
+        raise DataError(
+            f"{images_url}: expected uint8 images (N, H, W), got {images.dtype} {list(images.shape)}"
+        )
     if labels.dtype != np.uint8 or labels.ndim != 1:
         raise DataError(f"{labels_url}: expected uint8 labels (N,), got {labels.dtype} {list(labels.shape)}")
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{images_url} has {images.shape[0]} images but {labels_url} has {labels.shape[0]} labels")
+        raise DataError(
+            f"{images_url} has {images.shape[0]} images but {labels_url} has {labels.shape[0]} labels"
+        )
     if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"{labels_url}: label {int(labels.max())} is out of range for {len(FASHION_MNIST_CLASSES)} classes")
+        raise DataError(
+            f"{labels_url}: label {int(labels.max())} is out of range for {len(FASHION_MNIST_CLASSES)} classes"
+        )
     n = images.shape[0] if limit is None else min(limit, images.shape[0])
     return ImageDataset(
         images=torch.from_numpy(images[:n].copy()).unsqueeze(1),  # (n, 1, 28, 28)
@@ -309,14 +333,18 @@ def list_image_folder(url: str) -> tuple[list[str], list[tuple[str, int]]]:
     """
     fs, root = storage.filesystem(url)
     if not fs.exists(root):
-        raise DatasetNotFoundError(f"{url}: image folder not found; data.path must be a folder with one sub-folder per class")
+        raise DatasetNotFoundError(
+            f"{url}: image folder not found; data.path must be a folder with one sub-folder per class"
+        )
     classes = sorted(
         _basename(e["name"])
         for e in fs.ls(root, detail=True)
         if e["type"] == "directory" and not _basename(e["name"]).startswith(".")
     )
     if not classes:
-        raise DataError(f"{url}: no class sub-folders; expected {url}/<class_name>/<image>.png (or .jpg/.jpeg/.webp/.bmp)")
+        raise DataError(
+            f"{url}: no class sub-folders; expected {url}/<class_name>/<image>.png (or .jpg/.jpeg/.webp/.bmp)"
+        )
     files: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         class_url = storage.join(url, name)
@@ -367,7 +395,9 @@ def load_image_folder(url: str, *, image_size: int, channels: int, limit: int | 
         shown = ", ".join(skipped[:5]) + (f", ... ({len(skipped) - 5} more)" if len(skipped) > 5 else "")
         log.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), shown)
     if not images:
-        raise DataError(f"{url}: none of the {len(skipped)} image files could be decoded (first: {skipped[:3]})")
+        raise DataError(
+            f"{url}: none of the {len(skipped)} image files could be decoded (first: {skipped[:3]})"
+        )
     return ImageDataset(
         images=torch.stack(images),  # (N, C, S, S)
         labels=torch.tensor(labels, dtype=torch.int64),  # (N,)

@@ -48,7 +48,9 @@ class StepDenoiser(Protocol):
 
     num_classes: int
 
-    def step_velocity(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def step_velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 @runtime_checkable

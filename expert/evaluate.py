@@ -33,6 +33,7 @@ from safetensors.numpy import save as st_save_numpy
 
 from ddm.core import storage
 from ddm.core.device import to_device
+from ddm.core.progress import progress_bar
 from ddm.expert.classifier import Classifier
 from ddm.expert.config import SampleConfig
 from ddm.expert.data import ImageDataset
@@ -42,9 +43,17 @@ from ddm.expert.guidance import with_guidance
 from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
 from ddm.expert.sampling import CountingDenoiser, sample
-from ddm.core.progress import progress_bar
 
-__all__ = ["EvalResult", "RealReference", "balanced_labels", "evaluate", "generate", "grid_indices", "real_reference", "score"]
+__all__ = [
+    "EvalResult",
+    "RealReference",
+    "balanced_labels",
+    "evaluate",
+    "generate",
+    "grid_indices",
+    "real_reference",
+    "score",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,9 @@ class EvalResult:
     kid_std: float
     precision: float  # fraction of samples on the real manifold (Kynkäänniemi et al. 2019)
     recall: float  # fraction of real images on the samples' manifold
-    class_accuracy: float | None  # fraction the classifier labels as the requested class (None: no classifier)
+    class_accuracy: (
+        float | None
+    )  # fraction the classifier labels as the requested class (None: no classifier)
     per_class_accuracy: list[float | None] | None  # None for classes with no samples
     num_samples: int
     num_real: int
@@ -127,7 +138,9 @@ def generate(
     return torch.cat(out)
 
 
-def grid_indices(labels: torch.Tensor, num_classes: int, *, max_cols: int = 10, max_rows: int = 16) -> tuple[list[int], int]:
+def grid_indices(
+    labels: torch.Tensor, num_classes: int, *, max_cols: int = 10, max_rows: int = 16
+) -> tuple[list[int], int]:
     """(indices, columns) for a grid with one row per class (first ``max_rows`` classes present) and
     the same number of samples of that class in every row."""
     per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(num_classes)]
@@ -159,7 +172,9 @@ def _reference_key(real: ImageDataset, features: FeatureExtractor) -> str:
     return h.hexdigest()[:20]
 
 
-def real_reference(real: ImageDataset, features: FeatureExtractor, cache_dir: str | None = None) -> RealReference:
+def real_reference(
+    real: ImageDataset, features: FeatureExtractor, cache_dir: str | None = None
+) -> RealReference:
     """Features and statistics of ``real``, read from ``cache_dir`` when this exact set (hash of its
     pixels) was already embedded with this extractor, else computed and written there."""
     key = _reference_key(real, features)
@@ -168,7 +183,11 @@ def real_reference(real: ImageDataset, features: FeatureExtractor, cache_dir: st
         try:
             t = st_load_numpy(storage.read_bytes(url))
             return RealReference(t["features"].astype(np.float64), t["mu"], t["sigma"], key, from_cache=True)
-        except (SafetensorError, KeyError, ValueError) as e:  # a corrupt cache entry is recomputed, never trusted
+        except (
+            SafetensorError,
+            KeyError,
+            ValueError,
+        ) as e:  # a corrupt cache entry is recomputed, never trusted
             log.warning("%s: unreadable reference cache (%s); recomputing", url, e)
     feats = np.asarray(features(real.images), dtype=np.float64)  # (N, D)
     mu, sigma = feature_stats(feats)
@@ -224,7 +243,9 @@ def evaluate(
             "evaluate against the dataset the model was trained on"
         )
     if classifier is not None and classifier.num_classes != real.num_classes:
-        raise ValueError(f"the classifier has {classifier.num_classes} classes but the real set has {real.num_classes}")
+        raise ValueError(
+            f"the classifier has {classifier.num_classes} classes but the real set has {real.num_classes}"
+        )
     t_start = time.perf_counter()
 
     # 1. samples
@@ -313,7 +334,12 @@ def score(
         seed=seed,
         eval_seconds=0.0,
         classifier_test_accuracy=classifier.test_accuracy if classifier is not None else None,
-        extra={"reference_from_cache": ref.from_cache, "reference_key": ref.key, "pr_k": k, "pr_num_real": n_pr},
+        extra={
+            "reference_from_cache": ref.from_cache,
+            "reference_key": ref.key,
+            "pr_k": k,
+            "pr_num_real": n_pr,
+        },
     )
 
     # 4. outputs
@@ -327,7 +353,14 @@ def score(
         storage.write_json(result.metrics_path, result.to_dict())
     log.info(
         "eval %s: FD %.3f KID %.5f±%.5f P %.3f R %.3f acc %s (%d samples, %.3f s/img)",
-        features.name, fd, kid_mean, kid_std, precision, recall,
-        "n/a" if acc is None else f"{acc:.3f}", num_samples, result.seconds_per_image,
+        features.name,
+        fd,
+        kid_mean,
+        kid_std,
+        precision,
+        recall,
+        "n/a" if acc is None else f"{acc:.3f}",
+        num_samples,
+        result.seconds_per_image,
     )
     return result

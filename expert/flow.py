@@ -51,7 +51,9 @@ def sample_t_uniform(n: int, generator: torch.Generator | None = None) -> torch.
     return torch.rand(n, generator=generator)
 
 
-def sample_t_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_t_logit_normal(
+    n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """t = sigmoid(N(mean, std^2)): Esser et al. 2024, eq. 19 ("rf/lognorm(m, s)")."""
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
 
@@ -69,7 +71,9 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (shift * t + (1 - t))  # = eq. 23; this form is exact at t = 0 and t = 1
 
 
-def resolution_shift(image_size: int, base_size: int = 32, channels: int = 1, base_channels: int = 1) -> float:
+def resolution_shift(
+    image_size: int, base_size: int = 32, channels: int = 1, base_channels: int = 1
+) -> float:
     """shift = sqrt(m / n) for the number of values m at this resolution vs n at the base one."""
     return math.sqrt((image_size * image_size * channels) / (base_size * base_size * base_channels))
 

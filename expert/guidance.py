@@ -21,10 +21,14 @@ def guided(v_c: torch.Tensor, v_u: torch.Tensor, scale: float) -> torch.Tensor:
 def check_scale(scale: float) -> float:
     """The guidance scale as a float; ValueError for anything but a finite number >= 0. The one check
     every guided denoiser (CFG wrapper, ensemble, oracle, student) uses."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale < 0
+    ):
         raise ValueError(
-            "guidance scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), "
-            f"got {scale!r}"
+            f"guidance scale must be a finite number >= 0 (1 = no guidance, 0 = unconditional), got {scale!r}"
         )
     return float(scale)
 
@@ -69,4 +73,8 @@ def with_guidance(denoiser: Denoiser, scale: float) -> Denoiser:
     unconditional rows through the same selected experts; the student, whose input the scale is) does
     so; anything else gets the CFG wrapper.
     """
-    return denoiser.guided(check_scale(scale)) if isinstance(denoiser, SelfGuided) else CFGDenoiser(denoiser, scale)
+    return (
+        denoiser.guided(check_scale(scale))
+        if isinstance(denoiser, SelfGuided)
+        else CFGDenoiser(denoiser, scale)
+    )

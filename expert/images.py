@@ -23,7 +23,9 @@ MIN_VIEW_SIZE = 56
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1] (same shape)."""
     if images_uint8.dtype != torch.uint8:
-        raise ValueError(f"to_model_range expects uint8 images, got {images_uint8.dtype}; float images are already in model range")
+        raise ValueError(
+            f"to_model_range expects uint8 images, got {images_uint8.dtype}; float images are already in model range"
+        )
     return images_uint8.to(torch.float32) / 127.5 - 1.0
 
 
@@ -56,7 +58,9 @@ def decode_image(data: bytes, *, channels: int, size: int) -> torch.Tensor:
     left, top = (w - side) // 2, (h - side) // 2
     im = im.crop((left, top, left + side, top + side))
     if side != size:
-        im = im.resize((size, size), Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking (antialiased)
+        im = im.resize(
+            (size, size), Image.Resampling.BICUBIC
+        )  # PIL widens the kernel when shrinking (antialiased)
     t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)  # (size*size*channels,)
     return t.view(size, size, channels).permute(2, 0, 1).contiguous()  # (C, H, W)
 
@@ -77,7 +81,9 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
 def to_pil(image: torch.Tensor) -> Image.Image:
     """One uint8 image (C, H, W), C in {1, 3}, -> PIL image (mode L or RGB)."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"expected a uint8 image of shape (1|3, H, W), got {image.dtype} {tuple(image.shape)}")
+        raise ValueError(
+            f"expected a uint8 image of shape (1|3, H, W), got {image.dtype} {tuple(image.shape)}"
+        )
     c, h, w = image.shape
     hwc = image.permute(1, 2, 0).contiguous().cpu()  # (H, W, C)
     if c == 1:
@@ -180,7 +186,9 @@ def _prepare_cells(images: torch.Tensor, nrow: int, padding: int, scale: int) ->
     if images.shape[0] == 0:
         raise ValueError("cannot make a grid of zero images")
     if nrow < 1 or padding < 0 or scale < 1:
-        raise ValueError(f"grid needs nrow >= 1, padding >= 0, scale >= 1 (got nrow={nrow}, padding={padding}, scale={scale})")
+        raise ValueError(
+            f"grid needs nrow >= 1, padding >= 0, scale >= 1 (got nrow={nrow}, padding={padding}, scale={scale})"
+        )
     cells = _as_uint8(images).detach().cpu()  # (N, C, H, W)
     if scale > 1:
         cells = cells.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # (N, C, H*s, W*s)
@@ -218,7 +226,9 @@ def _paste(
     return grid
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> str:
+def _fit(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> str:
     """Cut ``text`` until it fits ``width`` pixels (labels never spill into the next cell)."""
     while text and draw.textlength(text, font=font) > width:
         text = text[:-1]

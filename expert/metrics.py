@@ -54,7 +54,9 @@ def _as_features(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
 
 def _same_dim(a: np.ndarray, b: np.ndarray, names: str) -> None:
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{names}: feature dimensions differ ({a.shape[1]} vs {b.shape[1]}); use the same extractor for both")
+        raise ValueError(
+            f"{names}: feature dimensions differ ({a.shape[1]} vs {b.shape[1]}); use the same extractor for both"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,7 +94,9 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             m = np.max(np.abs(covmean.imag))
-            raise ValueError(f"sqrtm of the covariance product has an imaginary component {m:.3g}; use method='eigh'")
+            raise ValueError(
+                f"sqrtm of the covariance product has an imaginary component {m:.3g}; use method='eigh'"
+            )
         covmean = covmean.real
     return float(np.trace(covmean))
 
@@ -112,7 +116,10 @@ def fd_from_stats(
     ``"sqrtm"`` reproduces the reference implementations (they agree to ~1e-8 relative on real data).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(
@@ -187,7 +194,9 @@ def kid(
         raise ValueError(f"subsets must be an integer >= 1, got {subsets!r}")
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples in each set (got {a.shape[0]} and {b.shape[0]}, subset_size {subset_size})")
+        raise ValueError(
+            f"KID needs at least 2 samples in each set (got {a.shape[0]} and {b.shape[0]}, subset_size {subset_size})"
+        )
     rng = np.random.default_rng(seed)
     values = np.empty(subsets)
     for s in range(subsets):
@@ -220,7 +229,9 @@ def knn_radii(feats: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
     return radii
 
 
-def manifold_coverage(query: torch.Tensor, ref: torch.Tensor, ref_radii: torch.Tensor, chunk: int = 1024) -> float:
+def manifold_coverage(
+    query: torch.Tensor, ref: torch.Tensor, ref_radii: torch.Tensor, chunk: int = 1024
+) -> float:
     """Fraction of ``query`` rows inside at least one ball (ref_j, ref_radii_j)."""
     inside = torch.zeros(query.shape[0], dtype=torch.bool)
     for start, d in _pairwise_chunks(query, ref, chunk):

@@ -45,7 +45,9 @@ class DiTConfig:
                 "pick a patch size that divides the image size (e.g. 2 or 4 for 28x28)"
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +63,7 @@ class DiTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
+    def from_dict(cls, d: dict) -> DiTConfig:
         return cls(**d)
 
 
@@ -108,11 +110,15 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.scale = scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
         args = (t.float() * self.scale)[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -143,7 +149,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -187,7 +195,9 @@ class DiT(nn.Module):
         self.d_embedder = TimestepEmbedder(d) if config.step_embed else None
         grid = config.image_size // p
         self.register_buffer("pos_embed", sincos_pos_embed(d, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
         self.final_layer = FinalLayer(d, p, c)
         self._init_weights()
 
@@ -241,7 +251,9 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         if self.w_embedder is not None:
             if w is None:
-                raise ValueError("this DiT takes the guidance scale w as an input (a distilled student); pass w (N,)")
+                raise ValueError(
+                    "this DiT takes the guidance scale w as an input (a distilled student); pass w (N,)"
+                )
             c = c + self.w_embedder(w)  # (N, D)
         if self.d_embedder is not None:
             c = c + self.d_embedder(torch.zeros_like(t) if d is None else d)  # (N, D); d = 0: the flow

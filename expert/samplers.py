@@ -74,9 +74,14 @@ TIME_GRIDS: Registry[TimeGrid] = Registry("time grid")
 
 
 @SAMPLERS.register(
-    "euler", help="first-order Euler (the DDIM update in rectified-flow form)", calls=lambda steps: steps, stochastic=False
+    "euler",
+    help="first-order Euler (the DDIM update in rectified-flow form)",
+    calls=lambda steps: steps,
+    stochastic=False,
 )
-def euler(model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, churn: float) -> Iterator[Step]:
+def euler(
+    model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, churn: float
+) -> Iterator[Step]:
     """x <- x + (t_next - t) v(x, t). One call per step; the step to t_next is asked for as one step."""
     steps = len(ts) - 1
     for i in range(steps):
@@ -93,7 +98,9 @@ def euler(model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, 
     calls=lambda steps: 2 * steps - 1,
     stochastic=False,
 )
-def heun(model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, churn: float) -> Iterator[Step]:
+def heun(
+    model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, churn: float
+) -> Iterator[Step]:
     """Heun's method on the instantaneous velocity; the last step, to t = 0, is a plain Euler step as in
     Karras et al. 2 calls per step, 1 on the last."""
     steps = len(ts) - 1
@@ -117,7 +124,9 @@ def heun(model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, c
     calls=lambda steps: steps,
     stochastic=True,
 )
-def stochastic(model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, churn: float) -> Iterator[Step]:
+def stochastic(
+    model: Model, x: Tensor, ts: Sequence[float], *, noise: NoiseSampler, churn: float
+) -> Iterator[Step]:
     """One call per step on the instantaneous velocity, then :func:`stochastic_update` with fresh noise."""
     steps = len(ts) - 1
     for i in range(steps):
@@ -170,7 +179,8 @@ def stochastic_update(x: Tensor, v: Tensor, t: float, t_next: float, churn: floa
 
 
 @TIME_GRIDS.register(
-    "uniform", help="uniform in t, then the resolution shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23)"
+    "uniform",
+    help="uniform in t, then the resolution shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23)",
 )
 def uniform(steps: int, time_shift: float) -> list[float]:
     from ddm.expert import flow  # torch, only when a grid is made

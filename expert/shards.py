@@ -63,9 +63,13 @@ def write_shards(
     for memory is written chunk by chunk with ``ShardWriter``, which this wraps.
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(f"write_shards: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"write_shards: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
     _check_rows(images, labels, ids, num_classes)
-    writer = ShardWriter(url, image_shape=tuple(images.shape[1:]), num_classes=num_classes, shard_size=shard_size, meta=meta)
+    writer = ShardWriter(
+        url, image_shape=tuple(images.shape[1:]), num_classes=num_classes, shard_size=shard_size, meta=meta
+    )
     writer.add(images, labels, ids)
     return writer.close()
 
@@ -74,11 +78,15 @@ def _check_rows(images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, n
     n = images.shape[0]
     for name, t in (("labels", labels), ("ids", ids)):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or tuple(t.shape) != (n,):
-            raise ValueError(f"write_shards: {name} must be integers of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"write_shards: {name} must be integers of shape ({n},), got {t.dtype} {tuple(t.shape)}"
+            )
     if num_classes < 1:
         raise ValueError(f"write_shards: num_classes must be >= 1, got {num_classes}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"write_shards: labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"write_shards: labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 class ShardWriter:
@@ -99,7 +107,9 @@ class ShardWriter:
         meta: dict[str, Any] | None = None,
     ):
         if len(image_shape) != 3 or not all(int(d) > 0 for d in image_shape):
-            raise ValueError(f"write_shards: image_shape must be (C, H, W) of positive sizes, got {tuple(image_shape)}")
+            raise ValueError(
+                f"write_shards: image_shape must be (C, H, W) of positive sizes, got {tuple(image_shape)}"
+            )
         if num_classes < 1:
             raise ValueError(f"write_shards: num_classes must be >= 1, got {num_classes}")
         if shard_size < 1:
@@ -150,7 +160,9 @@ class ShardWriter:
             metadata={"format": FORMAT},
         )
         storage.write_bytes(storage.join(self.url, shard_name(i)), payload)
-        self.entries.append({"file": shard_name(i), "count": n, "sha256": hashlib.sha256(payload).hexdigest()})
+        self.entries.append(
+            {"file": shard_name(i), "count": n, "sha256": hashlib.sha256(payload).hexdigest()}
+        )
         self.count += n
 
     def close(self) -> dict[str, Any]:
@@ -251,22 +263,35 @@ def read_shards(url: str, *, verify: bool = True, limit: int | None = None) -> I
         tensors = _read_shard(shard_url, entry, verify)
         n = entry["count"]
         if tuple(tensors["images"].shape) != (n, c, h, w):
-            raise ShardError(f"{shard_url}: images have shape {list(tensors['images'].shape)}, the index says {[n, c, h, w]}")
+            raise ShardError(
+                f"{shard_url}: images have shape {list(tensors['images'].shape)}, the index says {[n, c, h, w]}"
+            )
         for key in ("labels", "ids"):
             if tuple(tensors[key].shape) != (n,):
-                raise ShardError(f"{shard_url}: {key} have shape {list(tensors[key].shape)}, the index says [{n}]")
+                raise ShardError(
+                    f"{shard_url}: {key} have shape {list(tensors[key].shape)}, the index says [{n}]"
+                )
         labels = tensors["labels"]
         if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ShardError(f"{shard_url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {num_classes})")
+            raise ShardError(
+                f"{shard_url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {num_classes})"
+            )
         take = min(n, want - have)
         for key in parts:
             parts[key].append(tensors[key][:take])
         have += take
     meta = index.get("meta", {})
     class_names = meta.get("class_names")
-    if not (isinstance(class_names, list) and len(class_names) == num_classes and all(isinstance(s, str) for s in class_names)):
+    if not (
+        isinstance(class_names, list)
+        and len(class_names) == num_classes
+        and all(isinstance(s, str) for s in class_names)
+    ):
         class_names = None
-    empty = {"images": torch.empty(0, c, h, w, dtype=torch.uint8), "labels": torch.empty(0, dtype=torch.int64)}
+    empty = {
+        "images": torch.empty(0, c, h, w, dtype=torch.uint8),
+        "labels": torch.empty(0, dtype=torch.int64),
+    }
     return ImageDataset(
         images=torch.cat(parts["images"]) if parts["images"] else empty["images"],  # (N, C, H, W)
         labels=torch.cat(parts["labels"]) if parts["labels"] else empty["labels"],  # (N,)
@@ -281,7 +306,9 @@ def _read_shard(shard_url: str, entry: dict[str, Any], verify: bool) -> dict[str
     try:
         raw = storage.read_bytes(shard_url)
     except FileNotFoundError:
-        raise ShardError(f"{shard_url}: shard listed in {INDEX_FILE} is missing; rewrite the partition") from None
+        raise ShardError(
+            f"{shard_url}: shard listed in {INDEX_FILE} is missing; rewrite the partition"
+        ) from None
     if verify:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != entry["sha256"]:

@@ -39,10 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
+
 from ddm.core import storage
 from ddm.expert.images import to_model_range
 from ddm.expert.shards import INDEX_FILE, ShardError, read_index
-from torch.utils.data import Dataset
 
 CACHE_ENV = "DDM_SHARD_CACHE"
 _HEADER_MAX = 100 * 2**20  # a safetensors header larger than this is not one of ours
@@ -137,7 +138,9 @@ class _ShardSet:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise ShardError(f"{s.url}: shard listed in {INDEX_FILE} is missing; rewrite the partition") from None
+            raise ShardError(
+                f"{s.url}: shard listed in {INDEX_FILE} is missing; rewrite the partition"
+            ) from None
         try:
             if self.verify and storage.is_local(s.url) and not self.verified[i]:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # one worker hashes; the others wait, then see the flag
@@ -194,7 +197,9 @@ def _parse(fd: int, s: _Shard) -> _OpenShard:
     for key, (dtype, itemsize) in _ST_DTYPES.items():
         info = header.get(key)
         if not isinstance(info, dict):
-            raise ShardError(f"{s.url}: tensor {key!r} is missing (has {sorted(k for k in header if k != '__metadata__')})")
+            raise ShardError(
+                f"{s.url}: tensor {key!r} is missing (has {sorted(k for k in header if k != '__metadata__')})"
+            )
         if info.get("dtype") != dtype:
             want = "torch.uint8" if dtype == "U8" else "torch.int64"
             raise ShardError(f"{s.url}: tensor {key!r} is {info.get('dtype')}, expected {want}")
@@ -202,12 +207,17 @@ def _parse(fd: int, s: _Shard) -> _OpenShard:
         if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
             raise unreadable(f"tensor {key!r} has no shape or data_offsets")
         begin, end = offsets
-        if not (0 <= begin <= end <= size - base) or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
+        if (
+            not (0 <= begin <= end <= size - base)
+            or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize
+        ):
             raise unreadable(f"tensor {key!r} has data_offsets {offsets} that do not fit its shape {shape}")
         count = s.entry["count"]
         if key == "images":
             if tuple(shape) != (count, *s.image_shape):
-                raise ShardError(f"{s.url}: images have shape {list(shape)}, the index says {[count, *s.image_shape]}")
+                raise ShardError(
+                    f"{s.url}: images have shape {list(shape)}, the index says {[count, *s.image_shape]}"
+                )
         elif tuple(shape) != (count,):
             raise ShardError(f"{s.url}: {key} have shape {list(shape)}, the index says [{count}]")
         at[key] = base + begin
@@ -220,7 +230,9 @@ def _parse(fd: int, s: _Shard) -> _OpenShard:
 
     labels, ids = read_int64("labels"), read_int64("ids")
     if s.rows and (int(labels.min()) < 0 or int(labels.max()) >= s.num_classes):
-        raise ShardError(f"{s.url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {s.num_classes})")
+        raise ShardError(
+            f"{s.url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {s.num_classes})"
+        )
     c, h, w = s.image_shape
     return _OpenShard(fd, at["images"], c * h * w, labels, ids)
 
@@ -252,7 +264,9 @@ def _cached_copy(url: str, sha256: str) -> Path:
                 )
             os.replace(tmp, target)
         except FileNotFoundError:
-            raise ShardError(f"{url}: shard listed in {INDEX_FILE} is missing; rewrite the partition") from None
+            raise ShardError(
+                f"{url}: shard listed in {INDEX_FILE} is missing; rewrite the partition"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
     return target
@@ -351,7 +365,9 @@ class StreamedDataset(Dataset):
                 raise ValueError(f"boolean index must have shape ({len(self)},), got {tuple(index.shape)}")
             index = index.nonzero().squeeze(1)
         if index.dim() != 1 or index.is_floating_point():
-            raise ValueError(f"index must be 1-D integers or a boolean mask, got {index.dtype} {tuple(index.shape)}")
+            raise ValueError(
+                f"index must be 1-D integers or a boolean mask, got {index.dtype} {tuple(index.shape)}"
+            )
         index = index.to(torch.int64)
         n = len(self)
         if index.numel() and (int(index.min()) < -n or int(index.max()) >= n):
@@ -376,7 +392,9 @@ def _read_rows(opened: _OpenShard, rows: list[int], slots: list[int], out: np.nd
         view = memoryview(out[slots[j] : slots[j] + (k - j)]).cast("B")
         got = os.preadv(opened.fd, [view], opened.images_at + rows[j] * size)
         if got != len(view):
-            raise ShardError(f"{url}: not a readable safetensors file (image rows {rows[j]}..{rows[k - 1]} are truncated)")
+            raise ShardError(
+                f"{url}: not a readable safetensors file (image rows {rows[j]}..{rows[k - 1]} are truncated)"
+            )
         j = k
 
 
@@ -396,7 +414,11 @@ def _partition_shards(url: str, limit: int | None) -> tuple[dict[str, Any], list
 
 def _class_names(index: dict[str, Any]) -> list[str] | None:
     names = index.get("meta", {}).get("class_names")
-    ok = isinstance(names, list) and len(names) == index["num_classes"] and all(isinstance(s, str) for s in names)
+    ok = (
+        isinstance(names, list)
+        and len(names) == index["num_classes"]
+        and all(isinstance(s, str) for s in names)
+    )
     return names if ok else None
 
 

@@ -77,13 +77,17 @@ class StudentDenoiser:
         return self._forward(x_t, t, y, d)
 
     @torch.no_grad()
-    def step_velocity(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step_velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """The velocity over the step t -> t_next: the shortcut with d = t - t_next (N,) when the student
         takes a step size, else the flow velocity."""
         d = (t.double() - t_next.double()).float() if self.takes_step_size else None  # (N,)
         return self._forward(x_t, t, y, d)
 
-    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None
+    ) -> torch.Tensor:
         n = x_t.shape[0]
         self.calls.add(0, n)
         w = torch.full((n,), self.guidance, dtype=torch.float32, device=x_t.device)  # (N,)

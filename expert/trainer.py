@@ -22,9 +22,9 @@ from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_training_dataset
-from ddm.expert.stream import StreamedDataset
 from ddm.expert.images import to_model_range
 from ddm.expert.model import DiT, DiTConfig, dit_config
+from ddm.expert.stream import StreamedDataset
 
 
 def drop_labels(y: torch.Tensor, u: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
@@ -87,7 +87,9 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
 
     def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         tc, cfg, rows = self.tc, self.cfg, self.rows
-        eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[rows]
+        eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[
+            rows
+        ]
         t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
         images, y = batch  # uint8 (b, C, H, W), (b,)

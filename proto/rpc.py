@@ -237,11 +237,15 @@ class HealthServicer(health.HealthServicer):
     """grpcio-health-checking's servicer plus ``List`` (every service's status at once), which its
     1.85 release leaves to the base class: UNIMPLEMENTED, with a NotImplementedError traceback logged."""
 
-    def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> health_pb2.HealthListResponse:
+    def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
         with self._lock:
             statuses = dict(self._server_status)
         return health_pb2.HealthListResponse(
-            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()}
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()
+            }
         )
 
 

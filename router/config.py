@@ -40,7 +40,9 @@ ROUTER_TRAIN_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.995,
     "checkpoint_every": 250,
 }
-RouterTrainConfig = train_with_defaults(ROUTER_TRAIN_DEFAULTS, "router training (router defaults: uniform t, label dropout 0.2)")
+RouterTrainConfig = train_with_defaults(
+    ROUTER_TRAIN_DEFAULTS, "router training (router defaults: uniform t, label dropout 0.2)"
+)
 
 
 def partition_url(root: str, k: int) -> str:
@@ -132,7 +134,9 @@ class RoutingConfig(Strict):
         "top-k", description="expert selection (ddm.router.strategies.STRATEGIES)"
     )
     top_k: int = Field(1, ge=1, description="experts per sample for top-k")
-    threshold: float = Field(0.1, gt=0, le=1, description="router probability cut-off for the threshold strategy")
+    threshold: float = Field(
+        0.1, gt=0, le=1, description="router probability cut-off for the threshold strategy"
+    )
 
 
 class SampleDefaults(SampleConfig, RoutingConfig):
@@ -150,5 +154,7 @@ class SampleDefaults(SampleConfig, RoutingConfig):
         if not 1 <= self.steps <= self.max_steps:
             raise ValueError(f"steps: default {self.steps} must lie in 1..max_steps ({self.max_steps})")
         if not 0 <= self.guidance <= self.max_guidance:
-            raise ValueError(f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})")
+            raise ValueError(
+                f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})"
+            )
         return self

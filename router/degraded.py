@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import grpc
 import torch
+
 from ddm.expert.denoiser import Denoiser
 from ddm.router.ensemble import RouterFn
 from ddm.router.remote import DOWN_CODES, ExpertFailure, RemoteExpert

@@ -249,7 +249,9 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         """``net`` as ``s(x, t, y, w, d)`` in the job's precision (d ignored without shortcut models)."""
         shortcut = self.job.shortcut.enabled
 
-        def s(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        def s(
+            x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor
+        ) -> torch.Tensor:
             with self.autocast():
                 return net(x, t, y, w=w, d=d if shortcut else None).float()
 

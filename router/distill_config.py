@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from pydantic import Field, field_validator, model_validator
+
 from ddm.core.config import JobConfig, Strict, train_with_defaults
 from ddm.expert.sizes import DIT_ARCHS
 from ddm.router.config import RouterDataConfig
-from pydantic import Field, field_validator, model_validator
 
 # Distillation defaults that differ from an expert's:
 #  * no label dropout: the unconditional rows' target is the teacher's unconditional velocity, which w
@@ -55,7 +56,9 @@ DistillTrainConfig = train_with_defaults(
 
 class StudentModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"student DiT size from the registry: {', '.join(DIT_ARCHS)}")
-    num_classes: int = Field(10, ge=1, description="class labels; must equal the experts' (the null class is shared)")
+    num_classes: int = Field(
+        10, ge=1, description="class labels; must equal the experts' (the null class is shared)"
+    )
     init: Literal["expert", "random"] = Field(
         "expert",
         description="'expert': start from expert 0's EMA weights (needs the experts' arch); 'random': from scratch",
@@ -94,7 +97,9 @@ class TeacherSettings(Strict):
 class TeacherConfig(TeacherSettings):
     """The job's teacher: the settings plus the router checkpoint an ensemble teacher needs."""
 
-    router: str | None = Field(None, description="router checkpoint (file or directory) for kind = 'ensemble'")
+    router: str | None = Field(
+        None, description="router checkpoint (file or directory) for kind = 'ensemble'"
+    )
 
     @model_validator(mode="after")
     def _router_for_ensemble(self) -> TeacherConfig:
@@ -112,7 +117,9 @@ class ShortcutConfig(Strict):
         description="smallest shortcut step (a power of 1/2): its target is two Euler half steps of the d = 0 "
         "flow, so 1/32 bootstraps from a 64-step Euler solution; smaller adds levels, each trained less",
     )
-    fraction: float = Field(0.25, gt=0, lt=1, description="share of each batch trained on self-consistency targets")
+    fraction: float = Field(
+        0.25, gt=0, lt=1, description="share of each batch trained on self-consistency targets"
+    )
 
     @field_validator("min_step")
     @classmethod
@@ -131,9 +138,13 @@ class ShortcutConfig(Strict):
 class DistillJobConfig(JobConfig):
     """One distillation job: K experts (+ router) and their partitions -> one student checkpoint."""
 
-    kind: Literal["student"] = Field("student", description="the job kind (ddm.train picks the trainer by it)")
+    kind: Literal["student"] = Field(
+        "student", description="the job kind (ddm.train picks the trainer by it)"
+    )
     name: str = Field("student", description="job name, used in logs")
-    output: str = Field("runs/distill", description="output directory (local or s3://): checkpoints/, metrics.csv")
+    output: str = Field(
+        "runs/distill", description="output directory (local or s3://): checkpoints/, metrics.csv"
+    )
     experts: list[str] = Field(description="expert checkpoint files or directories, in partition order")
     data: RouterDataConfig
     model: StudentModelConfig = StudentModelConfig()
@@ -155,11 +166,17 @@ class DistillJobConfig(JobConfig):
 class DistillEvalConfig(Strict):
     """The distillation table: the guided top-1 ensemble and the student at several step counts, one run."""
 
-    enabled: bool = Field(True, description="evaluate the student against the guided top-1 ensemble after training")
-    ensemble_steps: list[int] = Field([8, 16, 32], description="sampler steps of the guided top-1 ensemble rows")
+    enabled: bool = Field(
+        True, description="evaluate the student against the guided top-1 ensemble after training"
+    )
+    ensemble_steps: list[int] = Field(
+        [8, 16, 32], description="sampler steps of the guided top-1 ensemble rows"
+    )
     student_steps: list[int] = Field([1, 2, 4, 8], description="sampler steps of the student rows")
     num_samples: int | None = Field(None, ge=10, description="images per row (default: eval.num_samples)")
-    guidance: float | None = Field(None, ge=0, le=100, description="guidance scale of every row (default: eval.sample.guidance)")
+    guidance: float | None = Field(
+        None, ge=0, le=100, description="guidance scale of every row (default: eval.sample.guidance)"
+    )
 
     @field_validator("ensemble_steps", "student_steps")
     @classmethod
@@ -173,7 +190,9 @@ class DistillStageConfig(Strict):
     """The run config's ``[distill]``: a student trained after eval as its own TorchX job, then evaluated."""
 
     enabled: bool = Field(True, description="distil the experts into one student (experts mode)")
-    island: str | None = Field(None, description="island to train on (default: the islands file's default island)")
+    island: str | None = Field(
+        None, description="island to train on (default: the islands file's default island)"
+    )
     model: StudentModelConfig = StudentModelConfig()
     teacher: TeacherSettings = TeacherSettings()
     shortcut: ShortcutConfig = ShortcutConfig()

@@ -102,14 +102,18 @@ def parse_request(
         raise BadRequest("steps", f"{steps} out of range; use 1..{d.max_steps}")
     sampler = opt("sampler", d.sampler)
     if sampler not in SAMPLERS:
-        raise BadRequest("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS.names())}")
+        raise BadRequest(
+            "sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS.names())}"
+        )
     strategy = opt("strategy", d.strategy)
     served = STRATEGIES.names(served=True)
     if strategy not in served:
         hint = ""
         if strategy in STRATEGIES:
             hint = f" ({strategy!r} {STRATEGIES.entry(strategy).help})"
-        raise BadRequest("strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(served)}")
+        raise BadRequest(
+            "strategy", f"unknown strategy {strategy!r}{hint}; choose one of {', '.join(served)}"
+        )
     top_k = int(opt("top_k", d.top_k))
     if not 1 <= top_k <= num_experts:
         raise BadRequest("top_k", f"{top_k} out of range; there are {num_experts} experts")

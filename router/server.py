@@ -257,7 +257,10 @@ class RouterServer(rpc.LoadingServer):
             from ddm.router.student_serving import StudentRunner, load_student
 
             student = load_student(
-                self.student_source, num_classes=self.router.num_classes, image_shape=self.image_shape, device=device
+                self.student_source,
+                num_classes=self.router.num_classes,
+                image_shape=self.image_shape,
+                device=device,
             )
             self.student_runner = StudentRunner(student, self.placement)
             self.placement.announce(f"router server: student ({self.student_source})")
@@ -300,7 +303,9 @@ class RouterServer(rpc.LoadingServer):
             if down:
                 self._down_since[expert.name] = time.monotonic()
             since = self._down_since.pop(expert.name, None) if not down else None
-            self._health.set(expert_health_service(expert.name), status.NOT_SERVING if down else status.SERVING)
+            self._health.set(
+                expert_health_service(expert.name), status.NOT_SERVING if down else status.SERVING
+            )
         if down:
             log.warning(
                 "expert %s at %s is down (%s): router health NOT_SERVING; Sample calls without "

@@ -42,7 +42,9 @@ def top_k(probs: Tensor, *, top_k: int, threshold: float) -> Tensor:
     return _renormalised(probs, mask)
 
 
-@STRATEGIES.register("full", help="every expert, weighted by the router (the exact mixture formula)", served=True, routed=True)
+@STRATEGIES.register(
+    "full", help="every expert, weighted by the router (the exact mixture formula)", served=True, routed=True
+)
 def full(probs: Tensor, *, top_k: int, threshold: float) -> Tensor:
     return _renormalised(probs, probs.new_ones(probs.shape, dtype=bool))
 

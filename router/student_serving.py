@@ -39,7 +39,9 @@ def load_student(
     image shape)."""
     student = load_denoiser(url, device=device)
     if not isinstance(student, StudentDenoiser):
-        raise CheckpointError(f"{url}: not a distilled student (no guidance input); train one with the distill stage")
+        raise CheckpointError(
+            f"{url}: not a distilled student (no guidance input); train one with the distill stage"
+        )
     if student.num_classes != num_classes or student.image_shape != tuple(image_shape):
         raise CheckpointError(
             f"{url}: the student has {student.num_classes} classes and images {student.image_shape}, the router "
@@ -58,7 +60,12 @@ class StudentRunner:
         self._lock = threading.Lock()
 
     def run(
-        self, members: list[Member], image_shape: tuple[int, int, int], *, deadline: float | None, on_step: Any = None
+        self,
+        members: list[Member],
+        image_shape: tuple[int, int, int],
+        *,
+        deadline: float | None,
+        on_step: Any = None,
     ) -> None:
         """Sample the cohort and send each member its progress and result (or the error).
         ``deadline``: time.monotonic() after which the cohort stops with DEADLINE_EXCEEDED."""
@@ -83,7 +90,10 @@ class StudentRunner:
                 for m in members:
                     m.send("progress", progress)
                 if deadline is not None and time.monotonic() > deadline:
-                    error = (grpc.StatusCode.DEADLINE_EXCEEDED, "router: deadline passed while sampling the student")
+                    error = (
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "router: deadline passed while sampling the student",
+                    )
                     return broadcast(members, "error", error)
         except Exception as e:  # a bug: tell the clients instead of leaving them waiting
             log.exception("student cohort failed")
@@ -103,6 +113,8 @@ class _Locked:
         with self.lock:
             return self.inner.velocity(x_t, t, y)
 
-    def step_velocity(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step_velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         with self.lock:
             return self.inner.step_velocity(x_t, t, t_next, y)

@@ -216,7 +216,11 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         self.class_names = data.dataset.class_names
         train_data, self.heldout = split_holdout(data, job.data.holdout, self.tc.seed)
         self.cfg = router_config(
-            job.model.arch, image_size=h, in_channels=c, num_classes=job.model.num_classes, num_experts=len(self.urls)
+            job.model.arch,
+            image_size=h,
+            in_channels=c,
+            num_classes=job.model.num_classes,
+            num_experts=len(self.urls),
         )
         return train_data
 
@@ -233,7 +237,9 @@ class RouterTrainer(Trainer[RouterJobConfig]):
 
     def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         tc, cfg, rows = self.tc, self.cfg, self.rows
-        eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[rows]
+        eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[
+            rows
+        ]
         t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
         images, y, k = batch  # uint8 (b, C, H, W), (b,), (b,)

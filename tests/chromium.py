@@ -24,7 +24,14 @@ window.addEventListener("load", async () => {
   document.body.appendChild(out);
 });
 </script>"""
-_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0")
+_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",
+    "--v=0",
+)
 
 
 def chromium() -> str:
@@ -32,7 +39,9 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise RuntimeError("headless Chromium is needed to check pages a person looks at: apt-get install chromium")
+    raise RuntimeError(
+        "headless Chromium is needed to check pages a person looks at: apt-get install chromium"
+    )
 
 
 @dataclass

@@ -69,7 +69,12 @@ def validate(obj: dict, version: str) -> None:
 
 def pod_of(template: dict, name: str) -> dict:
     """A pod template as a Pod, so the Pod schema checks it."""
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {**template.get("metadata", {}), "name": name}, "spec": template["spec"]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template.get("metadata", {}), "name": name},
+        "spec": template["spec"],
+    }
 
 
 def env_without_kube() -> dict[str, str]:
@@ -126,8 +131,14 @@ class KubeAPIServer:
 
         binary = apiserver_binary()
         d = self.dir
-        subprocess.run(["openssl", "genrsa", "-out", str(d / "sa.key"), "2048"], check=True, capture_output=True)
-        subprocess.run(["openssl", "rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub")], check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "genrsa", "-out", str(d / "sa.key"), "2048"], check=True, capture_output=True
+        )
+        subprocess.run(
+            ["openssl", "rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub")],
+            check=True,
+            capture_output=True,
+        )
         (d / "tokens.csv").write_text(
             f'{ADMIN_TOKEN},admin,admin,"system:masters"\n'
             f'{COORDINATOR_TOKEN},{COORDINATOR_USER},coordinator-uid,"system:serviceaccounts,system:serviceaccounts:ddm"\n'
@@ -157,9 +168,13 @@ class KubeAPIServer:
             for p in self.procs:
                 if p.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"{p.args[0]} exited ({p.returncode}); see {d}/etcd.log and {d}/apiserver.log")
+                    raise RuntimeError(
+                        f"{p.args[0]} exited ({p.returncode}); see {d}/etcd.log and {d}/apiserver.log"
+                    )
             try:
-                req = urllib.request.Request(f"{self.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                req = urllib.request.Request(
+                    f"{self.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                )
                 if urllib.request.urlopen(req, timeout=1, context=ctx).read().strip() == b"ok":
                     break
             except OSError:
@@ -182,7 +197,9 @@ class KubeAPIServer:
         }))  # fmt: skip
         return str(path)
 
-    def kubectl(self, *args: str, stdin: str | None = None, kubeconfig: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, stdin: str | None = None, kubeconfig: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         r = subprocess.run([kubectl(), "--kubeconfig", kubeconfig or self.admin_kubeconfig, *args], input=stdin,
                            capture_output=True, text=True, timeout=60, env=env_without_kube())  # fmt: skip
         if check and r.returncode != 0:

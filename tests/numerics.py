@@ -38,7 +38,10 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def environment() -> dict[str, str]:
     """What the pin depends on besides the code: torch's version and the CPU (its kernels differ)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        "?",
+    )
     return {"torch": torch.__version__, "cpu": cpu, "threads": "1"}
 
 
@@ -55,8 +58,8 @@ def _figures(result: Any, ckpt_dir: Path) -> dict[str, Any]:
 
 def write_partitions(root: Path, n: int) -> None:
     """Partition 0 = classes 0-4, partition 1 = classes 5-9, of the first n training images."""
-    from ddm.expert.shards import write_shards
     from ddm.expert.data import load_fashion_mnist
+    from ddm.expert.shards import write_shards
 
     ds = load_fashion_mnist(limit=n)
     for k, sel in enumerate((ds.labels < 5, ds.labels >= 5)):
@@ -70,11 +73,11 @@ TRAIN = dict(warmup_steps=2, checkpoint_every=3, log_every=2, num_threads=1, pre
 
 def run_all(work: Path) -> dict[str, Any]:
     from ddm.expert.config import ExpertJobConfig
-    from ddm.router.config import RouterJobConfig
-    from ddm.router.distill_config import DistillJobConfig
     from ddm.expert.trainer import train as train_expert
-    from ddm.router.trainer import train as train_router
+    from ddm.router.config import RouterJobConfig
     from ddm.router.distill import train as train_student
+    from ddm.router.distill_config import DistillJobConfig
+    from ddm.router.trainer import train as train_router
 
     torch.set_num_threads(1)
     root = work / "root"

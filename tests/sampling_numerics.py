@@ -44,7 +44,9 @@ def _dit(seed: int, **flags: bool) -> torch.nn.Module:
     from ddm.expert.model import DiT, DiTConfig
 
     torch.manual_seed(seed)
-    return _perturbed(DiT(DiTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2, **IMAGE, **flags)), seed)
+    return _perturbed(
+        DiT(DiTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=2, **IMAGE, **flags)), seed
+    )
 
 
 def _router(seed: int) -> torch.nn.Module:
@@ -64,7 +66,9 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _run(denoiser: Any, *, steps: int, sampler: str, time_shift: float, churn: float = 0.5, seed: int = 0) -> dict:
+def _run(
+    denoiser: Any, *, steps: int, sampler: str, time_shift: float, churn: float = 0.5, seed: int = 0
+) -> dict:
     from ddm.expert.sampling import sample
 
     gen = torch.Generator().manual_seed(seed)
@@ -102,7 +106,12 @@ def run_all() -> dict[str, Any]:
     experts = [ModuleDenoiser(_dit(10 + k), num_classes=3) for k in range(3)]
     router = _router(20)
     partition = torch.tensor([2, 0, 1, 0])
-    strategies = {"full": {}, "top-1": dict(top_k=1), "top-2": dict(top_k=2), "threshold": dict(threshold=0.3)}
+    strategies = {
+        "full": {},
+        "top-1": dict(top_k=1),
+        "top-2": dict(top_k=2),
+        "threshold": dict(threshold=0.3),
+    }
     for name, kw in [*strategies.items(), ("oracle", {})]:
         strategy = "top-k" if name.startswith("top-") else name
         for sampler in SAMPLERS:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_fixtures import expert_checkpoint, router_checkpoint
+
 from ddm.expert.server import ExpertServer
 from ddm.router.admission import Admission, GaveUp, Overloaded
 from ddm.router.client import RouterClient
 from ddm.router.server import RouterServer
-from grpc_fixtures import expert_checkpoint, router_checkpoint
 
 
 def test_admits_queues_in_order_and_sheds_beyond_the_queue() -> None:

@@ -19,7 +19,6 @@ from ddm.expert import flow
 from ddm.expert.analytic import GaussianDenoiser, GaussianMixtureDenoiser
 from ddm.expert.denoiser import Denoiser
 
-
 MU = np.array([0.5, -1.0, 0.0, 2.0])
 _L = np.array([[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [-0.3, 0.2, 0.5, 0], [0.1, -0.4, 0.3, 0.7]])
 SIGMA = _L @ _L.T  # non-diagonal, well conditioned

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from grpc_fixtures import expert_checkpoint
 
 from ddm.coordinator.config import load_run_config
 from ddm.coordinator.islands import load_islands
@@ -15,8 +16,6 @@ from ddm.coordinator.manifest import Manifest
 from ddm.core import checkpoint
 from ddm.expert.load import load_model
 from ddm.expert.shards import read_shards, write_shards
-
-from grpc_fixtures import expert_checkpoint
 
 
 def _truncate(path: Path) -> bytes:

@@ -63,7 +63,9 @@ def test_shim_makes_ddm_importable_without_installing_it(tmp_path):
         "import ddm.expert.model_cost as m, ddm.core.device\n"
         "print(m.__file__)\n"
     )
-    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     source, path = done.stdout.split()
     assert source == "shim" and path.endswith("ddm/expert/model_cost.py")

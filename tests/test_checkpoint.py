@@ -12,7 +12,11 @@ from ddm.core.checkpoint import CheckpointError
 
 
 def tensors(step):
-    return {"model.w": torch.full((3, 2), float(step)), "ema.w": torch.ones(3, 2), "optim.0.step": torch.tensor(step)}
+    return {
+        "model.w": torch.full((3, 2), float(step)),
+        "ema.w": torch.ones(3, 2),
+        "optim.0.step": torch.tensor(step),
+    }
 
 
 @pytest.mark.parametrize("root", ["local", "memory"])

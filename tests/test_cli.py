@@ -44,7 +44,7 @@ def test_embedded_default_config_resolves():
 
 def test_bad_config_field_is_named(tmp_path):
     p = tmp_path / "bad.toml"
-    p.write_text('[partition]\nk = 0\n[experts.train]\nbatchsize = 3\n')
+    p.write_text("[partition]\nk = 0\n[experts.train]\nbatchsize = 3\n")
     r = ddm("run", str(p), "--print-config")
     assert r.returncode == 2
     assert "partition.k" in r.stderr and "experts.train.batchsize" in r.stderr and "unknown field" in r.stderr
@@ -87,5 +87,7 @@ def test_help_imports_no_torch_grpc_or_faiss() -> None:
         "assert 'ddm.expert.samplers' in sys.modules and 'ddm.router.strategies' in sys.modules\n"
         "print(sorted(m for m in ('torch', 'grpc', 'faiss', 'torchx') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

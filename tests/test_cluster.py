@@ -314,7 +314,9 @@ def test_load_rejects_a_tampered_or_missing_clustering(tmp_path) -> None:
     ],
 )
 def test_bad_config_raises_naming_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=rf"ClusterConfig\n(  Value error, )?{field}\b|ClusterConfig\n{field}\n"):
+    with pytest.raises(
+        ValueError, match=rf"ClusterConfig\n(  Value error, )?{field}\b|ClusterConfig\n{field}\n"
+    ):
         ClusterConfig(**kwargs)
 
 

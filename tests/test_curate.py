@@ -10,7 +10,9 @@ from ddm.expert.data import ImageDataset
 
 def dataset(images: torch.Tensor) -> ImageDataset:
     n = len(images)
-    return ImageDataset(images=images, labels=torch.zeros(n, dtype=torch.long), ids=torch.arange(n), num_classes=1)
+    return ImageDataset(
+        images=images, labels=torch.zeros(n, dtype=torch.long), ids=torch.arange(n), num_classes=1
+    )
 
 
 def test_exact_duplicates_keep_the_first_copy():

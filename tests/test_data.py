@@ -93,7 +93,9 @@ def test_corrupt_idx_errors_name_the_file(tmp_path):
     assert str(truncated_gz) in str(info.value)
 
 
-def write_fake_fashion_mnist(directory, n: int = 6, *, compress: bool = True, split: str = "train") -> np.ndarray:
+def write_fake_fashion_mnist(
+    directory, n: int = 6, *, compress: bool = True, split: str = "train"
+) -> np.ndarray:
     prefix = "train" if split == "train" else "t10k"
     images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.uint8)
@@ -116,7 +118,9 @@ def test_load_fashion_mnist_layout_from_hand_built_files(tmp_path, compress):
 
 def test_fashion_mnist_count_mismatch_names_both_files(tmp_path):
     write_fake_fashion_mnist(tmp_path, n=6)
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(5, np.uint8), 0x08)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros(5, np.uint8), 0x08))
+    )
     with pytest.raises(DataError, match="6 images but .*train-labels-idx1-ubyte.gz has 5 labels"):
         load_fashion_mnist(str(tmp_path))
 
@@ -172,7 +176,9 @@ def test_build_dataset_fashion_mnist(fmnist_train):
 
 def small_dataset(n: int = 10) -> ImageDataset:
     images = torch.arange(n * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 3, 4, 4)
-    return ImageDataset(images=images, labels=torch.arange(n) % 3, ids=torch.arange(100, 100 + n), num_classes=3)
+    return ImageDataset(
+        images=images, labels=torch.arange(n) % 3, ids=torch.arange(100, 100 + n), num_classes=3
+    )
 
 
 def test_dataset_item_batch_and_subset():
@@ -247,7 +253,9 @@ def test_image_folder_grey(tmp_path, caplog):
     assert "skipped 1 unreadable" in caplog.text and "broken.png" in caplog.text
     assert torch.all(ds.images[0] == 10)
     assert torch.all(ds.images[1] == 76)  # red -> luma 76
-    assert int(ds.images[2].min()) >= 250  # centre crop of the wide JPEG is all white (JPEG may ring a little)
+    assert (
+        int(ds.images[2].min()) >= 250
+    )  # centre crop of the wide JPEG is all white (JPEG may ring a little)
     assert torch.all(ds.images[3] == 29)  # blue -> luma 255 * 114/1000
 
 

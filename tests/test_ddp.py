@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from ddm.core import checkpoint, heartbeat
-from ddm.expert.config import ExpertJobConfig
 from ddm.core.metrics_log import read_rows
+from ddm.expert.config import ExpertJobConfig
 from ddm.expert.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

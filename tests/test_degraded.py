@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_fixtures import expert_checkpoint, router_checkpoint
+
 from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import sample
 from ddm.expert.server import ExpertServer
@@ -28,7 +30,6 @@ from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
 from ddm.router.client import RouterClient
 from ddm.router.server import RouterServer, initial_noise
-from grpc_fixtures import expert_checkpoint, router_checkpoint
 
 DDM = [sys.executable, "-m", "ddm.coordinator.cli"]
 

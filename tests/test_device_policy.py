@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from grpc_fixtures import EXPERT_CFG, _randomise, expert_checkpoint, router_checkpoint
 
 from ddm.coordinator import cli, serve_cmd
 from ddm.coordinator.config import RunConfig
@@ -27,7 +28,6 @@ from ddm.core import checkpoint
 from ddm.core.placement import Placement
 from ddm.expert.model import DiT, DiTConfig
 from ddm.router.model import RouterConfig, RouterNet
-from grpc_fixtures import EXPERT_CFG, _randomise, expert_checkpoint, router_checkpoint
 
 CUDA = torch.cuda.is_available()
 needs_no_cuda = pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
@@ -73,7 +73,10 @@ def refused_cleanly(rc: int, stderr: str, command: str, setting: str = "--device
 def save(directory: Path, module: torch.nn.Module, meta: dict, seed: int) -> str:
     _randomise(module, seed=seed)
     state = module.state_dict()
-    tensors = {**{f"model.{n}": v for n, v in state.items()}, **{f"ema.{n}": v.clone() for n, v in state.items()}}
+    tensors = {
+        **{f"model.{n}": v for n, v in state.items()},
+        **{f"ema.{n}": v.clone() for n, v in state.items()},
+    }
     checkpoint.save(str(directory), 3, tensors, {**meta, "model": module.config.to_dict()})
     return str(directory)
 
@@ -164,7 +167,9 @@ def test_commands_listed_as_network_free_build_no_network(command: str) -> None:
 
     source = inspect.getsource(importlib.import_module(cli.COMMANDS[command][0]))
     found = NETWORK_BUILDERS.findall(source)
-    assert not found, f"ddm {command} builds a network ({found}); give it --device and drop it from NO_NETWORK"
+    assert not found, (
+        f"ddm {command} builds a network ({found}); give it --device and drop it from NO_NETWORK"
+    )
 
 
 NETWORK_COMMANDS = sorted(n for n in _leaf_commands() if n.split()[0] not in NO_NETWORK)
@@ -247,7 +252,9 @@ SPEC_FEATURES = [("cpu", "pixels"), ("auto", "efficientnet-lite0")]
 
 
 @pytest.mark.parametrize(("spec", "features"), SPEC_FEATURES)
-def test_eval_runs_model_and_features_where_it_is_told(spec: str, features: str, tmp_path: Path, capsys) -> None:
+def test_eval_runs_model_and_features_where_it_is_told(
+    spec: str, features: str, tmp_path: Path, capsys
+) -> None:
     ckpt = save(tmp_path / "ckpt", DiT(FM_EXPERT), {"kind": "expert", "name": "expert-0"}, 1)
     rc = cli.main(["eval", "--checkpoint", ckpt, "--num-samples", "10", "--steps", "2", "--real-samples", "10",
                    "--data", FMNIST, "--no-classifier", "--features", features, "--out", str(tmp_path / "eval"),
@@ -348,7 +355,9 @@ def test_degraded_routing_keeps_its_mask_on_the_routers_device() -> None:
 
 @needs_no_cuda
 @pytest.mark.parametrize("kind", ["expert", "router", "run"])
-def test_serve_refuses_cuda_here_before_opening_a_port(kind: str, tmp_path: Path, capsys, restore_signals) -> None:
+def test_serve_refuses_cuda_here_before_opening_a_port(
+    kind: str, tmp_path: Path, capsys, restore_signals
+) -> None:
     source = {"expert": ["--checkpoint", str(tmp_path)], "router": ["--run", str(tmp_path), "--expert", "127.0.0.1:1"],
               "run": [str(tmp_path)]}[kind]  # fmt: skip
     rc = cli.main(["serve", kind, *source, "--host", "127.0.0.1", "--port", "0", "--device", "cuda"])
@@ -357,8 +366,9 @@ def test_serve_refuses_cuda_here_before_opening_a_port(kind: str, tmp_path: Path
 
 @pytest.mark.slow  # two expert server processes importing torch: ~10 s on 2 busy cores
 def test_serve_run_passes_the_device_on_to_its_expert_processes(tmp_path: Path, capsys) -> None:
-    from ddm.coordinator.stack import LocalStack
     from test_serve_stack import make_run
+
+    from ddm.coordinator.stack import LocalStack
 
     make_run(tmp_path)
     stack = LocalStack(str(tmp_path), port=0, device=Placement.resolve("auto", field="--device")).start()
@@ -390,7 +400,10 @@ def test_run_embeds_on_its_device_and_resumes_on_another(spec: str, tmp_path: Pa
     assert cli.main(["run", "--root", str(tmp_path), *small, "--stages", "curate", "--device", spec]) == 0
     announced(capsys.readouterr().err, "curation embeddings: feature extractor efficientnet-lite0@32", spec)
     other = "auto" if spec == "cpu" else "cpu"
-    assert cli.main(["run", "--root", str(tmp_path), *small, "--stages", "curate,partition", "--device", other]) == 0
+    assert (
+        cli.main(["run", "--root", str(tmp_path), *small, "--stages", "curate,partition", "--device", other])
+        == 0
+    )
     assert Manifest.load(str(tmp_path)).data["config"]["device"] == other
 
 
@@ -422,13 +435,17 @@ def test_curation_embeddings_run_on_the_pipelines_device(spec: str, tmp_path: Pa
     cfg = fm_run(tmp_path).model_copy(update={"device": spec})
     pipe = Pipeline(cfg, None, None)  # type: ignore[arg-type]
     data = build_dataset(cfg.data.model_copy(update={"limit": 6}))
-    feats = embed_dataset(data, cfg.partition, str(tmp_path / "emb.safetensors"), progress=False, placement=pipe.where())
+    feats = embed_dataset(
+        data, cfg.partition, str(tmp_path / "emb.safetensors"), progress=False, placement=pipe.where()
+    )
     assert feats.shape == (6, 1280) and pipe.where() is pipe.where()  # resolved once
     announced(capsys.readouterr().err, "curation embeddings: feature extractor efficientnet-lite0@32", spec)
 
 
 @pytest.mark.parametrize(("spec", "features"), SPEC_FEATURES)
-def test_eval_stage_and_distill_table_run_on_the_runs_device(spec: str, features: str, tmp_path: Path, capsys) -> None:
+def test_eval_stage_and_distill_table_run_on_the_runs_device(
+    spec: str, features: str, tmp_path: Path, capsys
+) -> None:
     from ddm.coordinator.distill_stage import distill_table
     from ddm.coordinator.eval_stage import eval_context, load_experts, run_eval
 
@@ -482,14 +499,19 @@ def test_assign_embeds_on_its_device(spec: str, tmp_path: Path, capsys) -> None:
 
 def test_assign_without_device_uses_the_run_configs(tmp_path: Path, capsys) -> None:
     _partitioned(tmp_path, fm_run(tmp_path))
-    assert cli.main(["assign", str(tmp_path), "--source", "fashion-mnist", "--path", FMNIST, "--limit", "2"]) == 0
+    assert (
+        cli.main(["assign", str(tmp_path), "--source", "fashion-mnist", "--path", FMNIST, "--limit", "2"])
+        == 0
+    )
     announced(capsys.readouterr().err, "assign: feature extractor", "auto")  # the run's device = "auto"
 
 
 @needs_no_cuda
 def test_assign_refuses_cuda_here(tmp_path: Path, capsys) -> None:
     _partitioned(tmp_path, fm_run(tmp_path))
-    rc = cli.main(["assign", str(tmp_path), "--path", FMNIST, "--source", "fashion-mnist", "--device", "cuda"])
+    rc = cli.main(
+        ["assign", str(tmp_path), "--path", FMNIST, "--source", "fashion-mnist", "--device", "cuda"]
+    )
     refused_cleanly(rc, capsys.readouterr().err, "assign")
 
 
@@ -503,7 +525,12 @@ def _monolith_trained(root: Path, cfg: RunConfig) -> None:
     for stage in ("curate", "partition", "experts"):
         manifest.set_stage(stage, DONE)
     manifest.save()
-    save(Path(expert_output(mono, "monolith")) / "checkpoints", DiT(FM_EXPERT), {"kind": "expert", "name": "monolith"}, 5)
+    save(
+        Path(expert_output(mono, "monolith")) / "checkpoints",
+        DiT(FM_EXPERT),
+        {"kind": "expert", "name": "monolith"},
+        5,
+    )
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_router_train import write_partitions
+from torch import nn
 
 from ddm.core import checkpoint
 from ddm.expert import flow
@@ -23,8 +25,6 @@ from ddm.expert.student import StudentDenoiser
 from ddm.router.distill import partition_weights, shortcut_target, shortcut_times, teacher_velocity, train
 from ddm.router.distill_config import DistillJobConfig, ShortcutConfig
 from ddm.router.ensemble import Ensemble
-from test_router_train import write_partitions
-from torch import nn
 
 # ------------------------------------------------------------------------------ the closed form
 
@@ -52,7 +52,10 @@ class ExactShortcut(nn.Module):
         d = (torch.zeros_like(t) if d is None else d.double().reshape(n, 1)).clamp(min=1e-9)
         lam, u, mu = self.g._evals, self.g._evecs, self.g.mean
         z = (x - (1 - t) * mu) @ u  # (N, D) residual in the eigenbasis
-        sigma = lambda s: ((1 - s) ** 2 * lam + s**2).sqrt()
+
+        def sigma(s):
+            return ((1 - s) ** 2 * lam + s**2).sqrt()
+
         t_next = t - d
         x_next = (1 - t_next) * mu + (sigma(t_next) / sigma(t) * z) @ u.T
         return ((x - x_next) / d).reshape(x_t.shape).to(x_t.dtype)
@@ -82,11 +85,16 @@ def test_self_consistency_target_is_exact_for_the_exact_shortcut(gaussian: Gauss
     t, size = shortcut_times(512, cfg, torch.Generator().manual_seed(1))
     assert set(size.tolist()) == {1.0, 0.5, 0.25, 0.125}
     assert torch.all(t >= size - 1e-7) and torch.all(t <= 1)
-    assert torch.allclose(torch.remainder(t / size + 1e-6, 1.0), torch.full_like(t, 1e-6), atol=1e-4)  # on the grid
+    assert torch.allclose(
+        torch.remainder(t / size + 1e-6, 1.0), torch.full_like(t, 1e-6), atol=1e-4
+    )  # on the grid
     x = gaussian.sample_x0(512, torch.Generator().manual_seed(2), dtype=torch.float64)
     x_t = flow.interpolate(x, torch.randn_like(x), t.double())
     y, w = torch.zeros(512, dtype=torch.long), torch.ones(512)
-    student = lambda x_, t_, y_, w_, d_: s(x_, t_, y_, w_, d_)
+
+    def student(x_, t_, y_, w_, d_):
+        return s(x_, t_, y_, w_, d_)
+
     target = shortcut_target(student, x_t, t.double(), y, w, size.double(), cfg.min_step)
     big = size >= 2 * cfg.min_step
     assert torch.allclose(target[big], s(x_t, t.double(), y, d=size.double())[big], atol=1e-9)
@@ -179,7 +187,11 @@ def test_teacher_matches_the_ensembles_guidance_per_row(tiny_cfg: DiTConfig) -> 
     v = teacher_velocity(experts, x, t, y, partition_weights(k, 2), w)
     ens = Ensemble(experts, None, strategy="oracle")
     for i in range(6):
-        ref = ens.with_partition(k[i : i + 1]).guided(float(w[i])).velocity(x[i : i + 1], t[i : i + 1], y[i : i + 1])
+        ref = (
+            ens.with_partition(k[i : i + 1])
+            .guided(float(w[i]))
+            .velocity(x[i : i + 1], t[i : i + 1], y[i : i + 1])
+        )
         assert torch.allclose(v[i : i + 1], ref, atol=1e-5), i
 
 
@@ -190,23 +202,38 @@ def write_expert(path: Path, cfg: DiTConfig, seed: int) -> str:
     model = random_dit(cfg, seed)
     tensors = {f"ema.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"model.{k}": v.clone() for k, v in model.state_dict().items()})
-    return checkpoint.save(str(path), 1, tensors, {"kind": "expert", "name": path.name, "arch": "DiT-T/4", "model": cfg.to_dict()})
+    return checkpoint.save(
+        str(path),
+        1,
+        tensors,
+        {"kind": "expert", "name": path.name, "arch": "DiT-T/4", "model": cfg.to_dict()},
+    )
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: DiTConfig) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("distill")
     write_partitions(root, 64)
-    experts = [write_expert(root / "experts" / f"expert-{k}" / "checkpoints", tiny_cfg, 10 + k) for k in range(2)]
+    experts = [
+        write_expert(root / "experts" / f"expert-{k}" / "checkpoints", tiny_cfg, 10 + k) for k in range(2)
+    ]
     return root, experts
 
 
 def job(root: Path, experts: list[str], output: Path, **train) -> DistillJobConfig:
-    settings = dict(steps=6, batch_size=8, warmup_steps=2, checkpoint_every=1000, log_every=1, num_threads=1, seed=5)
+    settings = dict(
+        steps=6, batch_size=8, warmup_steps=2, checkpoint_every=1000, log_every=1, num_threads=1, seed=5
+    )
     settings.update(train)
     return DistillJobConfig.model_validate(
-        dict(name="student", output=str(output), experts=experts, data=dict(root=str(root), k=2),
-             shortcut=dict(min_step=0.25), train=settings)  # fmt: skip
+        dict(
+            name="student",
+            output=str(output),
+            experts=experts,
+            data=dict(root=str(root), k=2),
+            shortcut=dict(min_step=0.25),
+            train=settings,
+        )  # fmt: skip
     )
 
 
@@ -230,7 +257,9 @@ def test_trainer_resumes_exactly_and_the_checkpoint_loads_as_a_student(setup, tm
     _, meta = load_model(str(tmp_path / "a" / "checkpoints"))
     assert meta["kind"] == "student"
     # Initialised from expert 0: at step 0 the student *is* expert 0's conditional velocity.
-    zero = train(job(root, experts, tmp_path / "c", steps=1, lr=1e-12, warmup_steps=0, ema_decay=0.0), progress=False)
+    zero = train(
+        job(root, experts, tmp_path / "c", steps=1, lr=1e-12, warmup_steps=0, ema_decay=0.0), progress=False
+    )
     assert zero.step == 1
     s0 = load_denoiser(str(tmp_path / "c" / "checkpoints"))
     e0 = load_denoiser(experts[0])
@@ -259,7 +288,13 @@ def test_config_errors_name_the_field(setup, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="min_step"):
         parse_config(DistillJobConfig, {**base, "shortcut": {"min_step": 0.3}})
     with pytest.raises(ValueError, match="arch to match"):
-        train(parse_config(DistillJobConfig, {**base, "model": {"arch": "DiT-M/4"}, "train": {"steps": 1, "batch_size": 8}}), progress=False)
+        train(
+            parse_config(
+                DistillJobConfig,
+                {**base, "model": {"arch": "DiT-M/4"}, "train": {"steps": 1, "batch_size": 8}},
+            ),
+            progress=False,
+        )
 
 
 def test_the_router_weighted_ensemble_as_teacher(setup, tmp_path: Path) -> None:
@@ -268,8 +303,13 @@ def test_the_router_weighted_ensemble_as_teacher(setup, tmp_path: Path) -> None:
     root, experts = setup
     net = RouterNet(router_config("Router-XS/4", image_size=28, in_channels=1, num_classes=10, num_experts=2))
     state = net.state_dict()
-    tensors = {**{f"model.{k}": v for k, v in state.items()}, **{f"ema.{k}": v.clone() for k, v in state.items()}}
-    router = checkpoint.save(str(tmp_path / "router"), 1, tensors, {"kind": "router", "model": net.config.to_dict()})
+    tensors = {
+        **{f"model.{k}": v for k, v in state.items()},
+        **{f"ema.{k}": v.clone() for k, v in state.items()},
+    }
+    router = checkpoint.save(
+        str(tmp_path / "router"), 1, tensors, {"kind": "router", "model": net.config.to_dict()}
+    )
     cfg = job(root, experts, tmp_path / "s", steps=2).model_dump()
     cfg["teacher"] = {"kind": "ensemble", "router": router, "strategy": "full"}
     result = train(DistillJobConfig.model_validate(cfg), progress=False)

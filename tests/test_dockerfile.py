@@ -8,10 +8,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
@@ -57,7 +57,10 @@ def context_includes(path: str) -> bool:
         pattern = rule[1:].rstrip("/") if negate else rule.rstrip("/")
         pattern = pattern.removeprefix("**/")
         parts = Path(path).parts
-        if any(fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) or fnmatch.fnmatch(parts[i], pattern) for i in range(len(parts))):
+        if any(
+            fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) or fnmatch.fnmatch(parts[i], pattern)
+            for i in range(len(parts))
+        ):
             included = negate
     return included
 
@@ -94,7 +97,9 @@ def test_copied_paths_exist_and_are_in_the_build_context(dockerfile):
             assert context_includes(src.rstrip("/")), f"COPY {src}: excluded by .dockerignore"
     # what setuptools needs to install the package is all copied
     copied = {p.rstrip("/") for a in copies for p in a.split()[:-1]}
-    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].values()
     assert set(package_dirs) <= copied and {"pyproject.toml", "requirements"} <= copied
 
 
@@ -111,7 +116,9 @@ def test_no_secrets_baked_in(dockerfile):
     for word, args in dockerfile:
         if word in ("ENV", "ARG", "LABEL"):
             for key in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", args) or [args.split("=")[0]]:
-                assert not SECRETISH.search(key), f"{word} {key}: secrets come from Kubernetes Secrets at run time"
+                assert not SECRETISH.search(key), (
+                    f"{word} {key}: secrets come from Kubernetes Secrets at run time"
+                )
     for secret in (".aws", ".kube", ".env", "id_rsa", "key.pem", ".netrc", ".git", "runs", ".venv"):
         assert not context_includes(secret), f"{secret} would be in the build context"
     for secret in ("coordinator/tls.key", "proto/ca.pem", "expert/.env"):  # even inside copied folders

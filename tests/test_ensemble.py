@@ -188,7 +188,9 @@ def test_with_guidance_lets_the_ensemble_guide_itself() -> None:
 
     ens, experts, _ = toy_ensemble("top-k", top_k=1)
     x, t, y = toy_inputs(16)
-    torch.testing.assert_close(with_guidance(ens, 3.0).velocity(x, t, y), ens.guided(3.0).velocity(x, t, y), rtol=0, atol=0)
+    torch.testing.assert_close(
+        with_guidance(ens, 3.0).velocity(x, t, y), ens.guided(3.0).velocity(x, t, y), rtol=0, atol=0
+    )
     assert isinstance(with_guidance(experts[0], 3.0), CFGDenoiser)
 
 

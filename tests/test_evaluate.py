@@ -39,7 +39,9 @@ class EmpiricalDenoiser:
         a = (1 - t.double())[:, None]  # (N, 1)
         s = t.double()[:, None]  # (N, 1), > 0: samplers never evaluate t = 0
         # |x - a x_i|^2 = |x|^2 - 2 a x.x_i + a^2 |x_i|^2
-        d2 = (x * x).sum(1, keepdim=True) - 2 * a * (x @ self.x0.T) + a**2 * (self.x0 * self.x0).sum(1)[None]  # (N, M)
+        d2 = (
+            (x * x).sum(1, keepdim=True) - 2 * a * (x @ self.x0.T) + a**2 * (self.x0 * self.x0).sum(1)[None]
+        )  # (N, M)
         logits = -d2 / (2 * s**2)
         other_class = (self.labels[None, :] != y[:, None]) & (y[:, None] != self.num_classes)  # (N, M)
         logits = logits.masked_fill(other_class, -math.inf)
@@ -122,7 +124,13 @@ def test_evaluate_untrained_dit_writes_png_json_and_caches_reference(tmp_path, r
 def test_memorising_denoiser_scores_far_better_than_noise(real, classifier):
     """Samples that are real images: low FD and KID, high precision and class accuracy; noise: the opposite."""
     cfg = SampleConfig(steps=8, sampler="euler", guidance=1.0)
-    kw = {"real": real, "num_samples": 100, "sample_cfg": cfg, "features": PixelFeatures(), "classifier": classifier}
+    kw = {
+        "real": real,
+        "num_samples": 100,
+        "sample_cfg": cfg,
+        "features": PixelFeatures(),
+        "classifier": classifier,
+    }
     good = evaluate(EmpiricalDenoiser(real), **kw)
     bad = evaluate(ZeroDenoiser(), **kw)
     assert good.precision > 0.9 and bad.precision < 0.1
@@ -137,14 +145,24 @@ def test_memorising_denoiser_scores_far_better_than_noise(real, classifier):
 
 def test_sampler_settings_reach_the_sampler(real):
     heun = evaluate(
-        ZeroDenoiser(), real=real, num_samples=10, sample_cfg=SampleConfig(steps=3, sampler="heun", guidance=2.0),
-        features=PixelFeatures(), kid_subsets=2,
+        ZeroDenoiser(),
+        real=real,
+        num_samples=10,
+        sample_cfg=SampleConfig(steps=3, sampler="heun", guidance=2.0),
+        features=PixelFeatures(),
+        kid_subsets=2,
     )
     assert heun.denoiser_calls_per_sample == 2 * (2 * 3 - 1)  # Heun: 2 steps - 1 calls, each a CFG pair
     assert heun.class_accuracy is None and heun.grid_path is None and heun.metrics_path is None
 
     stochastic = SampleConfig(steps=3, sampler="stochastic", guidance=1.0, churn=1.0)
-    kw = {"real": real, "num_samples": 10, "sample_cfg": stochastic, "features": PixelFeatures(), "kid_subsets": 2}
+    kw = {
+        "real": real,
+        "num_samples": 10,
+        "sample_cfg": stochastic,
+        "features": PixelFeatures(),
+        "kid_subsets": 2,
+    }
     dit = tiny_dit()
     r1, r2 = evaluate(dit, seed=1, **kw), evaluate(dit, seed=1, **kw)
     r3 = evaluate(dit, seed=2, **kw)
@@ -158,7 +176,9 @@ def test_reference_cache_is_keyed_by_images_and_extractor(tmp_path, real):
     again = real_reference(real, PixelFeatures(), cache)
     assert not first.from_cache and again.from_cache
     torch.testing.assert_close(torch.from_numpy(first.sigma), torch.from_numpy(again.sigma), rtol=0, atol=0)
-    torch.testing.assert_close(torch.from_numpy(first.features), torch.from_numpy(again.features), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(first.features), torch.from_numpy(again.features), rtol=0, atol=0
+    )
     other = real_reference(real.subset(torch.arange(50)), PixelFeatures(), cache)
     assert not other.from_cache and other.key != first.key
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddm.core import checkpoint, heartbeat
-from ddm.train import EXIT_OK, main
-from ddm.expert.trainer import train
 from test_trainer import job_toml, tiny_job
+
+from ddm.core import checkpoint, heartbeat
+from ddm.expert.trainer import train
+from ddm.train import EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

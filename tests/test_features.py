@@ -56,7 +56,9 @@ def test_pretrained_weights_are_loaded():
     assert set(loaded) == set(state) and len(state) == 296  # strict load: every key, none extra
     for name, tensor in state.items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
-    assert load_efficientnet(DEFAULT_IMAGE_SIZE) is load_efficientnet(DEFAULT_IMAGE_SIZE)  # one per process and size
+    assert load_efficientnet(DEFAULT_IMAGE_SIZE) is load_efficientnet(
+        DEFAULT_IMAGE_SIZE
+    )  # one per process and size
     assert not model.training and not load_efficientnet(DEFAULT_IMAGE_SIZE).training
 
 
@@ -108,7 +110,9 @@ def test_embed_is_the_same_extractor(fmnist_test):
 
 def test_batching_does_not_change_features_much(fmnist_test):
     images = fmnist_test.images[:7]
-    np.testing.assert_allclose(EfficientNetFeatures(batch_size=3)(images), EfficientNetFeatures(batch_size=7)(images), atol=1e-4)
+    np.testing.assert_allclose(
+        EfficientNetFeatures(batch_size=3)(images), EfficientNetFeatures(batch_size=7)(images), atol=1e-4
+    )
 
 
 def test_other_resolutions_build_matching_padding(fmnist_test):
@@ -146,19 +150,32 @@ class TinyEncoder(nn.Module):
         return torch.relu(self.conv(x))  # (B, 5, h, w): a feature map, pooled by the extractor
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # still the portable format for user encoders
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit:DeprecationWarning"
+)  # still the portable format for user encoders
 def test_torchscript_encoder_from_a_local_file(tmp_path):
     torch.manual_seed(0)
     encoder = TinyEncoder().eval()
     path = tmp_path / "encoder.pt"
     torch.jit.save(torch.jit.script(encoder), str(path))
-    fx = TorchScriptFeatures(str(path), image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), batch_size=2)
-    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fx = TorchScriptFeatures(
+        str(path), image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), batch_size=2
+    )
+    images = torch.randint(
+        0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     feats = fx(images)
     with torch.no_grad():
-        x = torch.nn.functional.interpolate(
-            images.float().div(255).expand(-1, 3, -1, -1), size=(16, 16), mode="bilinear", align_corners=False
-        ) * 2 - 1
+        x = (
+            torch.nn.functional.interpolate(
+                images.float().div(255).expand(-1, 3, -1, -1),
+                size=(16, 16),
+                mode="bilinear",
+                align_corners=False,
+            )
+            * 2
+            - 1
+        )
         expected = encoder(x).mean(dim=(2, 3))
     assert feats.shape == (3, 5)
     np.testing.assert_allclose(feats, expected.double().numpy(), atol=1e-5)

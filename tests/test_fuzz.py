@@ -17,15 +17,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_fixtures import expert_checkpoint, router_checkpoint
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
 from ddm.expert.server import ExpertServer
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
 from ddm.router.sample_request import SampleDefaults
 from ddm.router.server import RouterServer
-from grpc_fixtures import expert_checkpoint, router_checkpoint
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
 FUZZ = settings(
     max_examples=60,

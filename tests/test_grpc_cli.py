@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from grpc_fixtures import expert_checkpoint, router_checkpoint
 from PIL import Image
 
 from ddm.coordinator.stack import ServerProcess
-from grpc_fixtures import expert_checkpoint, router_checkpoint
 
 DDM = [sys.executable, "-m", "ddm.coordinator.cli"]
 
@@ -172,26 +172,32 @@ def test_serve_reports_a_bad_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # four `ddm sample` processes importing torch: ~30 s on 2 busy cores
-def test_sample_run_in_process_matches_the_router_and_allow_degraded_survives_a_lost_expert(tmp_path: Path) -> None:
+def test_sample_run_in_process_matches_the_router_and_allow_degraded_survives_a_lost_expert(
+    tmp_path: Path,
+) -> None:
     """``ddm sample --run ROOT`` (new) samples the run's ensemble in this process and draws what the
     router serves for the same seed; ``--allow-degraded`` (new, the client had it) finishes without a
     lost expert and names it, where the default fails with UNAVAILABLE."""
     import numpy as np
+    from test_serve_stack import make_run
 
     from ddm.expert.server import ExpertServer
     from ddm.router.client import RouterClient
     from ddm.router.server import RouterServer
-    from test_serve_stack import make_run
 
     root = tmp_path / "run"
     make_run(root)
-    experts = [ExpertServer(str(root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)]
+    experts = [
+        ExpertServer(str(root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)
+    ]
     router = RouterServer(str(root / "router/checkpoints"), [e.target for e in experts], health_interval=0.1)
     router.start(timeout=30)
     common = ["--n", "4", "--steps", "3", "--seed", "5", "--strategy", "full", "--labels", "0,1,2"]
 
     def sample(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*DDM, "sample", *common, *args], capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [*DDM, "sample", *common, *args], capture_output=True, text=True, timeout=120, check=False
+        )
 
     try:
         served = sample("--router", router.target, "--out", str(tmp_path / "served.png"))
@@ -208,9 +214,13 @@ def test_sample_run_in_process_matches_the_router_and_allow_degraded_survives_a_
             while client.health() != (False, "NOT_SERVING") and time.monotonic() < deadline:
                 time.sleep(0.05)
         strict = sample("--router", router.target, "--out", str(tmp_path / "strict.png"))
-        assert strict.returncode == 1 and "UNAVAILABLE" in strict.stderr and "expert-1" in strict.stderr, strict.stderr
+        assert strict.returncode == 1 and "UNAVAILABLE" in strict.stderr and "expert-1" in strict.stderr, (
+            strict.stderr
+        )
         assert "Traceback" not in strict.stderr
-        degraded = sample("--router", router.target, "--allow-degraded", "--out", str(tmp_path / "degraded.png"))
+        degraded = sample(
+            "--router", router.target, "--allow-degraded", "--out", str(tmp_path / "degraded.png")
+        )
         assert degraded.returncode == 0, degraded.stderr
         assert "degraded, without expert-1" in degraded.stdout, degraded.stdout
         misused = sample("--run", str(root), "--allow-degraded", "--out", str(tmp_path / "x.png"))

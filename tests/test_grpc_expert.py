@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_fixtures import expert_checkpoint, self_signed
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from ddm.expert.load import load_denoiser
@@ -24,8 +25,6 @@ from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.tensors import to_proto
 from ddm.router.client import ExpertClient
 from ddm.router.remote import ExpertFailure, RemoteExpert
-
-from grpc_fixtures import expert_checkpoint, self_signed
 
 
 @pytest.fixture(scope="module")

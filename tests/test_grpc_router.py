@@ -27,7 +27,6 @@ from ddm.router.remote import ExpertFailure
 from ddm.router.server import RouterServer, initial_noise
 
 
-
 def _experts(root: Path, **kwargs) -> list[ExpertServer]:
     return [
         ExpertServer(str(root / f"experts/expert-{k}/checkpoints"), **kwargs).start(timeout=30)
@@ -393,7 +392,10 @@ def test_a_lost_expert_turns_health_not_serving_and_its_restart_serving_again(
     UNAVAILABLE, the router logged nothing, and Health/List answered UNIMPLEMENTED."""
     experts = _experts(run_root)
     router = RouterServer(
-        str(run_root / "router/checkpoints"), [e.target for e in experts], expert_timeout=5, health_interval=0.1
+        str(run_root / "router/checkpoints"),
+        [e.target for e in experts],
+        expert_timeout=5,
+        health_interval=0.1,
     ).start(timeout=30)
     caplog.set_level("INFO", logger="ddm.router.server")
     everything_serving = {
@@ -425,14 +427,19 @@ def test_a_lost_expert_turns_health_not_serving_and_its_restart_serving_again(
             _, degraded = client.sample(2, steps=2, strategy="full", allow_degraded=True)
             assert degraded.degraded_experts == ["expert-1"]
             assert any("finished degraded, without expert-1" in r.getMessage() for r in caplog.records)
-            assert any("Sample failed for 1 request(s) (allow_degraded not set)" in r.getMessage() for r in caplog.records)
+            assert any(
+                "Sample failed for 1 request(s) (allow_degraded not set)" in r.getMessage()
+                for r in caplog.records
+            )
 
             experts[1] = ExpertServer(
                 str(run_root / "experts/expert-1/checkpoints"), address=f"127.0.0.1:{port}"
             ).start(timeout=30)
             _until(lambda: client.health_list() == everything_serving, what="SERVING again")
             assert client.info().ready and list(client.info().down_experts) == []
-            assert any(f"expert expert-1 at 127.0.0.1:{port} is back after" in r.getMessage() for r in caplog.records)
+            assert any(
+                f"expert expert-1 at 127.0.0.1:{port} is back after" in r.getMessage() for r in caplog.records
+            )
             _, info = client.sample(2, steps=2, strategy="full")
             assert info.degraded_experts == []
     finally:
@@ -441,6 +448,8 @@ def test_a_lost_expert_turns_health_not_serving_and_its_restart_serving_again(
             e.stop(0)
 
 
-def test_health_list_answers_every_service_on_an_expert(stack: tuple[RouterServer, list[ExpertServer]]) -> None:
+def test_health_list_answers_every_service_on_an_expert(
+    stack: tuple[RouterServer, list[ExpertServer]],
+) -> None:
     with ExpertClient(stack[1][0].target) as client:
         assert client.health_list() == {"": "SERVING", "ddm.v1.Expert": "SERVING"}

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_fixtures import EXPERT_CFG, _randomise
 
 from ddm.coordinator.cli import main as ddm_main
 from ddm.core import checkpoint
@@ -22,8 +23,6 @@ from ddm.expert.student import StudentDenoiser
 from ddm.router.client import RouterClient
 from ddm.router.server import RouterServer, initial_noise
 
-from grpc_fixtures import EXPERT_CFG, _randomise
-
 STUDENT_CFG = EXPERT_CFG.__class__(**{**EXPERT_CFG.to_dict(), "guidance_embed": True, "step_embed": True})
 
 
@@ -31,9 +30,14 @@ def student_checkpoint(root: Path) -> str:
     model = DiT(STUDENT_CFG)
     _randomise(model, seed=7)
     state = model.state_dict()
-    tensors = {**{f"model.{n}": v for n, v in state.items()}, **{f"ema.{n}": v.clone() for n, v in state.items()}}
+    tensors = {
+        **{f"model.{n}": v for n, v in state.items()},
+        **{f"ema.{n}": v.clone() for n, v in state.items()},
+    }
     directory = str(root / "distill" / "checkpoints")
-    checkpoint.save(directory, 5, tensors, {"kind": "student", "name": "student", "model": STUDENT_CFG.to_dict()})
+    checkpoint.save(
+        directory, 5, tensors, {"kind": "student", "name": "student", "model": STUDENT_CFG.to_dict()}
+    )
     return directory
 
 
@@ -51,9 +55,13 @@ def run_root(served_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(run_root: Path) -> Iterator[tuple[RouterServer, list[ExpertServer]]]:
-    experts = [ExpertServer(str(run_root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)]
+    experts = [
+        ExpertServer(str(run_root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)
+    ]
     router = RouterServer(
-        str(run_root / "router/checkpoints"), [e.target for e in experts], student=str(run_root / "distill/checkpoints")
+        str(run_root / "router/checkpoints"),
+        [e.target for e in experts],
+        student=str(run_root / "distill/checkpoints"),
     ).start(timeout=30)
     yield router, experts
     router.stop(0)
@@ -86,7 +94,9 @@ def test_student_through_the_router_equals_the_in_process_student(
 
 
 def test_a_router_without_a_student_refuses_the_model_by_name(run_root: Path) -> None:
-    experts = [ExpertServer(str(run_root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)]
+    experts = [
+        ExpertServer(str(run_root / f"experts/expert-{k}/checkpoints")).start(timeout=30) for k in range(2)
+    ]
     router = RouterServer(str(run_root / "router/checkpoints"), [e.target for e in experts]).start(timeout=30)
     try:
         with RouterClient(router.target) as client:
@@ -102,12 +112,31 @@ def test_a_router_without_a_student_refuses_the_model_by_name(run_root: Path) ->
             e.stop(0)
 
 
-def test_ddm_sample_of_a_student_checkpoint_and_through_the_router(stack, run_root: Path, tmp_path: Path, capsys) -> None:
+def test_ddm_sample_of_a_student_checkpoint_and_through_the_router(
+    stack, run_root: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "local.png"
     ckpt = str(run_root / "distill/checkpoints")
-    assert ddm_main(["sample", "--checkpoint", ckpt, "--n", "4", "--steps", "2", "--guidance", "3", "--out", str(out)]) == 0
+    assert (
+        ddm_main(
+            ["sample", "--checkpoint", ckpt, "--n", "4", "--steps", "2", "--guidance", "3", "--out", str(out)]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0
     remote = tmp_path / "remote.png"
-    args = ["sample", "--router", stack[0].target, "--model", "student", "--n", "4", "--steps", "2", "--out", str(remote)]
+    args = [
+        "sample",
+        "--router",
+        stack[0].target,
+        "--model",
+        "student",
+        "--n",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        str(remote),
+    ]
     assert ddm_main(args) == 0
     assert "student 2" in capsys.readouterr().out and remote.stat().st_size > 0

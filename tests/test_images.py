@@ -131,7 +131,11 @@ def test_make_grid_rejects_bad_input():
 
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_save_grid_writes_a_png(tmp_path, where):
-    url = str(tmp_path / "out" / "grid.png") if where == "local" else f"memory://grids-{uuid.uuid4().hex}/grid.png"
+    url = (
+        str(tmp_path / "out" / "grid.png")
+        if where == "local"
+        else f"memory://grids-{uuid.uuid4().hex}/grid.png"
+    )
     images = _distinct_images(6, 1, 28, 28)
     returned = save_grid(images, url, nrow=3)
     with Image.open(io.BytesIO(storage.read_bytes(url))) as im:
@@ -147,7 +151,9 @@ def test_save_grid_with_labels_adds_a_text_strip(tmp_path):
     images = _distinct_images(4, 1, 28, 28)
     plain = make_grid(images, nrow=2, scale=2)
     url = str(tmp_path / "labelled.png")
-    grid = save_grid(images, url, nrow=2, labels=torch.tensor([0, 1, 2, 3]), label_names=["a", "b", "c", "Ankle boot"])
+    grid = save_grid(
+        images, url, nrow=2, labels=torch.tensor([0, 1, 2, 3]), label_names=["a", "b", "c", "Ankle boot"]
+    )
     assert grid.size[0] == plain.size[0] and grid.size[1] > plain.size[1]
     strip_top = 2 + 56
     strip = _pixels(grid.crop((2, strip_top, 58, strip_top + 10)))

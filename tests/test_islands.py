@@ -21,7 +21,10 @@ def test_default_is_one_local_island():
 
 
 def test_experts_are_placed_on_their_island(tmp_path):
-    cfg = load_islands(write(tmp_path, """
+    cfg = load_islands(
+        write(
+            tmp_path,
+            """
 default = "a"
 [island.a]
 scheduler = "local_cwd"
@@ -33,7 +36,9 @@ namespace = "ddm"
 queue = "q"
 j = "2x8"
 gpu = 8
-"""))
+""",
+        )
+    )
     assert [cfg.island_for(k) for k in range(4)] == ["a", "b", "a", "b"]
     assert cfg.island["b"].run_cfg() == {"namespace": "ddm", "queue": "q"}
     assert cfg.island["b"].model_copy(update={"service_account": "sa"}).run_cfg()["service_account"] == "sa"
@@ -46,13 +51,19 @@ gpu = 8
     [
         ('[island.a]\nscheduler = "slurmm"', "island.a.scheduler"),
         ('[island.local]\nj = "2y3"', "island.local.j"),
-        ('[island.local]\ncpus = 3', "island.local.cpus"),
+        ("[island.local]\ncpus = 3", "island.local.cpus"),
         ('default = "gpu"\n[island.local]\n', "default island 'gpu'"),
         ('[island.k]\nscheduler = "kubernetes"\nimage = "x"', "namespace, queue"),
         ('default = "a"\n[island.a]\nexperts = [0]\n[island.b]\nexperts = [0]', "expert 0 is listed in both"),
-        ('[island.local]\nqueue = "q"', "queue: only for scheduler = \"kubernetes\""),
-        ('[island.k]\nscheduler = "kubernetes"\nimage = "x"\nnamespace = "Bad_NS"\nqueue = "q"', "namespace = 'Bad_NS' is not a kubernetes name"),
-        ('[island.k]\nscheduler = "kubernetes"\nimage = "x"\nnamespace = "n"\nqueue = "q"\nenv_from_secrets = ["s3 creds"]', "env_from_secrets[0]"),
+        ('[island.local]\nqueue = "q"', 'queue: only for scheduler = "kubernetes"'),
+        (
+            '[island.k]\nscheduler = "kubernetes"\nimage = "x"\nnamespace = "Bad_NS"\nqueue = "q"',
+            "namespace = 'Bad_NS' is not a kubernetes name",
+        ),
+        (
+            '[island.k]\nscheduler = "kubernetes"\nimage = "x"\nnamespace = "n"\nqueue = "q"\nenv_from_secrets = ["s3 creds"]',
+            "env_from_secrets[0]",
+        ),
         ('default = "a b"\n[island."a b"]\n', "island name 'a b'"),
     ],
 )
@@ -112,7 +123,10 @@ def test_a_registered_scheduler_is_an_island_kind() -> None:
     )  # fmt: skip
     try:
         island = Island(scheduler="test-batch", image="img:1", cfg={"extra": 1})
-        assert island.run_cfg() == {"image": "img:1", "extra": 1} and island.scheduler_key("east") == "test-batch@east"
+        assert (
+            island.run_cfg() == {"image": "img:1", "extra": 1}
+            and island.scheduler_key("east") == "test-batch@east"
+        )
         with pytest.raises(ValueError, match="a test-batch island needs image"):
             Island(scheduler="test-batch")
         with pytest.raises(ValueError, match='queue: only for scheduler = "kubernetes"'):

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from k8s_helpers import COORDINATOR_USER, K8S, KubeAPIServer, render, render_text
+
 from ddm.coordinator import components
 from ddm.coordinator.islands import Island, IslandsConfig
 from ddm.coordinator.kube import make_runner, scheduler_key
 from ddm.coordinator.launcher import JobSpec, Launcher, cancel_jobs
 from ddm.coordinator.manifest import Manifest
-from k8s_helpers import COORDINATOR_USER, K8S, KubeAPIServer, render, render_text
 
 CRDS = Path(__file__).parent / "k8s" / "volcano-crds.yaml"
 
@@ -40,13 +41,23 @@ def kube(tmp_path_factory):
 def installed(kube):
     """Volcano's CRDs, then both overlays through server-side dry-run, then the local one for real."""
     kube.kubectl("apply", "--server-side", "-f", str(CRDS))
-    kube.kubectl("wait", "--for=condition=established", "--timeout=30s", "crd/jobs.batch.volcano.sh", "crd/queues.scheduling.volcano.sh")
+    kube.kubectl(
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/jobs.batch.volcano.sh",
+        "crd/queues.scheduling.volcano.sh",
+    )
     objs = render("local")
     namespace = [o for o in objs if o["kind"] == "Namespace"]
-    kube.kubectl("apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(namespace))  # dry-run needs it to exist
+    kube.kubectl(
+        "apply", "--server-side", "-f", "-", stdin=yaml.safe_dump_all(namespace)
+    )  # dry-run needs it to exist
     dry = {}
     for overlay in ("local", "production"):
-        dry[overlay] = kube.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=render_text(overlay))
+        dry[overlay] = kube.kubectl(
+            "apply", "--server-side", "--dry-run=server", "-f", "-", stdin=render_text(overlay)
+        )
     # docs/deploy.md's training step (everything but the servers), then the serving step (all).
     before = kube.kubectl("apply", "--server-side", "-k", str(K8S / "overlays" / "local"),
                           "-l", "app.kubernetes.io/component notin (router,expert)")  # fmt: skip
@@ -75,18 +86,31 @@ def test_overlays_pass_server_side_dry_run_and_apply(kube, installed):
     svc = get(kube, "service", "ddm-expert-1")
     assert svc["spec"]["clusterIP"] == "None"
     queue = json.loads(kube.kubectl("get", "queues.scheduling.volcano.sh", "ddm", "-o", "json").stdout)
-    assert queue["spec"]["capability"] == {"cpu": "2", "memory": "8Gi"} and "namespace" not in queue["metadata"]
-    assert get(kube, "networkpolicy", "ddm-expert-ingress")["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "expert"
+    assert (
+        queue["spec"]["capability"] == {"cpu": "2", "memory": "8Gi"} and "namespace" not in queue["metadata"]
+    )
+    assert (
+        get(kube, "networkpolicy", "ddm-expert-ingress")["spec"]["podSelector"]["matchLabels"][
+            "app.kubernetes.io/component"
+        ]
+        == "expert"
+    )
     # A Job's pod template is immutable: a changed run config or image needs `kubectl delete job ddm-run`
     # first (docs/deploy.md says so; the run resumes from its manifest).
-    r = kube.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=render_text("production"), check=False)
+    r = kube.kubectl(
+        "apply", "--server-side", "--dry-run=server", "-f", "-", stdin=render_text("production"), check=False
+    )
     assert r.returncode != 0 and 'Job "ddm-run" is invalid' in r.stderr and "field is immutable" in r.stderr
 
 
 def test_server_side_dry_run_rejects_a_broken_manifest(kube, installed):
-    dep = next(o for o in render("local") if o["kind"] == "Deployment" and o["metadata"]["name"] == "ddm-router")
+    dep = next(
+        o for o in render("local") if o["kind"] == "Deployment" and o["metadata"]["name"] == "ddm-router"
+    )
     dep["spec"]["selector"]["matchLabels"] = {"app.kubernetes.io/component": "not-the-router"}
-    r = kube.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(dep), check=False)
+    r = kube.kubectl(
+        "apply", "--server-side", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(dep), check=False
+    )
     assert r.returncode != 0 and "selector" in r.stderr
 
 
@@ -94,7 +118,9 @@ def test_coordinator_role_allows_exactly_its_work(kube, installed):
     def can(verb: str, what: str, ns: str = "ddm") -> bool:
         resource, _, sub = what.partition("/")
         extra = [f"--subresource={sub}"] if sub else []
-        r = kube.kubectl("auth", "can-i", verb, resource, *extra, "-n", ns, f"--as={COORDINATOR_USER}", check=False)
+        r = kube.kubectl(
+            "auth", "can-i", verb, resource, *extra, "-n", ns, f"--as={COORDINATOR_USER}", check=False
+        )
         return r.stdout.strip() == "yes"
 
     assert can("create", "jobs.batch.volcano.sh") and can("delete", "jobs.batch.volcano.sh")
@@ -138,7 +164,9 @@ def vcjob(kube, name: str) -> dict | None:
 def test_expert_job_through_torchx_and_the_coordinator_follows_its_phases(kube, installed, tmp_path):
     islands = IslandsConfig(default="k8s", island={"k8s": island(kube.coordinator_kubeconfig)})
     manifest = Manifest.open(str(tmp_path / "root"), {"name": "k8s"})
-    app = components.trainer("s3://ddm-local/tiny/experts/expert-0/job.toml", name="k8s-expert-0", image="ddm:dev")
+    app = components.trainer(
+        "s3://ddm-local/tiny/experts/expert-0/job.toml", name="k8s-expert-0", image="ddm:dev"
+    )
     complete = threading.Event()
     job = JobSpec("expert-0", "k8s", app, output=str(tmp_path / "out"), is_complete=complete.is_set)
     outcomes: dict = {}
@@ -154,9 +182,17 @@ def test_expert_job_through_torchx_and_the_coordinator_follows_its_phases(kube, 
             stored = vcjob(kube, name)  # what TorchX created, as the coordinator's service account
             assert stored["spec"]["queue"] == "ddm" and stored["spec"]["schedulerName"] == "volcano"
             pod = stored["spec"]["tasks"][0]["template"]["spec"]
-            assert pod["serviceAccountName"] == "ddm-workload" and pod["securityContext"]["runAsNonRoot"] is True
-            assert pod["containers"][0]["envFrom"] == [{"configMapRef": {"name": "ddm-env"}}, {"secretRef": {"name": "ddm-s3"}}]
-            assert pod["containers"][0]["command"][-2:] == ["--config", "s3://ddm-local/tiny/experts/expert-0/job.toml"]
+            assert (
+                pod["serviceAccountName"] == "ddm-workload" and pod["securityContext"]["runAsNonRoot"] is True
+            )
+            assert pod["containers"][0]["envFrom"] == [
+                {"configMapRef": {"name": "ddm-env"}},
+                {"secretRef": {"name": "ddm-s3"}},
+            ]
+            assert pod["containers"][0]["command"][-2:] == [
+                "--config",
+                "s3://ddm-local/tiny/experts/expert-0/job.toml",
+            ]
 
             _patch_status(kube, name, "Pending")
             time.sleep(0.5)  # several polls: waiting in the queue is not running
@@ -164,8 +200,12 @@ def test_expert_job_through_torchx_and_the_coordinator_follows_its_phases(kube, 
             _patch_status(kube, name, "Running")
             wait_for("RUNNING", lambda: record["state"] == "RUNNING")
             _patch_status(kube, name, "Failed")  # the coordinator retries (its retries, not Volcano's)
-            wait_for("a second attempt", lambda: len(record["attempts"]) == 2 and record.get("handle") != handle)
-            assert record["attempts"][0]["state"] == "FAILED" and record["attempts"][0]["error"].startswith("FAILED")
+            wait_for(
+                "a second attempt", lambda: len(record["attempts"]) == 2 and record.get("handle") != handle
+            )
+            assert record["attempts"][0]["state"] == "FAILED" and record["attempts"][0]["error"].startswith(
+                "FAILED"
+            )
             second = record["handle"].rsplit(":", 1)[1]
             assert vcjob(kube, second) is not None
             _patch_status(kube, second, "Running")
@@ -200,7 +240,9 @@ def test_each_island_uses_its_own_cluster_credentials(kube, installed, tmp_path)
     from kubernetes.client.rest import ApiException
 
     bad = Path(kube.write_kubeconfig("revoked", "not-a-valid-token", "ddm"))
-    islands = IslandsConfig(default="good", island={"good": island(kube.coordinator_kubeconfig), "bad": island(str(bad))})
+    islands = IslandsConfig(
+        default="good", island={"good": island(kube.coordinator_kubeconfig), "bad": island(str(bad))}
+    )
     app = components.trainer("s3://b/r/job.toml", name="k8s-islands", image="ddm:dev")
     with make_runner(islands) as runner:
         with pytest.raises(ApiException) as e:
@@ -217,9 +259,14 @@ def test_dry_run_output_is_accepted_by_the_server(kube, installed, tmp_path, cap
 
     monkeypatch.chdir(tmp_path)
     overlay = K8S / "overlays" / "local"
-    assert main(["run", str(overlay / "run.toml"), "--islands", str(overlay / "islands.toml"), "--dry-run"]) == 0
+    assert (
+        main(["run", str(overlay / "run.toml"), "--islands", str(overlay / "islands.toml"), "--dry-run"]) == 0
+    )
     stream = capsys.readouterr().out
     docs = [d for d in yaml.safe_load_all(stream) if d]
     assert len(docs) == 4 and all(d["kind"] == "Job" for d in docs)  # 2 experts, router, distill
     r = kube.kubectl("apply", "--server-side", "--dry-run=server", "-n", "ddm", "-f", "-", stdin=stream)
-    assert r.stdout.count("created (server dry run)") + r.stdout.count("serverside-applied (server dry run)") == 4
+    assert (
+        r.stdout.count("created (server dry run)") + r.stdout.count("serverside-applied (server dry run)")
+        == 4
+    )

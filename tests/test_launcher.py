@@ -24,9 +24,19 @@ def script_job(name: str, out: str, code: str, island: str = "local") -> JobSpec
     """A job that runs `code` with OUT set; it is complete when OUT/done exists."""
     app = specs.AppDef(
         name=name,
-        roles=[specs.Role(name=name, image=os.getcwd(), entrypoint=sys.executable, args=["-c", code], env={"OUT": out})],
+        roles=[
+            specs.Role(
+                name=name, image=os.getcwd(), entrypoint=sys.executable, args=["-c", code], env={"OUT": out}
+            )
+        ],
     )
-    return JobSpec(name=name, island=island, app=app, output=out, is_complete=lambda: os.path.exists(os.path.join(out, "done")))
+    return JobSpec(
+        name=name,
+        island=island,
+        app=app,
+        output=out,
+        is_complete=lambda: os.path.exists(os.path.join(out, "done")),
+    )
 
 
 SUCCEED = "import os, time; time.sleep(0.5); open(os.path.join(os.environ['OUT'], 'done'), 'w').write('ok')"
@@ -107,7 +117,9 @@ def test_running_job_from_an_earlier_coordinator_is_adopted_not_relaunched(tmp_p
         "    time.sleep(0.25)\n"
         "open(out + '/done', 'w').write('ok')\n"
     )
-    orphan = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OUT": out}, start_new_session=True)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "OUT": out}, start_new_session=True
+    )
     try:
         deadline = time.time() + 10
         while heartbeat.read(out) is None and time.time() < deadline:
@@ -152,12 +164,16 @@ SLOW_START = (  # a trainer whose interpreter, data and model take a while: firs
 
 
 @pytest.mark.parametrize("handle", ["local_cwd://ddm-old/starting-1", None], ids=["recorded", "write-ahead"])
-def test_a_job_still_starting_when_its_coordinator_died_is_waited_for_not_run_twice(tmp_path, outdirs, handle):
+def test_a_job_still_starting_when_its_coordinator_died_is_waited_for_not_run_twice(
+    tmp_path, outdirs, handle
+):
     """The coordinator was SIGKILLed just after launching a job (found by bench/chaos.py): the job's
     process lives on but has not written a heartbeat yet. The rerun must wait for it, not launch a
     second copy. ``None``: killed inside runner.run, so only the write-ahead attempt is on the record."""
     out = outdirs("starting")
-    orphan = subprocess.Popen([sys.executable, "-c", SLOW_START], env={**os.environ, "OUT": out}, start_new_session=True)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", SLOW_START], env={**os.environ, "OUT": out}, start_new_session=True
+    )
     try:
         manifest = Manifest.open(str(tmp_path), {"name": "t"})
         manifest.update_job("starting", state="SUBMITTED", island="local", handle=handle,
@@ -196,7 +212,10 @@ def test_an_attempt_is_on_the_record_before_its_process_starts(tmp_path, outdirs
     assert [(a["state"], a["handle"]) for a in seen[0]["attempts"]] == [("SUBMITTED", None)]
     assert seen[0]["state"] == "SUBMITTED" and seen[0]["attempts"][0]["submitted_at"] > 0
     saved = json.loads((tmp_path / "manifest.json").read_text())["jobs"]["ok"]
-    assert saved["attempts"][0]["handle"].startswith("local") and saved["handle"] == saved["attempts"][0]["handle"]
+    assert (
+        saved["attempts"][0]["handle"].startswith("local")
+        and saved["handle"] == saved["attempts"][0]["handle"]
+    )
 
 
 def test_manifest_refuses_a_different_config(tmp_path):
@@ -211,13 +230,18 @@ def test_manifest_takes_new_settings_and_placement_but_not_a_changed_recipe(tmp_
     moving a job to another device, compiler or parallelism is not a new recipe; its steps are."""
     recorded = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32"}}}
     Manifest.open(str(tmp_path), recorded).set_stage("curate", "done")
-    newer = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32", "device": "auto", "compile": False}}}
+    newer = {
+        "name": "t",
+        "experts": {"train": {"steps": 10, "precision": "fp32", "device": "auto", "compile": False}},
+    }
     Manifest.open(str(tmp_path), newer)
     moved = {"name": "t", "experts": {"train": {"steps": 10, "precision": "fp32", "device": "cuda", "compile": True,
                                                 "parallelism": "fsdp"}}}  # fmt: skip
     Manifest.open(str(tmp_path), moved)
     with pytest.raises(ValueError, match=r"experts.train.steps: 10 -> 20"):
-        Manifest.open(str(tmp_path), {**moved, "experts": {"train": {**moved["experts"]["train"], "steps": 20}}})
+        Manifest.open(
+            str(tmp_path), {**moved, "experts": {"train": {**moved["experts"]["train"], "steps": 20}}}
+        )
 
 
 def test_a_root_takes_a_new_config_until_something_was_made(tmp_path):
@@ -256,7 +280,9 @@ def test_ddm_run_takes_the_corrected_path_on_the_same_root(tmp_path):
     tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.toml")
     base = [sys.executable, "-m", "ddm", "run", tiny, "--root", str(root), "--stages", "curate", "--quiet",
             "--set", "data.limit=40"]  # fmt: skip
-    bad = subprocess.run([*base, "--set", 'data.path="/nonexistent/fm"'], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [*base, "--set", 'data.path="/nonexistent/fm"'], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode != 0 and "/nonexistent/fm" in bad.stderr
     good = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stderr

@@ -13,11 +13,11 @@ import torch
 import ddm
 from ddm.core import checkpoint
 from ddm.core.checkpoint import CheckpointError
+from ddm.core.trainer import TrainResult
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig
-from ddm.core.trainer import TrainResult
 from ddm.expert.trainer import train
 
 

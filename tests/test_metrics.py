@@ -132,7 +132,10 @@ def test_feature_stats_matches_numpy():
 
 def mmd2_by_loops(x: np.ndarray, y: np.ndarray) -> float:
     d = x.shape[1]
-    k = lambda u, v: (float(u @ v) / d + 1.0) ** 3
+
+    def k(u, v):
+        return (float(u @ v) / d + 1.0) ** 3
+
     m, n = len(x), len(y)
     xx = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))

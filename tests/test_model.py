@@ -7,7 +7,18 @@ from ddm.expert.model import DIT_ARCHS, DiT, DiTConfig, dit_config
 
 
 def tiny(**kw):
-    return DiT(DiTConfig(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3, **kw))
+    return DiT(
+        DiTConfig(
+            image_size=8,
+            in_channels=1,
+            patch_size=2,
+            hidden_size=32,
+            depth=2,
+            num_heads=2,
+            num_classes=3,
+            **kw,
+        )
+    )
 
 
 def test_forward_shape_and_zero_init():

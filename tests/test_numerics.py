@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from numerics import PINNED, environment, run_all
 
 
@@ -24,12 +23,18 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.parametrize("job", ["expert-0", "expert-1", "router", "student-partition", "student-ensemble"])
 def test_trainer_is_bit_identical_to_the_pinned_run(figures: dict, job: str) -> None:
     pinned = json.loads(Path(PINNED).read_text())
-    where = "" if pinned.get("environment") == environment() else (
-        f" (pinned on {pinned.get('environment')}, running on {environment()}: another torch or CPU has "
-        "other kernels; re-pin with `python tests/numerics.py --write` from a commit whose numerics are trusted)"
+    where = (
+        ""
+        if pinned.get("environment") == environment()
+        else (
+            f" (pinned on {pinned.get('environment')}, running on {environment()}: another torch or CPU has "
+            "other kernels; re-pin with `python tests/numerics.py --write` from a commit whose numerics are trusted)"
+        )
     )
     assert figures[job]["step"] == pinned[job]["step"]
     assert figures[job]["losses"] == pinned[job]["losses"], "per-step losses moved" + where
-    assert figures[job]["tensors"] == pinned[job]["tensors"], "final weights, EMA or optimizer state moved" + where
+    assert figures[job]["tensors"] == pinned[job]["tensors"], (
+        "final weights, EMA or optimizer state moved" + where
+    )
     if job == "router":
         assert figures[job]["accuracy"] == pinned[job]["accuracy"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from numerics import write_partitions
 
 from ddm.core import checkpoint
 from ddm.core.config import to_toml
@@ -25,11 +26,12 @@ from ddm.expert.config import ExpertJobConfig
 from ddm.router.config import RouterJobConfig
 from ddm.router.distill_config import DistillJobConfig
 from ddm.train import JOBS, _load
-from numerics import write_partitions
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TRAIN = dict(batch_size=16, warmup_steps=2, checkpoint_every=3, log_every=1, num_threads=1, lr=2e-3, ema_decay=0.9)
+TRAIN = dict(
+    batch_size=16, warmup_steps=2, checkpoint_every=3, log_every=1, num_threads=1, lr=2e-3, ema_decay=0.9
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,17 @@ def torchrun(job: Any, path: Path, *extra: str, nproc: int = 2) -> subprocess.Co
     path.write_text(to_toml(job.model_dump(mode="json")))
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", "--nproc-per-node", str(nproc), "-m", "ddm.train", "--config", str(path), "--no-progress", *extra]
+    cmd += [
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "ddm.train",
+        "--config",
+        str(path),
+        "--no-progress",
+        *extra,
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -130,7 +142,9 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(root: Path, tmp_path: Pat
     single = in_process(expert_job(root, tmp_path / "single"))
     ref = checkpoint.load(str(tmp_path / "single" / "checkpoints"))
     got = checkpoint.load(str(out / "checkpoints"))
-    torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(single.losses[3:]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(rest.losses), torch.tensor(single.losses[3:]), rtol=1e-5, atol=1e-6
+    )
     for key, value in ref.tensors.items():
         torch.testing.assert_close(got.tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
     # And back: a one-process checkpoint resumes on 2 FSDP ranks.

@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from grpc_fixtures import expert_checkpoint, self_signed
 
 from ddm.expert.server import ExpertServer
 from ddm.proto import probe
 from ddm.proto.rpc import ServerTLS
-
-from grpc_fixtures import expert_checkpoint, self_signed
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from ddm.core.cli import add_options, config_from_args
 from ddm.core.config import ConfigError
 from ddm.core.registry import Registry
@@ -58,7 +59,9 @@ def _request(**fields: object) -> object:
 def midpoint() -> Iterator[str]:
     """The explicit midpoint method (RK2): two calls per step, the half step asked for instantaneously."""
 
-    @SAMPLERS.register("midpoint-test", help="explicit midpoint (RK2)", calls=lambda steps: 2 * steps, stochastic=False)
+    @SAMPLERS.register(
+        "midpoint-test", help="explicit midpoint (RK2)", calls=lambda steps: 2 * steps, stochastic=False
+    )
     def midpoint_sampler(model, x, ts, *, noise, churn):
         for i in range(len(ts) - 1):
             t, t_next = ts[i], ts[i + 1]
@@ -75,8 +78,13 @@ def midpoint() -> Iterator[str]:
 
 
 def test_a_registered_sampler_is_everywhere(midpoint: str) -> None:
-    assert SampleConfig(sampler=midpoint).sampler == midpoint and SampleDefaults(sampler=midpoint).sampler == midpoint
-    assert midpoint in _choices("sample", option="--sampler") and midpoint in _choices("eval", option="--sampler")
+    assert (
+        SampleConfig(sampler=midpoint).sampler == midpoint
+        and SampleDefaults(sampler=midpoint).sampler == midpoint
+    )
+    assert midpoint in _choices("sample", option="--sampler") and midpoint in _choices(
+        "eval", option="--sampler"
+    )
     assert midpoint in _router_info().samplers
     assert _request(sampler=midpoint).sampler == midpoint
     assert _request(sampler=midpoint).cohort_key() is not None  # deterministic: requests may share a cohort
@@ -87,7 +95,9 @@ def test_a_registered_sampler_is_everywhere(midpoint: str) -> None:
 
 
 def test_an_unknown_sampler_names_the_field_and_the_choices() -> None:
-    with pytest.raises(ValueError, match="sampler: unknown sampler 'dpm'; choose one of euler, heun, stochastic"):
+    with pytest.raises(
+        ValueError, match="sampler: unknown sampler 'dpm'; choose one of euler, heun, stochastic"
+    ):
         sample(GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, sampler="dpm")
     with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
         SampleConfig(sampler="dpm")
@@ -119,8 +129,12 @@ def test_a_registered_time_grid_is_what_the_sampler_visits() -> None:
         sample(GAUSS, torch.randn(2, 1, 2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long), steps=4,
                grid="quadratic-test", callback=seen.append)  # fmt: skip
         assert [s.t for s in seen] + [seen[-1].t_next] == quadratic(4, 1.0)
-        with pytest.raises(ValueError, match="time grid 'broken-test'.*strictly decreasing times from 1 to 0"):
-            sample(GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, grid="broken-test")
+        with pytest.raises(
+            ValueError, match="time grid 'broken-test'.*strictly decreasing times from 1 to 0"
+        ):
+            sample(
+                GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, grid="broken-test"
+            )
         with pytest.raises(ValueError, match="grid: unknown time grid 'karras'; choose one of uniform"):
             sample(GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, grid="karras")
     finally:
@@ -146,7 +160,10 @@ def bottom() -> Iterator[str]:
 
 
 def test_a_registered_strategy_is_everywhere(bottom: str) -> None:
-    assert SampleDefaults(strategy=bottom).strategy == bottom and RoutingConfig(strategy=bottom).strategy == bottom
+    assert (
+        SampleDefaults(strategy=bottom).strategy == bottom
+        and RoutingConfig(strategy=bottom).strategy == bottom
+    )
     assert bottom in _choices("serve", "router", option="--strategy")
     assert bottom in _choices("serve", "run", option="--strategy")
     assert bottom in _choices("sample", option="--strategy")
@@ -158,7 +175,9 @@ def test_a_registered_strategy_is_everywhere(bottom: str) -> None:
     ens = Ensemble(experts, lambda x_t, t, y: probs, strategy=bottom)
     assert torch.equal(ens.weights(torch.zeros(3, 1, 2, 2), torch.ones(3), torch.zeros(3, dtype=torch.long)),
                        torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))  # fmt: skip
-    ens.velocity(torch.zeros(3, 1, 2, 2, dtype=torch.float64), torch.ones(3), torch.zeros(3, dtype=torch.long))
+    ens.velocity(
+        torch.zeros(3, 1, 2, 2, dtype=torch.float64), torch.ones(3), torch.zeros(3, dtype=torch.long)
+    )
     assert [e.calls.total_rows for e in experts] == [1, 2]
 
 
@@ -168,7 +187,9 @@ def test_served_strategies_come_from_the_registry() -> None:
     assert _choices("serve", "router", option="--strategy") == ["top-k", "full", "threshold"]
     with pytest.raises(ValueError, match="unknown strategy 'oracle'"):
         SampleDefaults(strategy="oracle")  # evaluation only: not a served default
-    with pytest.raises(ValueError, match="strategy: unknown strategy 'best'; choose one of top-k, full, threshold, oracle"):
+    with pytest.raises(
+        ValueError, match="strategy: unknown strategy 'best'; choose one of top-k, full, threshold, oracle"
+    ):
         Ensemble([GAUSS], None, strategy="best")
 
 
@@ -205,7 +226,13 @@ def test_a_bad_sampling_option_fails_before_anything_loads(capsys: pytest.Captur
 
 def test_unset_options_take_the_servers_default() -> None:
     p = argparse.ArgumentParser()
-    add_options(p, RoutingConfig, ["strategy", "top_k"], unset=["strategy", "top_k"], unset_help="default: the router's")
+    add_options(
+        p,
+        RoutingConfig,
+        ["strategy", "top_k"],
+        unset=["strategy", "top_k"],
+        unset_help="default: the router's",
+    )
     args = p.parse_args([])
     assert args.strategy is None and args.top_k is None and "default: the router's" in p.format_help()
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-
 from chromium import is_blank, render
+
 from ddm.coordinator.manifest import DONE, RUNNING, Manifest
 from ddm.coordinator.report import build_report, write_report
 from ddm.core import storage
@@ -37,7 +37,13 @@ def run_root(tmp_path):
     """Half a run: experts trained, router and eval written, distill still running."""
     root = tmp_path / "run"
     m = Manifest.open(str(root), {"name": "demo", "mode": "experts", "data": {"source": "image-folder"}})
-    for stage, seconds in (("curate", 5.0), ("partition", 8.0), ("experts", 83.0), ("router", 40.0), ("eval", 61.0)):
+    for stage, seconds in (
+        ("curate", 5.0),
+        ("partition", 8.0),
+        ("experts", 83.0),
+        ("router", 40.0),
+        ("eval", 61.0),
+    ):
         m.set_stage(stage, DONE, seconds=seconds)
     m.set_stage("distill", RUNNING)
     m.update_job("expert-0", state="SUCCEEDED", island="local", attempts=[{}])
@@ -70,7 +76,7 @@ def test_report_has_every_section_with_the_run_figures(run_root):
     assert "no distillation table yet" in page  # distill is still running: said, not an error
     # every picture is inside the page: the cluster rows, one loss plot, the router plot, two sample grids
     assert page.count('src="data:image/png;base64,') == 5
-    assert "src=\"http" not in page and "src=\"file" not in page
+    assert 'src="http' not in page and 'src="file' not in page
 
 
 def test_names_from_the_data_are_escaped(run_root):
@@ -79,12 +85,16 @@ def test_names_from_the_data_are_escaped(run_root):
 
 
 def test_report_of_a_root_that_is_not_a_run_is_a_clean_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ddm", "report", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ddm", "report", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and "not a run root" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_writes_the_page_atomically_and_prints_where(run_root):
-    r = subprocess.run([sys.executable, "-m", "ddm", "report", str(run_root)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ddm", "report", str(run_root)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(run_root / "report.html")
     assert (run_root / "report.html").read_text().startswith("<!DOCTYPE html>")

@@ -18,13 +18,13 @@ import torch
 
 from ddm.core import checkpoint, heartbeat
 from ddm.core.checkpoint import CheckpointError
-from ddm.expert.data import load_fashion_mnist
 from ddm.core.metrics_log import read_rows
+from ddm.expert.data import load_fashion_mnist
 from ddm.expert.shards import write_shards
 from ddm.router.config import RouterJobConfig
 from ddm.router.model import RouterNet, load_router, load_router_checkpoint
-from ddm.train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, main
 from ddm.router.trainer import accuracy_vs_t, read_partitions, split_holdout, train
+from ddm.train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -343,7 +343,9 @@ def test_entry_point_names_config_errors(
 
 def test_entry_point_reports_a_missing_partition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "job.toml"
-    path.write_text(f'kind = "router"\noutput = "{tmp_path / "out"}"\n[data]\nroot = "{tmp_path / "run"}"\nk = 2\n')
+    path.write_text(
+        f'kind = "router"\noutput = "{tmp_path / "out"}"\n[data]\nroot = "{tmp_path / "run"}"\nk = 2\n'
+    )
     assert main(["--config", str(path), "--no-progress"]) == EXIT_FAILED
     assert "partitions/expert-0/index.json: incomplete partition" in capsys.readouterr().err
 

@@ -5,7 +5,6 @@ without launching any job twice.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from light_cli import ddm_fresh
 
 from ddm.core import checkpoint
 from ddm.expert.shards import read_index
-from light_cli import ddm_fresh
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,13 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"  # the ship
 
 
 def ddm(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "ddm", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ddm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def write_config(tmp_path, steps, eval=False):
@@ -33,7 +38,9 @@ def write_config(tmp_path, steps, eval=False):
     root = tmp_path / "run"
     cfg = tmp_path / "tiny.toml"
     text = TINY.read_text().replace('root = "runs/tiny"', f'root = "{root}"')
-    text = text.replace("steps = 30\n", f"steps = {steps}\n").replace("poll_seconds = 0.5", "poll_seconds = 0.3\nlease_seconds = 30")
+    text = text.replace("steps = 30\n", f"steps = {steps}\n").replace(
+        "poll_seconds = 0.5", "poll_seconds = 0.3\nlease_seconds = 30"
+    )
     flag = "true" if eval else "false"
     text = text.replace("[router.model]", f"[router]\nenabled = {flag}\n\n[router.model]")
     text = text.replace("[eval]\n", f"[eval]\nenabled = {flag}\n")
@@ -48,7 +55,9 @@ def manifest(root: Path) -> dict:
 
 def check_finished_run(root: Path, steps: int, kept: int | None = None):
     m = manifest(root)
-    assert [m["stages"][s]["state"] for s in ("curate", "partition", "experts", "router", "eval")] == ["done"] * 5
+    assert [m["stages"][s]["state"] for s in ("curate", "partition", "experts", "router", "eval")] == [
+        "done"
+    ] * 5
     counts = []
     for k in range(2):
         name = f"expert-{k}"
@@ -73,8 +82,14 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     assert all(len(m["jobs"][f"expert-{k}"]["attempts"]) == 1 for k in range(2))
     assert f"ddm run: report {root / 'report.html'}" in out and (root / "report.html").stat().st_size > 0
     metrics = json.loads((root / "eval" / "mixture" / "metrics.json").read_text())
-    assert metrics["num_samples"] == 40 and metrics["fd"] > 0 and sum(metrics["extra"]["samples_per_expert"]) == 40
-    assert metrics["denoiser_calls_per_sample"] == 2 * 4  # guided: a conditional and an unconditional row per step
+    assert (
+        metrics["num_samples"] == 40
+        and metrics["fd"] > 0
+        and sum(metrics["extra"]["samples_per_expert"]) == 40
+    )
+    assert (
+        metrics["denoiser_calls_per_sample"] == 2 * 4
+    )  # guided: a conditional and an unconditional row per step
     assert (root / "eval" / "mixture" / "samples.png").exists()
     # The router trained as its own job; top-1 routing calls one expert per sample per step (x2 for guidance).
     assert m["jobs"]["router"]["state"] == "SUCCEEDED"
@@ -104,7 +119,9 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     status, loaded = ddm_fresh("status", str(root))
     assert "expert-1" in status and "SUCCEEDED" in status and loaded == [], loaded
     table = {line.split()[0]: line for line in status.split("\n\n")[0].splitlines()[1:]}  # the stage table
-    assert all(table[s].split()[1] == "done" for s in ("curate", "partition", "experts", "router", "eval", "distill"))
+    assert all(
+        table[s].split()[1] == "done" for s in ("curate", "partition", "experts", "router", "eval", "distill")
+    )
     assert "mixture FD" in table["eval"] and "top-1 FD" in table["eval"] and "total" in table
 
     # New data lands in the existing clusters: the training images themselves go where they were put.
@@ -130,7 +147,9 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     compare = subprocess.run([sys.executable, "-m", "ddm", "compare", str(root), "--models", "top-1,full", "--quiet"],
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert compare.returncode == 0, compare.stderr
-    mono = checkpoint.load(checkpoint.latest(str(root / "compare" / "monolith" / "experts" / "monolith" / "checkpoints")))
+    mono = checkpoint.load(
+        checkpoint.latest(str(root / "compare" / "monolith" / "experts" / "monolith" / "checkpoints"))
+    )
     assert mono.step == 20 and mono.meta["train"]["batch_size"] == 2 * 16
     report = json.loads((root / "compare" / "results.json").read_text())
     assert [r["model"] for r in report["results"]] == ["monolith", "top-1", "full"]
@@ -148,7 +167,9 @@ def test_ddm_run_trains_isolated_experts_and_skips_everything_on_rerun(tmp_path)
     # The run report, now with compare's table, as a person sees it: the real headless Chromium.
     from chromium import is_blank, render
 
-    page = subprocess.run([sys.executable, "-m", "ddm", "report", str(root)], capture_output=True, text=True, timeout=300)
+    page = subprocess.run(
+        [sys.executable, "-m", "ddm", "report", str(root)], capture_output=True, text=True, timeout=300
+    )
     assert page.returncode == 0, page.stderr
     html = (root / "report.html").read_text()
     assert "Compute-matched comparison" in html and "<td>monolith</td>" in html and "expert-1" in html

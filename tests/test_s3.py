@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddm.coordinator.manifest import Manifest, ManifestConflict
-from ddm.core import checkpoint, storage
 from grpc_fixtures import expert_checkpoint, router_checkpoint
 from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture, subprocess_env  # noqa: F401 - fixtures
+
+from ddm.coordinator.manifest import Manifest, ManifestConflict
+from ddm.core import checkpoint, storage
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture, subprocess_env  # noqa: F401 - fixtures
+
 from ddm.coordinator.cli import main as cli_main
 from ddm.coordinator.config import RunConfig
-from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture, subprocess_env  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -33,7 +33,6 @@ from ddm.expert.sampling import (
     stochastic_update,
 )
 
-
 MU = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
 _L = torch.tensor(
     [[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [-0.3, 0.2, 0.5, 0], [0.1, -0.4, 0.3, 0.7]], dtype=torch.float64

@@ -24,9 +24,13 @@ def _pinned() -> dict:
 @pytest.mark.parametrize("run", sorted(k for k in _pinned() if k != "environment"))
 def test_sampling_is_bit_identical_to_the_pinned_run(figures: dict, run: str) -> None:
     pinned = _pinned()
-    where = "" if pinned["environment"] == environment() else (
-        f" (pinned on {pinned['environment']}, running on {environment()}: re-pin with "
-        "`python tests/sampling_numerics.py --write` from a commit whose numerics are trusted)"
+    where = (
+        ""
+        if pinned["environment"] == environment()
+        else (
+            f" (pinned on {pinned['environment']}, running on {environment()}: re-pin with "
+            "`python tests/sampling_numerics.py --write` from a commit whose numerics are trusted)"
+        )
     )
     assert figures[run] == pinned[run], f"{run} moved" + where
 

@@ -17,6 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_fixtures import expert_checkpoint
+
 from ddm.core import checkpoint
 from ddm.expert.load import load_model
 from ddm.expert.server import ExpertServer
@@ -24,7 +26,6 @@ from ddm.expert.shards import read_shards, write_shards
 from ddm.proto import rpc
 from ddm.router.client import ExpertClient
 from ddm.router.model import load_router_checkpoint
-from grpc_fixtures import expert_checkpoint
 
 
 class Payload:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_fixtures import expert_checkpoint, router_checkpoint
 from PIL import Image
+from test_grpc_cli import DDM, Proc
 
 from ddm.coordinator.config import RunConfig
 from ddm.coordinator.manifest import Manifest
 from ddm.coordinator.stack import ServerProcess, parse_ports, run_experts
 from ddm.router.client import RouterClient
-from grpc_fixtures import expert_checkpoint, router_checkpoint
-from test_grpc_cli import DDM, Proc
 
 
 def make_run(root: Path, k: int = 2, *, router: bool = True) -> None:
@@ -42,7 +42,11 @@ def servers_of(root: Path) -> list[int]:
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = next(line for line in Path(f"/proc/{entry}/status").read_text().splitlines() if line.startswith("State:"))
+            state = next(
+                line
+                for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                if line.startswith("State:")
+            )
         except (OSError, StopIteration):
             continue
         if b"expert" in cmd and any(str(root).encode() in part for part in cmd) and "zombie" not in state:
@@ -83,7 +87,9 @@ def test_serve_run_samples_then_stops_every_process(tmp_path: Path) -> None:
     stack = Proc([*DDM, "serve", "run", str(root), "--host", "127.0.0.1", "--port", "0", "--token-file", str(token),
                   "--steps", "3"])  # fmt: skip
     try:
-        port = stack.wait_for(r"ddm serve run: serving router over 2 experts on 127\.0\.0\.1:(\d+)", timeout=120).group(1)
+        port = stack.wait_for(
+            r"ddm serve run: serving router over 2 experts on 127\.0\.0\.1:(\d+)", timeout=120
+        ).group(1)
         assert len(servers_of(root)) == 2
         out = tmp_path / "grid.png"
         sample = subprocess.run(
@@ -170,7 +176,10 @@ def test_serve_run_rejects_bad_expert_ports_cleanly(tmp_path: Path) -> None:
     out = subprocess.run([*DDM, "serve", "run", str(tmp_path / "run"), "--expert-ports", "1,2,3"],
                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip() == "ddm serve run: --expert-ports '1,2,3': 3 ports for 2 experts; give one per expert or a base port"
+    assert (
+        out.stderr.strip()
+        == "ddm serve run: --expert-ports '1,2,3': 3 ports for 2 experts; give one per expert or a base port"
+    )
 
 
 @pytest.mark.slow  # three Python processes importing torch, one of them twice: ~30-60 s on 2 busy cores
@@ -182,12 +191,19 @@ def test_serve_run_restarts_a_killed_expert_on_its_port_and_health_follows(tmp_p
     ports = free_ports(2)
     stack = ServerProcess("stack", [*DDM, "serve", "run", str(root), "--host", "127.0.0.1", "--port", "0",
                                     "--expert-ports", f"{ports[0]},{ports[1]}", "--steps", "2"], keep=100_000)  # fmt: skip
-    log = lambda: "\n".join(stack.stderr_tail)
+
+    def log():
+        return "\n".join(stack.stderr_tail)
+
     serving = {"": "SERVING", "ddm.v1.Expert/expert-0": "SERVING", "ddm.v1.Expert/expert-1": "SERVING",
                "ddm.v1.Router": "SERVING", "liveness": "SERVING"}  # fmt: skip
     try:
         address = stack.start().wait_ready(time.monotonic() + 120)
-        pid = int(until(lambda: re.search(rf"expert-1 on 127\.0\.0\.1:{ports[1]} \(pid (\d+)\)", log()), 10, "pids").group(1))
+        pid = int(
+            until(
+                lambda: re.search(rf"expert-1 on 127\.0\.0\.1:{ports[1]} \(pid (\d+)\)", log()), 10, "pids"
+            ).group(1)
+        )
         with RouterClient(address, timeout=60) as client:
             until(lambda: client.health_list() == serving, 10, "all SERVING")
             os.kill(pid, signal.SIGKILL)
@@ -203,8 +219,14 @@ def test_serve_run_restarts_a_killed_expert_on_its_port_and_health_follows(tmp_p
             assert f"expert-1 at 127.0.0.1:{ports[1]}" in failed.value.details()
             _, degraded = client.sample(2, strategy="full", allow_degraded=True)
             assert degraded.degraded_experts == ["expert-1"]
-            assert f"expert expert-1 (pid {pid}, 127.0.0.1:{ports[1]}) killed by SIGKILL; restarting it on the same port in 0.5 s (restart 1)" in log()
-            assert f"expert expert-1 at 127.0.0.1:{ports[1]} is down (its server process killed by SIGKILL)" in log()
+            assert (
+                f"expert expert-1 (pid {pid}, 127.0.0.1:{ports[1]}) killed by SIGKILL; restarting it on the same port in 0.5 s (restart 1)"
+                in log()
+            )
+            assert (
+                f"expert expert-1 at 127.0.0.1:{ports[1]} is down (its server process killed by SIGKILL)"
+                in log()
+            )
             assert "finished degraded, without expert-1" in log()
 
             restarted = until(lambda: re.search(rf"expert expert-1 restarted \(pid (\d+)\) on 127\.0\.0\.1:{ports[1]}", log()),

@@ -50,7 +50,9 @@ def test_round_trip(root):
     assert [s["count"] for s in index["shards"]] == [10, 10, 3]
     assert [s["file"] for s in index["shards"]] == [f"shard-0000{i}.safetensors" for i in range(3)]
     assert read_index(root) == index
-    assert storage.listdir(root) == ["index.json"] + [s["file"] for s in index["shards"]]  # no temp files left
+    assert storage.listdir(root) == ["index.json"] + [
+        s["file"] for s in index["shards"]
+    ]  # no temp files left
     for s in index["shards"]:  # the index's checksums are of the files as stored
         assert hashlib.sha256(storage.read_bytes(storage.join(root, s["file"]))).hexdigest() == s["sha256"]
     ds = read_shards(root)
@@ -61,7 +63,9 @@ def test_round_trip(root):
 
 def test_round_trip_rgb_and_class_names(root):
     images, labels, ids = partition(5, c=3, size=4, num_classes=2)
-    write_shards(root, images, labels.to(torch.int32), ids, num_classes=2, meta={"class_names": ["cat", "dog"]})
+    write_shards(
+        root, images, labels.to(torch.int32), ids, num_classes=2, meta={"class_names": ["cat", "dog"]}
+    )
     ds = read_shards(root)
     assert ds.images.shape == (5, 3, 4, 4) and torch.equal(ds.images, images)
     assert ds.labels.dtype == torch.int64 and torch.equal(ds.labels, labels)
@@ -84,7 +88,12 @@ def test_index_is_written_last(root, monkeypatch):
 
     monkeypatch.setattr(storage, "write_bytes", recording_write_bytes)
     write_shards(root, *partition(12), num_classes=4, shard_size=5)
-    assert written == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors", "index.json"]
+    assert written == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+        "index.json",
+    ]
 
 
 def test_flipped_byte_fails_the_checksum_and_names_the_shard(root):
@@ -155,7 +164,10 @@ def test_shapes_and_labels_are_checked_against_the_index(tmp_path):
     root = str(tmp_path / "p")
     write_shards(root, *partition(8, size=6), num_classes=4, shard_size=4)
     _edit_index(root, lambda ix: ix.update(image_shape=[1, 6, 5]))
-    with pytest.raises(ShardError, match=r"shard-00000.safetensors: images have shape \[4, 1, 6, 6\], the index says \[4, 1, 6, 5\]"):
+    with pytest.raises(
+        ShardError,
+        match=r"shard-00000.safetensors: images have shape \[4, 1, 6, 6\], the index says \[4, 1, 6, 5\]",
+    ):
         read_shards(root)
     write_shards(root, *partition(8, size=6), num_classes=4, shard_size=4)
     _edit_index(root, lambda ix: ix.update(num_classes=1))

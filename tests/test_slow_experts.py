@@ -10,12 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_fixtures import expert_checkpoint, router_checkpoint
+
 from ddm.expert.server import ExpertServer
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
 from ddm.router.client import RouterClient
 from ddm.router.server import RouterServer
-from grpc_fixtures import expert_checkpoint, router_checkpoint
 
 
 @pytest.fixture

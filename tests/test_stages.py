@@ -3,18 +3,16 @@
 without torch or grpc."""
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from light_cli import ddm_fresh
 
 from ddm.coordinator.config import load_run_config
 from ddm.coordinator.manifest import Manifest
 from ddm.coordinator.pipeline import Pipeline, RunFailed
 from ddm.coordinator.stages import ALL, BY_NAME, NAMES, Stage
-from light_cli import ddm_fresh
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
@@ -79,7 +77,9 @@ def test_a_killed_coordinators_attempt_counts_toward_the_stage_time(tmp_path):
     m.data["stages"]["curate"]["started_at"] = t0 - 100.0
     m.save()
     (tmp_path / "run" / "coordinator.json").write_text(
-        json.dumps({"stage": "curate", "attempt_started_at": t0 - 100.0, "time": t0 - 40.0, "pid": 1, "host": "h"})
+        json.dumps(
+            {"stage": "curate", "attempt_started_at": t0 - 100.0, "time": t0 - 40.0, "pid": 1, "host": "h"}
+        )
     )
     again = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
     Pipeline(cfg, None, again, say=lambda _: None).run([Sleep("curate", 0.2)])  # type: ignore[arg-type]
@@ -99,7 +99,12 @@ def test_a_stage_left_running_by_an_older_ddm_reads_as_one_open_attempt(tmp_path
     m = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
     now = time.time()
     m.data["stages"]["curate"] = {"state": "running", "running_at": now - 50.0}
-    m.data["stages"]["partition"] = {"state": "done", "running_at": now - 90, "done_at": now - 60, "seconds": 30.0}
+    m.data["stages"]["partition"] = {
+        "state": "done",
+        "running_at": now - 90,
+        "done_at": now - 60,
+        "seconds": 30.0,
+    }
     m.save()
     data = json.loads((tmp_path / "run" / "manifest.json").read_text())
     data["updated"] = now - 20.0
@@ -108,7 +113,9 @@ def test_a_stage_left_running_by_an_older_ddm_reads_as_one_open_attempt(tmp_path
     again = Manifest.open(cfg.root, cfg.model_dump(mode="json"))
     Pipeline(cfg, None, again, say=lambda _: None).run([Sleep("curate")])  # type: ignore[arg-type]
     st = again.data["stages"]["curate"]
-    assert st["attempts"][0]["end"] == "killed" and st["attempts"][0]["seconds"] == pytest.approx(30.0, abs=0.5)
+    assert st["attempts"][0]["end"] == "killed" and st["attempts"][0]["seconds"] == pytest.approx(
+        30.0, abs=0.5
+    )
     assert st["wall_seconds"] == pytest.approx(50.0, abs=1.0)
 
 
@@ -171,4 +178,6 @@ def test_status_calls_a_stage_stopped_when_its_coordinator_went_quiet(tmp_path):
     rows = {r["stage"]: r for r in stage_rows(m, cfg, alive_at=started + 5, now=started + 500)}
     assert rows["curate"]["state"] == "stopped" and rows["curate"]["seconds"] == pytest.approx(5, abs=0.5)
     rows = {r["stage"]: r for r in stage_rows(m, cfg, alive_at=started + 495, now=started + 500)}
-    assert rows["curate"]["state"] == "running" and rows["curate"]["wall_seconds"] == pytest.approx(500, abs=0.5)
+    assert rows["curate"]["state"] == "running" and rows["curate"]["wall_seconds"] == pytest.approx(
+        500, abs=0.5
+    )

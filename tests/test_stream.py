@@ -15,6 +15,8 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture  # noqa: F401 - fixtures
+
 from ddm.core import checkpoint, storage
 from ddm.core.config import to_toml
 from ddm.core.loader import step_loader
@@ -26,8 +28,6 @@ from ddm.expert.shards import ShardError, read_shards, write_shards
 from ddm.expert.stream import CACHE_ENV, StreamedDataset, open_partitions, open_shards
 from ddm.expert.trainer import train
 from ddm.router.trainer import read_partitions
-from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture  # noqa: F401 - fixtures
-
 from ddm.train import EXIT_INTERRUPTED
 
 
@@ -42,10 +42,15 @@ def test_batches_equal_the_in_memory_reader(tmp_path: Path) -> None:
     url = str(tmp_path / "p")
     write_shards(url, *partition(103), num_classes=4, shard_size=10)
     whole, streamed = read_shards(url), open_shards(url)
-    assert isinstance(streamed, StreamedDataset) and len(streamed) == 103 and streamed.image_shape == (3, 5, 7)
+    assert (
+        isinstance(streamed, StreamedDataset) and len(streamed) == 103 and streamed.image_shape == (3, 5, 7)
+    )
     assert streamed.opened_shards() == []  # opening read the index only
     g = torch.Generator().manual_seed(1)
-    for index in [torch.randint(0, 103, (17,), generator=g) for _ in range(10)] + [torch.arange(5, 45), torch.tensor([-1])]:
+    for index in [torch.randint(0, 103, (17,), generator=g) for _ in range(10)] + [
+        torch.arange(5, 45),
+        torch.tensor([-1]),
+    ]:
         x_a, y_a = whole.batch_uint8(index)
         x_b, y_b = streamed.batch_uint8(index)
         assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b) and x_b.is_contiguous()
@@ -133,7 +138,9 @@ def test_a_corrupt_shard_fails_with_its_name_through_the_workers(tmp_path: Path)
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    loader = step_loader(open_shards(url), StepBatches(BatchOrder(20, 20, seed=0), 0, 1), workers=1, prefetch=1)
+    loader = step_loader(
+        open_shards(url), StepBatches(BatchOrder(20, 20, seed=0), 0, 1), workers=1, prefetch=1
+    )
     with pytest.raises(ShardError, match=r"shard-00001\.safetensors: checksum mismatch"):
         list(loader)
 
@@ -209,7 +216,9 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path: Path) 
     )).model_dump(mode="json")))  # fmt: skip
     cmd = [sys.executable, "-m", "ddm.train", "--config", str(tmp_path / "job.toml"), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.csv").exists() or len(read_rows(str(out / "metrics.csv"))) < 2:
@@ -244,7 +253,9 @@ except Exception as e:
     kept.append(e)  # its traceback holds the iterator and its worker until the interpreter exits
 print(type(kept[0]).__name__)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ShardError", done.stderr[-2000:]
 
 

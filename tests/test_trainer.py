@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from ddm.core import checkpoint, heartbeat
-from ddm.expert.config import ExpertJobConfig
-from ddm.core.ema import EMA, ema_decay_at
-from ddm.expert.load import load_model
-from ddm.core.metrics_log import read_rows
-from ddm.train import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, main
 from ddm.core.distributed import Distributed
+from ddm.core.ema import EMA, ema_decay_at
+from ddm.core.metrics_log import read_rows
 from ddm.core.schedule import BatchOrder, derive_seed, lr_at
+from ddm.expert.config import ExpertJobConfig
+from ddm.expert.load import load_model
 from ddm.expert.trainer import ExpertTrainer, drop_labels, train
+from ddm.train import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,11 @@ def toml_value(value: object) -> str:
 
 def job_toml(job: ExpertJobConfig) -> str:
     """The job as TOML (what the coordinator writes for each expert)."""
-    lines = [f"kind = {toml_value(job.kind)}", f"name = {toml_value(job.name)}", f"output = {toml_value(job.output)}"]
+    lines = [
+        f"kind = {toml_value(job.kind)}",
+        f"name = {toml_value(job.name)}",
+        f"output = {toml_value(job.output)}",
+    ]
     for section in ("data", "model", "train"):
         lines.append(f"[{section}]")
         lines += [
@@ -245,7 +249,9 @@ def test_entry_point_takes_the_device_policy_and_says_what_it_chose(
     assert main(["--config", str(cfg), "--device", device, "--no-progress"]) == EXIT_OK
     err = capsys.readouterr().err
     why = "; no CUDA device" if device == "auto" else ""
-    assert "ddm: tiny (expert DiT-T/4, " in err and f"on cpu (1 threads) (device = {device!r}{why})" in err, err
+    assert "ddm: tiny (expert DiT-T/4, " in err and f"on cpu (1 threads) (device = {device!r}{why})" in err, (
+        err
+    )
     _, meta = load_model(str(tmp_path / "out" / "checkpoints"))
     assert meta["train"]["device"] == device
 
@@ -265,7 +271,10 @@ def test_entry_point_rejects_an_unknown_job_kind(tmp_path: Path, capsys: pytest.
     cfg = tmp_path / "job.toml"
     cfg.write_text('kind = "teacher"\nname = "x"\noutput = "y"\n')
     assert main(["--config", str(cfg)]) == EXIT_CONFIG
-    assert "kind = 'teacher' is not a job kind; set kind to one of 'expert', 'router', 'student'" in capsys.readouterr().err
+    assert (
+        "kind = 'teacher' is not a job kind; set kind to one of 'expert', 'router', 'student'"
+        in capsys.readouterr().err
+    )
     cfg.write_text('name = "x"\noutput = "y"\n')
     assert main(["--config", str(cfg)]) == EXIT_CONFIG
     assert "has no kind; set kind to one of" in capsys.readouterr().err
