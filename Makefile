@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv dataset demo test test-fast bench clean
+.PHONY: venv dataset demo test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ demo: venv dataset
 
 test: venv dataset
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# ruff's lint rules and formatter (settings in pyproject.toml); CI runs it.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: venv dataset
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
