@@ -204,7 +204,7 @@ def load_run_config(url: str | None, overrides: dict | None = None) -> RunConfig
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_config(RunConfig, data, source)
+    return parse_config(RunConfig, data, source, tuple(overrides or {}))
 
 
 __all__ = ["RunConfig", "load_run_config", "load_config"]

@@ -7,6 +7,7 @@ definition.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -108,22 +109,60 @@ class JobConfig(Strict):
 T = TypeVar("T", bound=BaseModel)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+def format_validation_error(
+    err: ValidationError, source: str, cls: type[BaseModel] | None = None, overridden: tuple[str, ...] = ()
+) -> str:
+    """One line per problem, naming the field. An unknown field gets the closest known names of its
+    section ("did you mean"); a problem in a field set by ``--set`` says so, not the file."""
+    lines = []
+    all_set = True
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = [str(p) for p in e["loc"]]
+        field = ".".join(loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling against the documented fields"
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
+            known = _fields_at(cls, loc[:-1]) if cls is not None else []
+            close = difflib.get_close_matches(loc[-1], known, n=3, cutoff=0.6) if loc else []
+            if close:
+                msg = f"unknown field; did you mean {' or '.join(repr('.'.join([*loc[:-1], c])) for c in close)}?"
+            elif known:
+                msg = f"unknown field; the fields here are {', '.join(known)}"
+            else:
+                msg = "unknown field; check the spelling against the documented fields"
+        from_set = [key for key in overridden if field == key or field.startswith(key + ".")]
+        where = f" (from --set {from_set[0]})" if from_set else ""
+        all_set = all_set and bool(from_set)
+        lines.append(f"  {field}{where}: {msg}")
+    head = (
+        f"--set: invalid configuration (on top of {source})"
+        if all_set and lines
+        else f"{source}: invalid configuration"
+    )
+    return "\n".join([head, *lines])
 
 
-def parse_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+def _fields_at(cls: type[BaseModel], path: list[str]) -> list[str]:
+    """The field names of the config section at ``path`` under ``cls`` (empty when it is not a section)."""
+    model: Any = cls
+    for key in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or key not in fields:
+            return []
+        model = fields[key].annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_config(
+    cls: type[T], data: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()
+) -> T:
+    """``cls`` from ``data``; a ConfigError naming every bad field (``overridden``: dotted keys set on
+    the command line, so their errors name ``--set``)."""
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, cls, overridden)) from None
 
 
 def load_toml(url: str) -> dict[str, Any]:

@@ -51,6 +51,27 @@ def test_bad_config_field_is_named(tmp_path):
     assert "bad.toml" in r.stderr
 
 
+def test_a_misspelt_field_gets_the_closest_names(tmp_path):
+    p = tmp_path / "typo.toml"
+    p.write_text("[partiton]\nk = 2\n[experts.train]\nbatchsize = 3\n")
+    r = ddm("run", str(p), "--print-config")
+    assert r.returncode == 2
+    assert "experts.train.batchsize: unknown field; did you mean 'experts.train.batch_size'?" in r.stderr
+    assert "partiton: unknown field; did you mean 'partition'?" in r.stderr
+
+
+def test_a_misspelt_set_is_blamed_on_set_not_on_the_config_file(tmp_path):
+    p = tmp_path / "ok.toml"
+    p.write_text("[partition]\nk = 2\n")
+    r = ddm("run", str(p), "--set", "experts.train.stpes=3", "--print-config")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"ddm run: --set: invalid configuration (on top of {p})")
+    assert (
+        "experts.train.stpes (from --set experts.train.stpes): unknown field; did you mean 'experts.train.steps'?"
+        in r.stderr
+    )
+
+
 def test_override_that_breaks_validation_is_named():
     r = ddm("run", "--set", "partition.fine_k=2", "--print-config")
     assert r.returncode == 2 and "fine_k" in r.stderr
