@@ -41,6 +41,7 @@ NO_NETWORK = {
     "logs": "reads a job's log",
     "k8s": "writes kustomize files",
     "models": "counts parameters and FLOPs from the architecture registry (analytic, no module built)",
+    "report": "reads the JSON, CSV and PNG files the stages wrote (no checkpoint, no torch)",
 }
 # What building a network looks like in a command module's source (a no-network command has none).
 NETWORK_BUILDERS = re.compile(
