@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +120,28 @@ def run_all(work: Path) -> dict[str, Any]:
     return out
 
 
+def pin_main(doc: str, pinned: Path, figures: Callable[[], dict[str, Any]], argv: list[str] | None) -> int:
+    """The command line of a numerics pin: print the figures (with the environment) as JSON, and with
+    ``--write`` store them in ``pinned``. Shared by this pin and tests/sampling_numerics.py."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"write the figures to {pinned}")
+    args = parser.parse_args(argv)
+    text = json.dumps({**figures(), "environment": environment()}, indent=1, sort_keys=True) + "\n"
+    if args.write:
+        pinned.parent.mkdir(exist_ok=True)
+        pinned.write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"write the figures to {PINNED}")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = run_all(Path(tmp))
-    text = json.dumps({**figures, "environment": environment()}, indent=1, sort_keys=True) + "\n"
-    if args.write:
-        PINNED.parent.mkdir(exist_ok=True)
-        PINNED.write_text(text)
-    sys.stdout.write(text)
-    return 0
+    def figures() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_all(Path(tmp))
+
+    return pin_main(__doc__, PINNED, figures, argv)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,12 @@ so a refactor of the samplers, the ensemble or the student is proven numerics-id
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from numerics import environment
+from numerics import pin_main
 
 HERE = Path(__file__).resolve().parent
 PINNED = HERE / "data" / "sampling_numerics.json"
@@ -136,15 +133,7 @@ def run_all() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"write the figures to {PINNED}")
-    args = parser.parse_args(argv)
-    text = json.dumps({**run_all(), "environment": environment()}, indent=1, sort_keys=True) + "\n"
-    if args.write:
-        PINNED.parent.mkdir(exist_ok=True)
-        PINNED.write_text(text)
-    sys.stdout.write(text)
-    return 0
+    return pin_main(__doc__, PINNED, run_all, argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from train_jobs import ENV, interrupt_training, train_command
 
 from ddm.core import checkpoint, heartbeat
 from ddm.core.checkpoint import CheckpointError
@@ -355,27 +354,14 @@ def test_sigterm_in_a_real_job_exits_75_and_resumes(small_root: Path, tmp_path: 
     out = tmp_path / "out"
     path = tmp_path / "job.toml"
     path.write_text(toml(job(small_root, out, steps=100_000)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ddm.train", "--config", str(path), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.csv").exists() or len(read_rows(str(out / "metrics.csv"))) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start within 120 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED, err
+    code, err = interrupt_training(path, out)
+    assert code == EXIT_INTERRUPTED, err
     stopped = checkpoint.load(str(out / "checkpoints")).step
     assert 2 <= stopped < 100_000 and "rerun to resume" in err
     done = subprocess.run(
-        cmd + ["--steps", str(stopped + 2)],
+        train_command(path) + ["--steps", str(stopped + 2)],
         cwd=REPO,
-        env=env,
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=120,

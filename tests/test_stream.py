@@ -4,11 +4,8 @@ DataLoader workers in step order, and an expert resumed through them equals an u
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,11 +13,11 @@ import fsspec
 import pytest
 import torch
 from s3_fixtures import S3, moto_endpoint_fixture, s3_fixture  # noqa: F401 - fixtures
+from train_jobs import interrupt_training
 
 from ddm.core import checkpoint, storage
 from ddm.core.config import to_toml
 from ddm.core.loader import step_loader
-from ddm.core.metrics_log import read_rows
 from ddm.core.schedule import BatchOrder, StepBatches
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import load_fashion_mnist
@@ -214,23 +211,8 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(tmp_path: Path) 
         name="stream", output=str(out), data=dict(source="shards", path=str(tmp_path / "part")),
         train=dict(steps=100_000, batch_size=8, checkpoint_every=100_000, log_every=1, num_threads=1, loader_workers=2),
     )).model_dump(mode="json")))  # fmt: skip
-    cmd = [sys.executable, "-m", "ddm.train", "--config", str(tmp_path / "job.toml"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.csv").exists() or len(read_rows(str(out / "metrics.csv"))) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start within 120 s"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGTERM)  # the training process and its workers
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == EXIT_INTERRUPTED, err
+    code, err = interrupt_training(tmp_path / "job.toml", out, group=True)  # the trainer and its workers
+    assert code == EXIT_INTERRUPTED, err
     assert "rerun to resume" in err
     assert 2 <= checkpoint.load(str(out / "checkpoints")).step < 100_000
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from train_jobs import ENV, interrupt_training, train_command
 
 from ddm.core import checkpoint, heartbeat
 from ddm.core.distributed import Distributed
@@ -285,21 +283,8 @@ def test_sigterm_saves_a_checkpoint_and_the_job_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = tmp_path / "job.toml"
     cfg.write_text(job_toml(tiny_job(out, steps=100_000, checkpoint_every=100_000, log_every=1)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ddm.train", "--config", str(cfg), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.csv").exists() or len(read_rows(str(out / "metrics.csv"))) < 2:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start within 120 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED, err
+    code, err = interrupt_training(cfg, out)
+    assert code == EXIT_INTERRUPTED, err
     assert "rerun to resume" in err
     url = checkpoint.latest(str(out / "checkpoints"))
     _, meta = load_model(url)
@@ -307,9 +292,9 @@ def test_sigterm_saves_a_checkpoint_and_the_job_resumes(tmp_path: Path) -> None:
     assert 2 <= stopped < 100_000 and heartbeat.read(str(out))["state"] == "stopped"
 
     done = subprocess.run(
-        cmd + ["--steps", str(stopped + 2)],
+        train_command(cfg) + ["--steps", str(stopped + 2)],
         cwd=REPO,
-        env=env,
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=120,
