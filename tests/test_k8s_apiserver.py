@@ -201,7 +201,9 @@ def test_expert_job_through_torchx_and_the_coordinator_follows_its_phases(kube, 
             wait_for("RUNNING", lambda: record["state"] == "RUNNING")
             _patch_status(kube, name, "Failed")  # the coordinator retries (its retries, not Volcano's)
             wait_for(
-                "a second attempt", lambda: len(record["attempts"]) == 2 and record.get("handle") != handle
+                # the attempt is recorded before its submission (write-ahead), its handle once submitted
+                "a second attempt",
+                lambda: len(record["attempts"]) == 2 and record.get("handle") not in (None, handle),
             )
             assert record["attempts"][0]["state"] == "FAILED" and record["attempts"][0]["error"].startswith(
                 "FAILED"
