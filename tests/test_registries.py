@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ddm.coordinator.config import EvalConfig, EvalModel, eval_models, parse_eval_model
 from ddm.core.cli import add_options, config_from_args
 from ddm.core.config import ConfigError
 from ddm.core.registry import Registry
@@ -23,6 +24,7 @@ from ddm.expert.config import SampleConfig
 from ddm.expert.samplers import SAMPLERS, TIME_GRIDS, Step
 from ddm.expert.sampling import CountingDenoiser, denoiser_calls, sample
 from ddm.router.config import RoutingConfig, SampleDefaults
+from ddm.router.distill_config import TeacherSettings
 from ddm.router.ensemble import Ensemble
 from ddm.router.strategies import STRATEGIES
 
@@ -169,6 +171,9 @@ def test_a_registered_strategy_is_everywhere(bottom: str) -> None:
     assert bottom in _choices("sample", option="--strategy")
     assert bottom in _router_info().strategies
     assert _request(strategy=bottom).strategy == bottom
+    assert parse_eval_model(bottom) == EvalModel(bottom, bottom)  # ddm run's eval stage and ddm compare
+    assert EvalConfig(models=[bottom, "top-3"]).models == [bottom, "top-3"] and bottom in eval_models()
+    assert TeacherSettings(strategy=bottom).strategy == bottom  # a routed strategy can teach
 
     experts = [CountingDenoiser(GAUSS), CountingDenoiser(GAUSS)]
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
@@ -179,6 +184,23 @@ def test_a_registered_strategy_is_everywhere(bottom: str) -> None:
         torch.zeros(3, 1, 2, 2, dtype=torch.float64), torch.ones(3), torch.zeros(3, dtype=torch.long)
     )
     assert [e.calls.total_rows for e in experts] == [1, 2]
+
+
+def test_eval_models_come_from_the_registry() -> None:
+    assert parse_eval_model("top-3") == EvalModel("top-3", "top-k", 3)
+    assert parse_eval_model("threshold") == EvalModel("threshold", "threshold")
+    assert parse_eval_model("mixture") == EvalModel("mixture", None)
+    assert eval_models() == ("top-1", "top-2", "full", "threshold", "mixture")
+    for bad in ("top-0", "top-k", "oracle", "best"):
+        with pytest.raises(
+            ValueError,
+            match=f"unknown eval model '{bad}'; choose from top-K \\(K >= 1\\), full, threshold, mixture",
+        ):
+            EvalConfig(models=["top-1", bad])
+    with pytest.raises(
+        ValueError, match="unknown strategy 'oracle'; choose one of top-k, full, threshold \\["
+    ):
+        TeacherSettings(strategy="oracle")  # routes by labels: the partition teacher, not a strategy
 
 
 def test_served_strategies_come_from_the_registry() -> None:
