@@ -23,8 +23,6 @@ from ddm.router.strategies import STRATEGIES
 
 __all__ = ["BadRequest", "SampleDefaults", "SampleParams", "initial_noise", "parse_request", "router_info"]
 
-MODELS: tuple[str, ...] = ("ensemble", "student")  # SampleRequest.model; "student" when one is loaded
-
 
 class BadRequest(ValueError):
     def __init__(self, field: str, message: str):
