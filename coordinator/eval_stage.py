@@ -1,7 +1,7 @@
 """The ``eval`` stage of ``ddm run``: FD, KID, precision/recall and class accuracy of what the run trained.
 
 - monolith mode: the monolith, sampled with the run's guidance and sampler.
-- experts mode: each of ``eval.models``: the routed ensemble (top-1, top-2, full, threshold: the router's
+- experts mode: each of ``eval.models``: the routed ensemble (top-K or any other routed strategy: the router's
   p(k | x_t, t, c) picks and weighs experts every step) and the *partition mixture* — every sample of
   class c is drawn from expert k with probability n_{k,c} / n_c (the share of class c that partition k
   holds). With perfect experts the mixture is exactly the data distribution, Σ_k p(k|c) p_k(x|c) = p(x|c),
@@ -148,8 +148,9 @@ def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None 
 
 def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | None, out_dir: str,
                    context: dict[str, Any], placement: Placement | None = None) -> EvalResult:  # fmt: skip
-    """Evaluate one ``eval.models`` name (``parse_eval_model``; or "monolith": the single model in ``experts``) into ``out_dir``;
-    the router (when the model needs one) loads on ``placement``, which must be ``context``'s device."""
+    """Evaluate one ``eval.models`` name (``parse_eval_model``), or "monolith" (the single model in
+    ``experts``), into ``out_dir``; the router (when the model needs one) loads on ``placement``, which
+    must be ``context``'s device."""
     if model == "monolith":
         return evaluate(experts[0], out_dir=out_dir, **context)
     if model == MIXTURE:
