@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ddm.coordinator.config import EVAL_MODELS, RunConfig
+from ddm.coordinator.config import MIXTURE, RunConfig, eval_models, parse_eval_model
 from ddm.core import storage
 
 COLUMNS = (
@@ -129,12 +129,14 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
     placement = Placement.resolve(cfg.device, field="--device" if device is not None else "device")
     if num_samples is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_samples": num_samples})})
-    models = list(models or EVAL_MODELS)
-    unknown = [m for m in models if m not in EVAL_MODELS]
-    if unknown:
-        raise ValueError(f"--models {unknown}: unknown; choose from {', '.join(EVAL_MODELS)}")
+    models = list(models or eval_models())
+    for m in models:
+        try:
+            parse_eval_model(m)
+        except ValueError as e:
+            raise ValueError(f"--models: {e}") from None
     router_url = checkpoint.latest(storage.join(router_output(cfg), "checkpoints"))
-    if router_url is None and any(m != "mixture" for m in models):
+    if router_url is None and any(m != MIXTURE for m in models):
         raise ValueError(
             f"{root}: the router has no checkpoint; finish `ddm run` first (or compare only 'mixture')"
         )
@@ -160,9 +162,7 @@ def run_compare(root: str, *, models: list[str] | None = None, monolith_root: st
         # a score is reused only for the same settings AND the same checkpoints (a retrained or
         # relocated monolith, or experts trained further, are scored again)
         used = (
-            [mono_ckpt]
-            if model == "monolith"
-            else expert_ckpts + ([router_url] if model != "mixture" else [])
+            [mono_ckpt] if model == "monolith" else expert_ckpts + ([router_url] if model != MIXTURE else [])
         )
         marker = {**settings, "checkpoints": used}
         if scored_with(out, marker):

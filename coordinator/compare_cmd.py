@@ -14,12 +14,13 @@ from ddm.core.placement import add_override_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ddm.coordinator.config import EVAL_MODELS
+    from ddm.coordinator.config import eval_model_names, eval_models
 
     p.add_argument("root", help="run root of a finished experts-mode `ddm run` (local or s3://)")
     p.add_argument(
-        "--models", default=",".join(EVAL_MODELS),
-        help=f"comma-separated ensembles to score beside the monolith (default: all of {','.join(EVAL_MODELS)})",
+        "--models", default=",".join(eval_models()),
+        help=f"comma-separated ensembles to score beside the monolith, from {eval_model_names()} "
+        f"(default: {','.join(eval_models())})",
     )  # fmt: skip
     p.add_argument(
         "--monolith-root", help="where the matched monolith trains (default: ROOT/compare/monolith)"

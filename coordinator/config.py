@@ -6,6 +6,8 @@ for about 15 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
@@ -16,6 +18,7 @@ from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN
 from ddm.expert.config import DataConfig, ModelConfig, SampleConfig
 from ddm.router.config import RouterEvalConfig, RouterModelConfig, RouterTrainConfig, RoutingConfig
 from ddm.router.distill_config import DistillStageConfig
+from ddm.router.strategies import STRATEGIES
 
 
 class CurateConfig(Strict):
@@ -106,7 +109,41 @@ class RouterStageConfig(Strict):
     eval: RouterEvalConfig = RouterEvalConfig()
 
 
-EVAL_MODELS = ("top-1", "top-2", "full", "threshold", "mixture")
+MIXTURE = "mixture"  # the router-free partition mixture (ddm.coordinator.eval_stage.evaluate_mixture)
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    """What an ``eval.models`` name means: a routed strategy with its top_k, or the partition mixture."""
+
+    name: str
+    strategy: str | None  # a routed entry of STRATEGIES; None for the mixture
+    top_k: int = 1
+
+
+def eval_model_names() -> str:
+    """The accepted names, for help texts and errors: top-K, every other routed strategy, mixture."""
+    others = [s for s in STRATEGIES.names(routed=True) if s != "top-k"]
+    return ", ".join(["top-K (K >= 1)", *others, MIXTURE])
+
+
+def eval_models() -> tuple[str, ...]:
+    """Every routed strategy once (top-k as top-1 and top-2) and the mixture: ``ddm compare``'s default."""
+    names = [n for s in STRATEGIES.names(routed=True) for n in (("top-1", "top-2") if s == "top-k" else (s,))]
+    return (*names, MIXTURE)
+
+
+def parse_eval_model(name: str) -> EvalModel:
+    """An ``eval.models`` name read from the strategy registry: ``top-K`` is strategy top-k with K experts,
+    any other routed strategy goes by its name, ``mixture`` needs no router; else a ValueError listing them."""
+    if name == MIXTURE:
+        return EvalModel(name, None)
+    k = re.fullmatch(r"top-([1-9][0-9]*)", name)
+    if k and "top-k" in STRATEGIES.names(routed=True):
+        return EvalModel(name, "top-k", int(k[1]))
+    if name != "top-k" and name in STRATEGIES.names(routed=True):
+        return EvalModel(name, name)
+    raise ValueError(f"unknown eval model {name!r}; choose from {eval_model_names()}")
 
 
 class EvalConfig(Strict):
@@ -122,17 +159,17 @@ class EvalConfig(Strict):
     real_samples: int = Field(10_000, ge=10, description="held-out real images the samples are compared with")
     models: list[str] = Field(
         ["top-1"],
-        description=f"experts mode: what to evaluate, any of {', '.join(EVAL_MODELS)} (routed strategies need the router; "
-        "'mixture' samples class c from expert k with probability n_kc/n_c, no router)",
+        description="experts mode: what to evaluate: top-K (the K most probable experts), any other routed strategy "
+        "of ddm.router.strategies.STRATEGIES by name (these need the router) or 'mixture' (class c from expert k "
+        "with probability n_kc/n_c, no router)",
     )
     threshold: float = RoutingConfig.model_fields["threshold"]  # the one definition of its default and bounds
 
     @field_validator("models")
     @classmethod
     def _known_models(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in EVAL_MODELS]
-        if bad:
-            raise ValueError(f"unknown {bad}; choose from {', '.join(EVAL_MODELS)}")
+        for m in v:
+            parse_eval_model(m)
         return v
 
     sample: SampleConfig = SampleConfig()

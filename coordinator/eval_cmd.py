@@ -13,7 +13,8 @@ from ddm.core.cli import add_options
 from ddm.core.device import add_argument as add_device_argument
 from ddm.expert.config import SampleConfig
 
-SAMPLING = ("steps", "sampler", "guidance", "time_shift", "churn")  # SampleConfig fields offered as options
+# SampleConfig fields offered as options
+SAMPLING = ("steps", "sampler", "guidance", "time_grid", "time_shift", "churn")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """The ``eval`` stage of ``ddm run``: FD, KID, precision/recall and class accuracy of what the run trained.
 
 - monolith mode: the monolith, sampled with the run's guidance and sampler.
-- experts mode: each of ``eval.models``: the routed ensemble (top-1, top-2, full, threshold: the router's
+- experts mode: each of ``eval.models``: the routed ensemble (top-K or any other routed strategy: the router's
   p(k | x_t, t, c) picks and weighs experts every step) and the *partition mixture* — every sample of
   class c is drawn from expert k with probability n_{k,c} / n_c (the share of class c that partition k
   holds). With perfect experts the mixture is exactly the data distribution, Σ_k p(k|c) p_k(x|c) = p(x|c),
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddm.coordinator.config import RunConfig
+from ddm.coordinator.config import MIXTURE, RunConfig, parse_eval_model
 from ddm.coordinator.layout import machine_cache  # noqa: F401  (ddm eval's cache too)
 from ddm.core import checkpoint, storage
 from ddm.core.placement import Placement
@@ -108,17 +108,18 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
 def routed_ensemble(
     experts: list, router_url: str, model: str, threshold: float, placement: Placement | None = None
 ):
-    """The router-weighted ensemble for an eval model name: top-1, top-2, full or threshold (the router
-    on ``placement``, default the CPU, where the experts must be too)."""
+    """The router-weighted ensemble for a routed eval model name (``parse_eval_model``: top-K or a routed
+    strategy's name; the router on ``placement``, default the CPU, where the experts must be too)."""
     from ddm.router.ensemble import Ensemble
     from ddm.router.model import load_router
 
     placement = placement or Placement.cpu()
     router = load_router(router_url, device=placement.device)
     placement.announce(f"eval: router net ({router_url})")
-    if model.startswith("top-"):
-        return Ensemble(experts, router, strategy="top-k", top_k=int(model[4:]))
-    return Ensemble(experts, router, strategy=model, threshold=threshold)
+    m = parse_eval_model(model)
+    if m.strategy is None:
+        raise ValueError(f"eval model {model!r} is not a routed ensemble")
+    return Ensemble(experts, router, strategy=m.strategy, top_k=m.top_k, threshold=threshold)
 
 
 def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None = None) -> dict[str, Any]:
@@ -147,11 +148,12 @@ def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None 
 
 def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | None, out_dir: str,
                    context: dict[str, Any], placement: Placement | None = None) -> EvalResult:  # fmt: skip
-    """Evaluate one of ``EVAL_MODELS`` (or "monolith": the single model in ``experts``) into ``out_dir``;
-    the router (when the model needs one) loads on ``placement``, which must be ``context``'s device."""
+    """Evaluate one ``eval.models`` name (``parse_eval_model``), or "monolith" (the single model in
+    ``experts``), into ``out_dir``; the router (when the model needs one) loads on ``placement``, which
+    must be ``context``'s device."""
     if model == "monolith":
         return evaluate(experts[0], out_dir=out_dir, **context)
-    if model == "mixture":
+    if model == MIXTURE:
         report = storage.read_json(storage.join(cfg.root, "clusters", "report.json"))
         return evaluate_mixture(experts, np.array(report["class_counts"]), out_dir=out_dir, **context)
     if router_url is None:

@@ -112,7 +112,6 @@ ISLAND_SCHEDULERS.add(
 )  # fmt: skip
 ISLAND_SCHEDULERS.add("slurm", SchedulerKind(), help="TorchX's slurm scheduler")
 ISLAND_SCHEDULERS.add("aws_batch", SchedulerKind(), help="TorchX's AWS Batch scheduler")
-KNOWN_SCHEDULERS = ISLAND_SCHEDULERS.names()
 
 
 def parse_j(j: str) -> tuple[int, int]:

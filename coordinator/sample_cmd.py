@@ -21,7 +21,13 @@ from ddm.core.device import add_argument as add_device_argument
 from ddm.expert.config import SampleConfig
 from ddm.router.config import RoutingConfig
 
-SAMPLING = ("guidance", "steps", "sampler", "time_shift")  # SampleConfig fields offered as options
+SAMPLING = (
+    "guidance",
+    "steps",
+    "sampler",
+    "time_grid",
+    "time_shift",
+)  # SampleConfig fields offered as options
 ROUTING = ("strategy", "top_k", "threshold")  # RoutingConfig fields, through a router only
 
 
@@ -139,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model student: {args.checkpoint} is not a distilled student checkpoint")
     guided = with_guidance(denoiser, args.guidance)  # CFG pair for an expert, one pass for a student
     x0 = sample(
-        guided, noise, y, steps=args.steps, sampler=args.sampler, time_shift=args.time_shift, generator=gen
-    )
+        guided, noise, y, steps=args.steps, sampler=args.sampler, time_grid=args.time_grid,
+        time_shift=args.time_shift, generator=gen,
+    )  # fmt: skip
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
     print(f"wrote {args.n} samples to {args.out}")
@@ -195,6 +202,7 @@ def run_remote(args: argparse.Namespace) -> int:
                     threshold=args.threshold,
                     seed=args.seed,
                     time_shift=args.time_shift,
+                    time_grid=args.time_grid,
                     model=args.model,
                     allow_degraded=args.allow_degraded,
                     on_progress=lambda step, total, t: bar.update(step - bar.n),
@@ -253,7 +261,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
     placement.announce(f"sample: router + {len(experts)} experts ({args.run})")
     noise, gen = initial_noise(args.n, experts[0].image_shape, args.seed)
     x0 = sample(ensemble.guided(args.guidance), placement.to(noise), y, steps=args.steps, sampler=args.sampler,
-                time_shift=args.time_shift, generator=gen)  # fmt: skip
+                time_grid=args.time_grid, time_shift=args.time_shift, generator=gen)  # fmt: skip
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
     rows = ", ".join(f"{name} {r}" for (name, _), r in zip(named, ensemble.calls.rows))

@@ -27,7 +27,8 @@ from ddm.core.cli import add_options
 from ddm.core.device import add_argument as add_device_argument
 from ddm.router.config import SampleDefaults
 
-DEFAULTS = ("strategy", "top_k", "steps", "guidance", "max_n")  # SampleDefaults fields offered as options
+# SampleDefaults fields offered as options
+DEFAULTS = ("strategy", "top_k", "steps", "guidance", "time_grid", "max_n")
 
 
 def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:

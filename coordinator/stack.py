@@ -389,13 +389,6 @@ class LocalStack:
             if remote is not None:
                 remote.reconnect()
 
-    def kill_expert(self, name: str, sig: int = signal.SIGKILL) -> int:
-        """Send ``sig`` to expert ``name``'s server process (tests, chaos); returns its pid."""
-        e = next(e for e in self.experts if e.name == name)
-        pid = e.pid
-        e.signal(sig)
-        return pid
-
     def stop(self, grace: float = 5.0) -> None:
         with self._lock:
             self._stopping.set()

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ddm.core.config import JobConfig, Strict, TrainConfig
-from ddm.expert.samplers import SAMPLERS
+from ddm.expert.samplers import SAMPLERS, TIME_GRIDS
 from ddm.expert.sizes import DIT_ARCHS
 
 
@@ -55,6 +55,9 @@ class SampleConfig(Strict):
     )
     guidance: float = Field(
         3.0, ge=0, le=100, description="classifier-free guidance scale (1 = none, 0 = unconditional)"
+    )
+    time_grid: TIME_GRIDS.field() = Field(  # type: ignore[valid-type]
+        "uniform", description="time grid (ddm.expert.samplers.TIME_GRIDS): " + TIME_GRIDS.describe()
     )
     time_shift: float = Field(1.0, gt=0, description="time shift of the sampling grid (1 = none)")
     churn: float = Field(

@@ -14,7 +14,6 @@ Optional abilities are Protocols too, checked with ``isinstance`` (never ``getat
 * :class:`StepDenoiser` ``step_velocity(x_t, t, t_next, y)``: the velocity over a whole step (a shortcut
   student); samplers that take a step with one velocity ask for it;
 * :class:`Counted`     ``calls``: a :class:`CallCounts` of its own model calls;
-* :class:`HasImageShape` ``image_shape``: (C, H, W) of one sample.
 """
 
 from __future__ import annotations
@@ -51,14 +50,6 @@ class StepDenoiser(Protocol):
     def step_velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class HasImageShape(Protocol):
-    """A denoiser that knows the shape of one sample, (C, H, W)."""
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]: ...
 
 
 class CallCounts:

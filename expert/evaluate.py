@@ -129,6 +129,7 @@ def generate(
                 to_device(y[start : start + batch_size], device),
                 steps=sample_cfg.steps,
                 sampler=sample_cfg.sampler,
+                time_grid=sample_cfg.time_grid,
                 time_shift=sample_cfg.time_shift,
                 churn=sample_cfg.churn,
                 generator=generator,

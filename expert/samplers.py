@@ -19,7 +19,9 @@ from t = 1 (noise) to t = 0 (data).
 
 This module imports no torch (tensor methods only), so the CLI reads the registries' names for its
 ``choices`` without loading it. To add a sampler: one decorated function here, one test (copy
-``test_a_registered_sampler_is_everywhere`` in tests/test_registries.py).
+``test_a_registered_sampler_is_everywhere`` in tests/test_registries.py). To add a time grid: the same,
+one decorated function here (``SampleConfig.time_grid``, ``--time-grid``, ``SampleRequest.time_grid`` and
+``RouterInfo.time_grids`` read the registry), one test (copy ``test_a_registered_time_grid_is_what_the_sampler_visits``).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def uniform(steps: int, time_shift: float) -> list[float]:
 
 def make_grid(name: str, steps: int, time_shift: float) -> list[float]:
     """The grid ``name`` for ``steps`` steps, checked: steps + 1 decreasing times from 1 to 0."""
-    ts = [float(t) for t in TIME_GRIDS.get(name, field="grid")(steps, time_shift)]
+    ts = [float(t) for t in TIME_GRIDS.get(name, field="time_grid")(steps, time_shift)]
     if len(ts) != steps + 1 or ts[0] != 1 or ts[-1] != 0 or any(a <= b for a, b in itertools.pairwise(ts)):
         raise ValueError(
             f"time grid {name!r} returned {len(ts)} times for {steps} steps; a grid must give steps + 1 "

@@ -120,19 +120,19 @@ def iter_sample(
     time_shift: float = 1.0,
     churn: float = 0.5,
     generator: torch.Generator | None = None,
-    grid: str = "uniform",
+    time_grid: str = "uniform",
 ) -> Iterator[Step]:
     """Progressive sampler: yields one :class:`Step` per step; the last Step's ``x`` is the sample.
 
     noise (N, C, H, W) is x at t = 1; y (N,) long labels (``denoiser.num_classes`` = unconditional).
-    ``sampler`` and ``grid`` name entries of ``SAMPLERS`` and ``TIME_GRIDS``; ``churn`` and ``generator``
+    ``sampler`` and ``time_grid`` name entries of ``SAMPLERS`` and ``TIME_GRIDS``; ``churn`` and ``generator``
     are used by stochastic samplers only. Bad arguments raise ValueError before any denoiser call.
     """
     run = SAMPLERS.get(sampler, field="sampler")
     if not (isinstance(churn, (int, float)) and 0 <= churn <= 1):
         raise ValueError(f"churn must be a number in [0, 1], got {churn!r}")
     _check_inputs(denoiser, noise, y, steps)
-    ts = make_grid(grid, steps, time_shift)  # steps + 1 floats, 1 -> 0
+    ts = make_grid(time_grid, steps, time_shift)  # steps + 1 floats, 1 -> 0
     fresh = lambda x: _fresh_noise(x, generator)  # noqa: E731
     return _no_grad(run(_model(denoiser, y), noise, ts, noise=fresh, churn=float(churn)))
 
@@ -153,7 +153,7 @@ def sample(
     churn: float = 0.5,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
-    grid: str = "uniform",
+    time_grid: str = "uniform",
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0); returns x_0 of the same shape and dtype as noise.
 
@@ -169,7 +169,7 @@ def sample(
         time_shift=time_shift,
         churn=churn,
         generator=generator,
-        grid=grid,
+        time_grid=time_grid,
     ):
         if callback is not None:
             callback(step)

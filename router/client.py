@@ -176,6 +176,7 @@ class RouterClient(_Client):
         seed: int | None = None,
         time_shift: float | None = None,
         churn: float | None = None,
+        time_grid: str | None = None,
         model: str | None = None,
         include_float: bool = False,
         allow_degraded: bool = False,
@@ -206,6 +207,7 @@ class RouterClient(_Client):
             seed=seed,
             time_shift=time_shift,
             churn=churn,
+            time_grid=time_grid,
             model=model,
         ).items():
             if value is not None:

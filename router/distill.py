@@ -279,7 +279,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         else:
             with torch.no_grad():
                 probs = self.router.probabilities(x_t[f], t[f], y[f])  # (b_f, K)
-            weights = select_weights(probs, "top-k" if tch.strategy == "top-k" else "full", top_k=tch.top_k)
+            weights = select_weights(probs, tch.strategy, top_k=tch.top_k, threshold=tch.threshold)
         target = teacher_velocity(self.experts, x_t[f], t[f], y[f], weights, w[f])  # (b_f, C, H, W)
         if n_f < x_t.shape[0]:
             self.model.eval()

@@ -32,7 +32,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ddm.core.config import JobConfig, Strict, train_with_defaults
 from ddm.expert.sizes import DIT_ARCHS
-from ddm.router.config import RouterDataConfig
+from ddm.router.config import RouterDataConfig, RoutingConfig
+from ddm.router.strategies import STRATEGIES
 
 # Distillation defaults that differ from an expert's:
 #  * no label dropout: the unconditional rows' target is the teacher's unconditional velocity, which w
@@ -80,8 +81,12 @@ class TeacherSettings(Strict):
         description="'partition': each example's teacher is the expert of its partition (DDM paper); "
         "'ensemble': the router-weighted ensemble (needs the router)",
     )
-    strategy: Literal["top-k", "full"] = Field("top-k", description="ensemble teacher: expert selection")
+    strategy: STRATEGIES.field(routed=True) = Field(  # type: ignore[valid-type]
+        "top-k",
+        description="ensemble teacher: expert selection, any routed strategy (ddm.router.strategies.STRATEGIES)",
+    )
     top_k: int = Field(1, ge=1, description="ensemble teacher: experts per row for top-k")
+    threshold: float = RoutingConfig.model_fields["threshold"]  # the one definition of its default and bounds
     guidance_min: float = Field(1.0, ge=0, le=100, description="smallest guidance scale w drawn for training")
     guidance_max: float = Field(5.0, ge=0, le=100, description="largest guidance scale w drawn for training")
 

@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 
-from ddm.expert.samplers import SAMPLERS
+from ddm.expert.samplers import SAMPLERS, TIME_GRIDS
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.router.config import SampleDefaults
 from ddm.router.strategies import STRATEGIES
 
 __all__ = ["BadRequest", "SampleDefaults", "SampleParams", "initial_noise", "parse_request", "router_info"]
-
-MODELS: tuple[str, ...] = ("ensemble", "student")  # SampleRequest.model; "student" when one is loaded
 
 
 class BadRequest(ValueError):
@@ -45,6 +43,7 @@ class SampleParams:
     seed: int
     time_shift: float
     churn: float
+    time_grid: str = "uniform"  # an entry of TIME_GRIDS (SampleRequest.time_grid)
     allow_degraded: bool = False  # drop a failed expert and go on (SampleRequest.allow_degraded)
     model: str = "ensemble"  # "ensemble" or "student" (SampleRequest.model)
 
@@ -62,6 +61,7 @@ class SampleParams:
             self.top_k,
             self.threshold,
             self.time_shift,
+            self.time_grid,
             self.allow_degraded,
             self.model,
         )
@@ -123,6 +123,11 @@ def parse_request(
     time_shift = float(opt("time_shift", d.time_shift))
     if not (math.isfinite(time_shift) and 0 < time_shift <= 100):
         raise BadRequest("time_shift", f"{time_shift} out of range; use (0, 100] (1 = none)")
+    time_grid = opt("time_grid", "") or d.time_grid  # empty: the server's default, like unset
+    if time_grid not in TIME_GRIDS:
+        raise BadRequest(
+            "time_grid", f"unknown time grid {time_grid!r}; choose one of {', '.join(TIME_GRIDS.names())}"
+        )
     churn = float(opt("churn", d.churn))
     if not (math.isfinite(churn) and 0 <= churn <= 1):
         raise BadRequest("churn", f"{churn} out of range; use [0, 1]")
@@ -143,6 +148,7 @@ def parse_request(
         seed,
         time_shift,
         churn,
+        time_grid=time_grid,
         allow_degraded=bool(req.allow_degraded),
         model=model,
     )
@@ -156,13 +162,14 @@ def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor
 
 
 def router_info(d: SampleDefaults, router_config: Any, **fields: Any) -> pb.RouterInfo:
-    """RouterInfo: what the router serves (strategies, samplers, image format), its defaults and limits."""
+    """RouterInfo: what the router serves (strategies, samplers, time grids, image format), its defaults and limits."""
     cfg = router_config
     return pb.RouterInfo(
         num_classes=cfg.num_classes,
         image_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
         strategies=list(STRATEGIES.names(served=True)),
         samplers=list(SAMPLERS.names()),
+        time_grids=list(TIME_GRIDS.names()),
         max_n=d.max_n,
         max_steps=d.max_steps,
         default_strategy=d.strategy,

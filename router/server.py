@@ -449,6 +449,7 @@ class RouterServer(rpc.LoadingServer):
                 self.placement.to(torch.cat([m.params.labels for m in members])),
                 steps=p.steps,
                 sampler=p.sampler,
+                time_grid=p.time_grid,
                 time_shift=p.time_shift,
                 churn=p.churn,
                 generator=gens[0],  # one member if stochastic

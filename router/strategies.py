@@ -6,9 +6,9 @@ A strategy is a selection rule over the router's probabilities, one signature fo
 
 probs (N, K) are p(k | x_t, t, y); weights (N, K) are the selected experts' probabilities renormalised to
 sum to 1 per row, zeros elsewhere (``ddm.router.ensemble.Ensemble`` evaluates each expert with a nonzero
-weight, on its rows only). Attributes: ``served`` (the router's Sample API offers it; ``SERVED`` lists
-them, and ``ddm serve``/``ddm sample`` take their ``--strategy`` choices from it) and ``routed`` (it needs
-the router; ``oracle`` routes by known partition labels instead and has no rule).
+weight, on its rows only). Attributes: ``served`` (the router's Sample API offers it; those are
+``STRATEGIES.names(served=True)``, also the ``--strategy`` choices of ``ddm serve``/``ddm sample``) and
+``routed`` (it needs the router; ``oracle`` routes by known partition labels instead and has no rule).
 
 This module imports no torch (tensor methods only), so the CLI reads the names for its ``choices``
 without loading it. To add a strategy: one decorated function here, one test (copy
@@ -58,5 +58,3 @@ def threshold(probs: Tensor, *, top_k: int, threshold: float) -> Tensor:
 
 STRATEGIES.add("oracle", None, help="needs ground-truth partition labels: each row uses its partition's expert (evaluation, distillation's teacher)",
                served=False, routed=False)  # fmt: skip
-
-SERVED: tuple[str, ...] = STRATEGIES.names(served=True)

@@ -78,7 +78,8 @@ class StudentRunner:
             x = noise
             steps = iter_sample(
                 _Locked(denoiser, self._lock), noise, self.placement.to(torch.cat([m.params.labels for m in members])),
-                steps=p.steps, sampler=p.sampler, time_shift=p.time_shift, churn=p.churn, generator=gens[0],
+                steps=p.steps, sampler=p.sampler, time_grid=p.time_grid, time_shift=p.time_shift, churn=p.churn,
+                generator=gens[0],
             )  # fmt: skip
             for step in steps:
                 if on_step is not None:

@@ -167,6 +167,10 @@ FIELDS = {
     "seed": (st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
     "time_shift": (st.floats(0.1, 10), st.one_of(st.floats(-1, 200), FLOATS)),
     "churn": (st.floats(0, 1), st.one_of(st.floats(-0.5, 1.5), FLOATS)),
+    "time_grid": (
+        st.sampled_from(["uniform", ""]),
+        st.one_of(st.sampled_from(["karras", "UNIFORM"]), st.text(max_size=8)),
+    ),
     "allow_degraded": (st.booleans(), st.booleans()),
     "include_float": (st.booleans(), st.booleans()),
 }

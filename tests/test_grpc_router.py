@@ -17,6 +17,7 @@ import torch
 from ddm.expert import flow
 from ddm.expert.images import to_uint8
 from ddm.expert.load import load_denoiser
+from ddm.expert.samplers import TIME_GRIDS
 from ddm.expert.sampling import sample
 from ddm.expert.server import ExpertServer
 from ddm.proto import rpc
@@ -51,12 +52,14 @@ def client(stack: tuple[RouterServer, list[ExpertServer]]) -> Iterator[RouterCli
 
 
 def _in_process(
-    root: Path, n: int, y: torch.Tensor, seed: int, *, guidance: float, steps: int, sampler: str, **strategy
-):
+    root: Path, n: int, y: torch.Tensor, seed: int, *, guidance: float, steps: int, sampler: str,
+    time_grid: str = "uniform", **strategy,
+):  # fmt: skip
     experts = [load_denoiser(str(root / f"experts/expert-{k}/checkpoints")) for k in range(2)]
     ensemble = Ensemble(experts, load_router(str(root / "router/checkpoints")), **strategy)
     noise, gen = initial_noise(n, (1, 8, 8), seed)
-    x = sample(ensemble.guided(guidance), noise, y, steps=steps, sampler=sampler, generator=gen)
+    x = sample(ensemble.guided(guidance), noise, y, steps=steps, sampler=sampler, time_grid=time_grid,
+               generator=gen)  # fmt: skip
     return x, ensemble.calls
 
 
@@ -96,6 +99,36 @@ def test_sample_matches_the_in_process_ensemble(
     assert min(calls.rows) > 0  # both experts took part
 
 
+def test_a_requested_time_grid_matches_in_process_sampling_with_it(
+    client: RouterClient, run_root: Path
+) -> None:
+    @TIME_GRIDS.register("quadratic-test", help="t_i = 1 - (i / steps)^2")
+    def quadratic(steps: int, time_shift: float) -> list[float]:
+        return [1 - (i / steps) ** 2 for i in range(steps + 1)]
+
+    try:
+        assert list(client.info().time_grids) == ["uniform", "quadratic-test"]
+        progress: list[tuple[int, int, float]] = []
+        y = torch.tensor([0, 1, 2, 1])
+        images, info = client.sample(4, y, guidance=2.0, steps=3, sampler="heun", seed=5, include_float=True,
+                                     time_grid="quadratic-test", on_progress=lambda *p: progress.append(p))  # fmt: skip
+        want, _ = _in_process(run_root, 4, y, 5, guidance=2.0, steps=3, sampler="heun", time_grid="quadratic-test",
+                              strategy="top-k", top_k=1)  # fmt: skip
+        assert [t for _, _, t in progress] == pytest.approx(quadratic(3, 1.0)[1:])
+        torch.testing.assert_close(info.samples, want, atol=1e-5, rtol=1e-5)
+        uniform, _ = _in_process(
+            run_root, 4, y, 5, guidance=2.0, steps=3, sampler="heun", strategy="top-k", top_k=1
+        )
+        assert not torch.allclose(want, uniform, atol=1e-3)  # the grid did change the numbers
+        _, default = client.sample(4, y, guidance=2.0, steps=3, sampler="heun", seed=5, include_float=True,
+                                   time_grid="")  # fmt: skip
+        torch.testing.assert_close(
+            default.samples, uniform, atol=1e-5, rtol=1e-5
+        )  # empty: the server default
+    finally:
+        TIME_GRIDS.remove("quadratic-test")
+
+
 def test_defaults_info_and_random_seed(
     client: RouterClient, stack: tuple[RouterServer, list[ExpertServer]]
 ) -> None:
@@ -127,6 +160,7 @@ def test_defaults_info_and_random_seed(
         (dict(n=1, top_k=3), "top_k: 3 out of range; there are 2 experts"),
         (dict(n=1, threshold=0.0), "threshold: 0.0 out of range"),
         (dict(n=1, time_shift=0.0), "time_shift: 0.0 out of range"),
+        (dict(n=1, time_grid="karras"), "time_grid: unknown time grid 'karras'; choose one of uniform"),
         (dict(n=1, churn=1.5), "churn: 1.5 out of range"),
     ],
 )

@@ -15,14 +15,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ddm.coordinator.config import EvalConfig, EvalModel, eval_models, parse_eval_model
 from ddm.core.cli import add_options, config_from_args
 from ddm.core.config import ConfigError
 from ddm.core.registry import Registry
 from ddm.expert.analytic import GaussianDenoiser
 from ddm.expert.config import SampleConfig
+from ddm.expert.evaluate import generate
+from ddm.expert.guidance import with_guidance
 from ddm.expert.samplers import SAMPLERS, TIME_GRIDS, Step
 from ddm.expert.sampling import CountingDenoiser, denoiser_calls, sample
 from ddm.router.config import RoutingConfig, SampleDefaults
+from ddm.router.distill_config import TeacherSettings
 from ddm.router.ensemble import Ensemble
 from ddm.router.strategies import STRATEGIES
 
@@ -125,21 +129,74 @@ def test_a_registered_time_grid_is_what_the_sampler_visits() -> None:
         return [1.0, 1.0, 0.0]
 
     try:
+        assert SampleConfig(time_grid="quadratic-test").time_grid == "quadratic-test"
+        assert SampleDefaults(time_grid="quadratic-test").time_grid == "quadratic-test"
+        for argv in (("sample",), ("eval",), ("serve", "router"), ("serve", "run")):
+            assert "quadratic-test" in _choices(*argv, option="--time-grid"), argv
+        assert list(_router_info().time_grids) == ["uniform", "quadratic-test", "broken-test"]
+        asked = _request(time_grid="quadratic-test")
+        assert asked.time_grid == "quadratic-test" and _request(time_grid="").time_grid == "uniform"
+        assert asked.cohort_key() != _request().cohort_key()  # different grids never share a cohort
         seen: list[Step] = []
         sample(GAUSS, torch.randn(2, 1, 2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long), steps=4,
-               grid="quadratic-test", callback=seen.append)  # fmt: skip
+               time_grid="quadratic-test", callback=seen.append)  # fmt: skip
         assert [s.t for s in seen] + [seen[-1].t_next] == quadratic(4, 1.0)
+        # ddm eval, the eval stage and the distill table sample through generate() with eval.sample
+        cfg = SampleConfig(steps=4, guidance=1.0, time_grid="quadratic-test")
+        y = torch.zeros(2, dtype=torch.long)
+        got = generate(GAUSS, y, (1, 2, 2), cfg, generator=torch.Generator().manual_seed(0), batch_size=2)
+        noise = torch.randn((2, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+        want = sample(with_guidance(GAUSS, 1.0), noise, y, steps=4, time_grid="quadratic-test")
+        assert torch.equal(got, want)
         with pytest.raises(
             ValueError, match="time grid 'broken-test'.*strictly decreasing times from 1 to 0"
         ):
             sample(
-                GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, grid="broken-test"
+                GAUSS,
+                torch.zeros(1, 1, 2, 2),
+                torch.zeros(1, dtype=torch.long),
+                steps=2,
+                time_grid="broken-test",
             )
-        with pytest.raises(ValueError, match="grid: unknown time grid 'karras'; choose one of uniform"):
-            sample(GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, grid="karras")
+        with pytest.raises(ValueError, match="time_grid: unknown time grid 'karras'; choose one of uniform"):
+            sample(
+                GAUSS, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps=2, time_grid="karras"
+            )
     finally:
         TIME_GRIDS.remove("quadratic-test")
         TIME_GRIDS.remove("broken-test")
+
+
+def test_ddm_sample_sends_its_time_grid_to_the_router(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ddm.coordinator.cli import main
+
+    sent: dict[str, object] = {}
+
+    class Router:  # stands in for RouterClient: records the request's fields
+        def __init__(self, *args, **kwargs) -> None: ...
+        def __enter__(self) -> Router:
+            return self
+
+        def __exit__(self, *exc: object) -> None: ...
+        def info(self) -> SimpleNamespace:
+            return SimpleNamespace(num_classes=3)
+
+        def sample(self, n, y, **fields):
+            sent.update(fields)
+            done = SimpleNamespace(seconds=0.0, expert_calls={}, degraded_experts=[])
+            return torch.zeros(n, 1, 2, 2, dtype=torch.uint8), done
+
+    monkeypatch.setattr("ddm.router.client.RouterClient", Router)
+    TIME_GRIDS.register("quadratic-test", help="t_i = 1 - (i / steps)^2")(lambda steps, shift: [])
+    try:
+        argv = ["sample", "--router", "127.0.0.1:1", "--n", "2", "--out", str(tmp_path / "x.png")]
+        assert main([*argv, "--time-grid", "quadratic-test"]) == 0, capsys.readouterr().err
+        assert sent["time_grid"] == "quadratic-test"
+        assert main(argv) == 0 and sent["time_grid"] == "uniform"  # SampleConfig's default
+    finally:
+        TIME_GRIDS.remove("quadratic-test")
 
 
 # ----------------------------------------------------------------------------------------- a strategy
@@ -169,6 +226,9 @@ def test_a_registered_strategy_is_everywhere(bottom: str) -> None:
     assert bottom in _choices("sample", option="--strategy")
     assert bottom in _router_info().strategies
     assert _request(strategy=bottom).strategy == bottom
+    assert parse_eval_model(bottom) == EvalModel(bottom, bottom)  # ddm run's eval stage and ddm compare
+    assert EvalConfig(models=[bottom, "top-3"]).models == [bottom, "top-3"] and bottom in eval_models()
+    assert TeacherSettings(strategy=bottom).strategy == bottom  # a routed strategy can teach
 
     experts = [CountingDenoiser(GAUSS), CountingDenoiser(GAUSS)]
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
@@ -179,6 +239,23 @@ def test_a_registered_strategy_is_everywhere(bottom: str) -> None:
         torch.zeros(3, 1, 2, 2, dtype=torch.float64), torch.ones(3), torch.zeros(3, dtype=torch.long)
     )
     assert [e.calls.total_rows for e in experts] == [1, 2]
+
+
+def test_eval_models_come_from_the_registry() -> None:
+    assert parse_eval_model("top-3") == EvalModel("top-3", "top-k", 3)
+    assert parse_eval_model("threshold") == EvalModel("threshold", "threshold")
+    assert parse_eval_model("mixture") == EvalModel("mixture", None)
+    assert eval_models() == ("top-1", "top-2", "full", "threshold", "mixture")
+    for bad in ("top-0", "top-k", "oracle", "best"):
+        with pytest.raises(
+            ValueError,
+            match=f"unknown eval model '{bad}'; choose from top-K \\(K >= 1\\), full, threshold, mixture",
+        ):
+            EvalConfig(models=["top-1", bad])
+    with pytest.raises(
+        ValueError, match="unknown strategy 'oracle'; choose one of top-k, full, threshold \\["
+    ):
+        TeacherSettings(strategy="oracle")  # routes by labels: the partition teacher, not a strategy
 
 
 def test_served_strategies_come_from_the_registry() -> None:
@@ -198,14 +275,19 @@ def test_served_strategies_come_from_the_registry() -> None:
 
 def test_options_carry_the_fields_defaults_choices_and_help() -> None:
     p = argparse.ArgumentParser()
-    add_options(p, SampleConfig, ["steps", "sampler", "time_shift"])
+    add_options(p, SampleConfig, ["steps", "sampler", "time_grid", "time_shift"])
     args = p.parse_args([])
-    assert (args.steps, args.sampler, args.time_shift) == (32, "euler", 1.0)
-    assert config_from_args(SampleConfig, args, ["steps", "sampler", "time_shift"]) == SampleConfig()
+    assert (args.steps, args.sampler, args.time_grid, args.time_shift) == (32, "euler", "uniform", 1.0)
+    assert (
+        config_from_args(SampleConfig, args, ["steps", "sampler", "time_grid", "time_shift"])
+        == SampleConfig()
+    )
     text = p.format_help()
     assert "--time-shift" in text and SampleConfig.model_fields["steps"].description in text
     with pytest.raises(SystemExit):
         p.parse_args(["--sampler", "dpm"])  # argparse's choices, from the registry
+    with pytest.raises(SystemExit):
+        p.parse_args(["--time-grid", "karras"])
 
 
 def test_a_bad_option_value_names_the_option() -> None:

@@ -57,7 +57,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model")
+    __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid")
     N_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class SampleRequest(_message.Message):
     ALLOW_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_FLOAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TIME_GRID_FIELD_NUMBER: _ClassVar[int]
     n: int
     labels: _containers.RepeatedScalarFieldContainer[int]
     guidance: float
@@ -86,7 +87,8 @@ class SampleRequest(_message.Message):
     allow_degraded: bool
     include_float: bool
     model: str
-    def __init__(self, n: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., strategy: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., seed: _Optional[int] = ..., time_shift: _Optional[float] = ..., churn: _Optional[float] = ..., allow_degraded: _Optional[bool] = ..., include_float: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    time_grid: str
+    def __init__(self, n: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., strategy: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., seed: _Optional[int] = ..., time_shift: _Optional[float] = ..., churn: _Optional[float] = ..., allow_degraded: _Optional[bool] = ..., include_float: _Optional[bool] = ..., model: _Optional[str] = ..., time_grid: _Optional[str] = ...) -> None: ...
 
 class SampleEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -167,7 +169,7 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts")
+    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids")
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +186,7 @@ class RouterInfo(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     STUDENT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DOWN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TIME_GRIDS_FIELD_NUMBER: _ClassVar[int]
     num_classes: int
     image_shape: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
@@ -200,4 +203,5 @@ class RouterInfo(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     student_checkpoint: str
     down_experts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ...) -> None: ...
+    time_grids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ...) -> None: ...
