@@ -16,20 +16,23 @@ faults at random moments:
   the kind is reported as not run, with the reason;
 - ``s3_drop`` / ``s3_stall`` (s3 root): every process reaches moto through a TCP proxy on 127.0.0.1
   that, for a while, resets every connection (open ones and new ones) or stops forwarding bytes;
-- serving (``ddm serve run`` on the finished chaos root, two clients sampling in a loop):
-  ``kill_expert_server`` (SIGKILL one expert server process) and ``kill_router`` (SIGKILL the
-  ``ddm serve run`` process, which holds the router).
+- serving (``ddm serve run --expert-ports`` on the finished chaos root, two clients sampling in a
+  loop, one with ``allow_degraded``): ``kill_expert_server`` (SIGKILL one expert server process) and
+  ``kill_router`` (SIGKILL the ``ddm serve run`` process, which holds the router).
 
 After each fault the harness does what an operator would: when ``ddm run`` exits non-zero (killed, or
-it gave up) it runs the same command again once the storage is healthy; after a serving fault it
-stops ``ddm serve run`` (SIGTERM) and starts it again on the same port. Checked at the end of each run:
+it gave up) it runs the same command again once the storage is healthy; after ``kill_router`` it
+starts ``ddm serve run`` again on the same ports. ``kill_expert_server`` needs no operator: the stack's
+supervisor must restart the expert on its port, the router's health must go NOT_SERVING and back to
+SERVING, and the ``allow_degraded`` client must be answered throughout. Checked at the end of each run:
 every tensor of the final expert, router and student checkpoints (SHA-256) equals the reference's; the
 manifest says every stage done and every job SUCCEEDED with no attempt left open; no temporary or
 truncated file is visible under the root (``.tmp-`` names, JSON that does not parse, safetensors whose
 header and size disagree); no process of the run is left (found by an environment marker in
-/proc/PID/environ); every Sample request was answered, or failed with a documented status
-(UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED), and every answered request with the
-same seed returned the same images.
+/proc/PID/environ; the expert servers of a SIGKILLed stack must be gone within 30 s); every Sample
+request was answered, or failed with a documented status (UNAVAILABLE, DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED, CANCELLED), every ``allow_degraded`` one while only an expert was down was
+answered, and every full (not degraded) answer with the same seed returned the same images.
 
 Prints one line per fault and per run, then one JSON object as the LAST line.
 """
@@ -57,6 +60,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,6 +378,7 @@ class Run:
     duplicates: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     errors_seen: dict[str, int] = field(default_factory=dict)
+    serve_problems: list[str] = field(default_factory=list)  # the supervisor or health not doing its part
 
 
 class Chaos(threading.Thread):
@@ -675,16 +680,19 @@ def errors_seen(paths: list[Path]) -> dict[str, int]:
 
 # serving --------------------------------------------------------------------------------------------
 class Serve:
-    """``ddm serve run ROOT`` on a fixed port, started and restarted as an operator would."""
+    """``ddm serve run ROOT`` on a fixed port with its experts on fixed ports (``--expert-ports``),
+    started, and after a SIGKILL restarted, as an operator would."""
 
-    def __init__(self, root: str, port: int, env: dict, log: Path):
-        self.root, self.port, self.env, self.log = root, port, env, log
+    def __init__(self, root: str, port: int, expert_ports: list[int], env: dict, log: Path):
+        self.root, self.port, self.expert_ports, self.env, self.log = root, port, expert_ports, env, log
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> None:
         out = open(self.log, "ab")  # noqa: SIM115 - the server writes it until it stops
+        ports = ",".join(map(str, self.expert_ports))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddm", "serve", "run", self.root, "--port", str(self.port), "--steps", "4"],
+            [sys.executable, "-m", "ddm", "serve", "run", self.root, "--port", str(self.port), "--steps", "4",
+             "--expert-ports", ports],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=out,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -697,8 +705,16 @@ class Serve:
                 break
         raise RuntimeError(f"ddm serve run did not start (exit {self.proc.poll()}); see {self.log}")
 
-    def experts(self) -> list[int]:
-        return children(self.proc.pid) if self.proc else []
+    def experts(self) -> dict[int, tuple[str, int]]:
+        """pid -> (name, port) of every live expert server process of the stack."""
+        out = {}
+        for pid in children(self.proc.pid) if self.proc else []:
+            if not alive(pid):  # a killed expert not reaped yet
+                continue
+            argv = _read(f"/proc/{pid}/cmdline").decode(errors="replace").split("\0")
+            if "expert" in argv and "--port" in argv and "--name" in argv:
+                out[pid] = (argv[argv.index("--name") + 1], int(argv[argv.index("--port") + 1]))
+        return out
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -710,9 +726,28 @@ class Serve:
                 self.proc.wait()
 
 
+def until(what: str, check, timeout: float, every: float = 0.05) -> float:
+    """Poll ``check()`` until true; seconds it took. Raises RuntimeError naming ``what`` at ``timeout``."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
 def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: list[str]) -> None:
-    """Two clients sample in a loop while an expert server or the router is SIGKILLed; the operator
-    restarts ``ddm serve run`` after each fault. Fills ``run.requests``, ``run.lost``, ``run.faults``."""
+    """Two clients sample in a loop against ``ddm serve run`` (client 0 with ``allow_degraded``, client 1
+    without) while faults hit it:
+
+    - ``kill_expert_server``: SIGKILL of one expert server. Nobody intervenes: the stack's supervisor must
+      restart it on the same port, the router's health must go NOT_SERVING and back to SERVING, and
+      client 0 must be answered throughout (degraded while the expert is down);
+    - ``kill_router``: SIGKILL of ``ddm serve run``. Its expert servers must die with it (no orphan);
+      the operator starts it again on the same ports.
+
+    Fills ``run.requests``, ``run.lost`` (client 1: anything but OK or a documented status; client 0
+    during an expert's downtime: anything but OK), ``run.orphans``, ``run.faults``."""
     import grpc
     import torch
 
@@ -720,82 +755,150 @@ def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: lis
 
     torch.set_num_threads(1)
     port = free_port()
-    serve = Serve(run.root, port, env, work / f"serve-{run.store}.log")
+    serve = Serve(run.root, port, [free_port(), free_port()], env, work / f"serve-{run.store}.log")
     serve.start()
     stop = threading.Event()
     lock = threading.Lock()
-    results: list[tuple[str, str | None]] = []  # (status, sha of the images when OK)
-    ok_since = [0]  # OK answers since the last restart
+    expert_down = threading.Event()  # set by the harness between an expert's kill and its rejoining
+    results: list[tuple[int, str, str | None, bool]] = []  # (client, status, sha if OK, degraded)
+    refused: list[str] = []  # client 0 not answered while only an expert was down
+    ok_since = [0]  # full (not degraded) OK answers since the last fault
 
     def client(i: int) -> None:
         with RouterClient(f"127.0.0.1:{port}", timeout=30) as c:
             while not stop.is_set():
+                down = expert_down.is_set()
+                degraded = False
                 try:
-                    images, _ = c.sample(
-                        2, [i, i], seed=17 + i, steps=4, strategy="top-k", top_k=1, timeout=30
-                    )
+                    images, info = c.sample(
+                        2, [i, i], seed=17 + i, steps=4, strategy="top-k", top_k=1, timeout=30,
+                        allow_degraded=i == 0,
+                    )  # fmt: skip
                     status, digest = "OK", f"{i}:" + hashlib.sha256(images.numpy().tobytes()).hexdigest()
+                    degraded = bool(info.degraded_experts)
                 except grpc.RpcError as e:
                     status, digest = e.code().name, None
                 except Exception as e:  # noqa: BLE001  # a stream closed without a result, or anything else: lost
                     status, digest = f"LOST {type(e).__name__}: {e}", None
                 with lock:
-                    results.append((status, digest))
-                    if status == "OK":
+                    results.append((i, status, digest, degraded))
+                    if status == "OK" and not degraded:
                         ok_since[0] += 1
+                    if i == 0 and status != "OK" and (down or expert_down.is_set()):
+                        refused.append(f"allow_degraded request {status} while an expert was down")
                 if status != "OK":
                     time.sleep(0.5)  # a polite client backs off
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
+    health = RouterClient(f"127.0.0.1:{port}", timeout=5)
     t0 = time.monotonic()
+
+    def serving(service: str = "") -> bool:
+        try:
+            return health.health(service, timeout=1.0)[0]
+        except grpc.RpcError:
+            return False
+
     try:
         for kind in kinds:
-            while ok_since[0] < 2:  # the stack answers again before the next fault
-                if time.monotonic() - t0 > 300:
-                    raise RuntimeError("the restarted stack answered no request in 300 s")
-                time.sleep(0.05)
+            until("the stack answering in full again", lambda: ok_since[0] >= 2, 300)
             time.sleep(rng.uniform(0.0, 1.5))
             fault = Fault(kind, round(time.monotonic() - t0, 2))
-            if kind == "kill_expert_server":
-                pid = rng.choice(sorted(serve.experts()))
-                kill(pid)
-                fault.target = f"expert server pid {pid}"
-                time.sleep(1.0)  # the clients see it; then the operator restarts the stack
-                serve.stop()
-            else:
-                kill(serve.proc.pid)
-                fault.target = f"ddm serve run (router) pid {serve.proc.pid}"
-                serve.proc.wait()
-            fault.fired_at = fault.at
             with lock:
                 before = len(results)
                 ok_since[0] = 0
-            say(f"  {run.store}: fault {kind} at {fault.at:.1f} s: {fault.target}; restarting ddm serve run")
-            serve.start()
-            with lock:
-                fault.effect = f"{len(results) - before} requests ended while it was down"
+            if kind == "kill_expert_server":
+                experts = serve.experts()
+                pid = rng.choice(sorted(experts))
+                name, eport = experts[pid]
+                expert_down.set()
+                kill(pid)
+                fault.target = f"expert server {name} pid {pid} (port {eport})"
+                say(f"  {run.store}: fault {kind}: {fault.target}; the supervisor must restart it")
+                try:
+                    down_s = until("router NOT_SERVING after the kill", lambda: not serving(), 30, 0.02)
+                except RuntimeError as e:
+                    run.serve_problems.append(str(e))
+                    down_s = float("nan")
+                new: list[int] = []
+
+                def back(name=name, eport=eport, pid=pid, new=new) -> bool:
+                    new[:] = [
+                        p for p, (n, pt) in serve.experts().items() if n == name and pt == eport and p != pid
+                    ]
+                    return bool(new) and serving() and serving(f"ddm.v1.Expert/{name}")
+
+                try:
+                    up_s = until(f"{name} restarted on port {eport} and the router SERVING", back, 180, 0.1)
+                except RuntimeError as e:  # the operator's fix, so that the rest can still be checked
+                    run.serve_problems.append(str(e))
+                    up_s = float("nan")
+                    serve.stop()
+                    serve.start()
+                expert_down.clear()
+                with lock:
+                    during = results[before:]
+                fault.effect = (
+                    f"router NOT_SERVING {down_s:.2f} s after the kill, {name} restarted by the supervisor "
+                    f"(pid {new[0] if new else '?'}, same port {eport}), SERVING again {up_s:.1f} s later; while down: "
+                    + ", ".join(
+                        f"{n} x client {c} {st}"
+                        for (c, st), n in sorted(
+                            Counter((c, f"{s} degraded" if d else s) for c, s, _, d in during).items()
+                        )
+                    )
+                )
+            else:
+                experts = serve.experts()
+                kill(serve.proc.pid)
+                fault.target = f"ddm serve run (router) pid {serve.proc.pid}, experts {sorted(experts)}"
+                serve.proc.wait()
+                try:
+                    until("its expert servers to exit", lambda ex=experts: not any(map(alive, ex)), 30)
+                except RuntimeError:
+                    for p, (name, eport) in experts.items():
+                        if alive(p) and kill(p):
+                            run.orphans[p] = f"expert server {name} (port {eport}) of the SIGKILLed stack"
+                survivors = [p for p in experts if p in run.orphans]
+                say(
+                    f"  {run.store}: fault {kind}: {fault.target}; experts outliving it {survivors}; restarting ddm serve run"
+                )
+                serve.start()
+                with lock:
+                    fault.effect = f"{len(results) - before} requests ended until the operator's restart; experts outliving it: {survivors}"
+            fault.fired_at = fault.at
             run.faults.append(fault)
-        while ok_since[0] < 2:
-            if time.monotonic() - t0 > 300:
-                raise RuntimeError("the restarted stack answered no request in 300 s")
-            time.sleep(0.05)
+            say(f"  {run.store}: {kind}: {fault.effect}")
+        until("the stack answering in full again", lambda: ok_since[0] >= 2, 300)
     finally:
         stop.set()
         for t in threads:
             t.join(60)
         hung = sum(t.is_alive() for t in threads)
+        health.close()
         serve.stop()
-    for status, _ in results:
-        key = "LOST" if status.startswith("LOST") else status
+    for _, status, _, degraded in results:
+        key = "LOST" if status.startswith("LOST") else "OK degraded" if degraded else status
         run.requests[key] = run.requests.get(key, 0) + 1
-    run.lost = [s for s, _ in results if s != "OK" and s not in DOCUMENTED] + ["client hung"] * hung
+    run.lost = (
+        [s for _, s, _, _ in results if s != "OK" and s not in DOCUMENTED] + refused + ["client hung"] * hung
+    )
     per_seed: dict[str, set[str]] = {}
-    for _, digest in results:
-        if digest:
+    for _, _, digest, degraded in results:
+        if digest and not degraded:
             per_seed.setdefault(digest.split(":")[0], set()).add(digest)
     run.sampling_identical = all(len(v) == 1 for v in per_seed.values())
+
+
+def zombie(pid: int) -> bool:
+    stat = _read(f"/proc/{pid}/stat")
+    return not stat or stat.rsplit(b")", 1)[1].split()[0] == b"Z"
+
+
+def alive(pid: int) -> bool:
+    return not zombie(pid)
 
 
 # one seed -------------------------------------------------------------------------------------------
@@ -896,7 +999,7 @@ def chaos_run(seed: int, store: str, cfg: Path, reference: Reference, span: floa
         f"errors in logs {run.errors_seen}, jobs run twice at once {run.duplicates}, "
         f"identical {run.identical} ({len(ref)} tensors){'' if run.identical else ' MISMATCH ' + str(run.mismatched[:5])}, "
         f"manifest {'ok' if run.manifest_ok else run.manifest_problems}, partial {run.partial}, missing {run.missing}, orphans {list(run.orphans.values())}, "
-        f"requests {run.requests}, lost {run.lost}, sampling identical {run.sampling_identical}")  # fmt: skip
+        f"requests {run.requests}, lost {run.lost}, serve problems {run.serve_problems}, sampling identical {run.sampling_identical}")  # fmt: skip
     return run
 
 
@@ -1012,6 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_run_twice": sum(len(r.duplicates) for r in runs),
         "orphans": sum(len(r.orphans) for r in runs),
         "lost_requests": sum(len(r.lost) for r in runs),
+        "serve_problems": sum(len(r.serve_problems) for r in runs),
         "requests": requests,
         "sampling_identical": all(r.sampling_identical is not False for r in runs),
         "reruns": sum(len(r.coordinator_rcs) - 1 for r in runs),
@@ -1021,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary), flush=True)
     ok = (summary["runs_identical"] == summary["manifests_consistent"] == len(runs)
-          and not (summary["partial_files"] or summary["orphans"] or summary["lost_requests"] or summary["jobs_run_twice"] or summary["missing_files"])
+          and not (summary["partial_files"] or summary["orphans"] or summary["lost_requests"] or summary["serve_problems"] or summary["jobs_run_twice"] or summary["missing_files"])
           and summary["sampling_identical"])  # fmt: skip
     return 0 if ok else 1
 
