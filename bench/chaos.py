@@ -94,7 +94,7 @@ lease_seconds = 30
 
 [experts.train]
 steps = {expert_steps}
-batch_size = 16
+batch_size = {expert_batch}
 warmup_steps = 2
 checkpoint_every = 2
 num_threads = 1
@@ -110,7 +110,7 @@ checkpoint_every = 2
 seed = {seed}
 
 [router.eval]
-samples_per_bin = 5
+samples_per_bin = {samples_per_bin}
 
 [eval]
 enabled = false
@@ -902,9 +902,15 @@ def alive(pid: int) -> bool:
 
 
 # one seed -------------------------------------------------------------------------------------------
-def write_config(work: Path, seed: int) -> Path:
+def write_config(work: Path, seed: int, quick: bool = False) -> Path:
+    """The run's config. ``quick`` (CI): 6 expert steps of 8 images instead of 8 of 16, 4 router steps
+    instead of 6, 2 router-eval samples per bin instead of 5; still three checkpoints of each expert and
+    two of the router and the student for a kill to fall between."""
     cfg = work / f"chaos-{seed}.toml"
-    sizes = {"limit": 200, "expert_steps": 8, "router_steps": 6, "distill_steps": 4}  # ~40 s fault-free
+    sizes = {"limit": 200, "expert_steps": 8, "expert_batch": 16, "router_steps": 6, "distill_steps": 4,
+             "samples_per_bin": 5}  # fmt: skip  # ~40 s fault-free on an idle machine
+    if quick:
+        sizes |= {"expert_steps": 6, "expert_batch": 8, "router_steps": 4, "samples_per_bin": 2}
     cfg.write_text(CONFIG.format(seed=seed, **sizes))
     return cfg
 
@@ -1008,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CI's short mode: one seed, 3 pipeline faults per store, the local run served under 2 faults",
+        help="CI's short mode: one seed, fewer steps, 3 pipeline faults per store, the local run served under 2 faults",
     )
     p.add_argument("--seeds", help="comma-separated seeds (default 0; 0,1,2 without --quick)")
     p.add_argument("--stores", default="local,s3", help="local, s3 or both (default)")
@@ -1022,8 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: v.split(","),
         help="only these pipeline fault kinds (comma-separated; default all)",
     )
-    p.add_argument("--span", type=float, default=80.0,
-                   help="pipeline faults fall in [0.1, 0.9] x this many seconds of a chaos run (default 80)")  # fmt: skip
+    p.add_argument("--span", type=float,
+                   help="pipeline faults fall in [0.1, 0.9] x this many seconds of a chaos run (default 80; 60 with --quick)")  # fmt: skip
     p.add_argument("--work", help="working directory (default: a fresh temporary one, removed at the end)")
     p.add_argument(
         "--no-namespace", action="store_true", help="do not enter a mount namespace (no disk_full)"
@@ -1040,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         s for s in (args.serve_stores or ("local" if args.quick else "local,s3")).split(",") if s in stores
     ]
     args.faults = args.faults or (3 if args.quick else 4)
+    args.span = args.span or (60.0 if args.quick else 80.0)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ddm-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -1060,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         for seed in seeds:
-            cfg = write_config(work, seed)
+            cfg = write_config(work, seed, args.quick)
             reference = Reference(cfg, seed, work)  # its time is not measured: faults fall in --span
             span = args.span
             # Serving faults: both kinds, in an order drawn from the seed, on every served store.
