@@ -34,7 +34,8 @@ request was answered, or failed with a documented status (UNAVAILABLE, DEADLINE_
 RESOURCE_EXHAUSTED, CANCELLED), every ``allow_degraded`` one while only an expert was down was
 answered, and every full (not degraded) answer with the same seed returned the same images.
 
-Prints one line per fault and per run, then one JSON object as the LAST line.
+Prints one line per fault and per run, then one JSON object as the LAST line. The S3 side (moto, the
+fault proxy) is ``bench/chaos_proxy.py``; the checks after a run are ``bench/chaos_checks.py``.
 """
 
 from __future__ import annotations
@@ -48,24 +49,36 @@ import errno
 import hashlib
 import json
 import random
-import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chaos_checks import (
+    MARK,
+    alive,
+    children,
+    errors_seen,
+    files,
+    kill,
+    manifest_problems,
+    marked,
+    orphans,
+    parent,
+    partial_files,
+    read_proc,
+    weights,
+)
+from chaos_proxy import Moto, Proxy, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-MARK = "DDM_CHAOS_TAG"  # every process of a chaos run inherits it: how orphans are found
 NS_ENV = "DDM_CHAOS_NAMESPACE"  # set inside the private mount namespace (the tmpfs for disk_full)
 TMPFS_MB = 400
 DOCUMENTED = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED"}
@@ -134,169 +147,12 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# processes ----------------------------------------------------------------------------------------
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def marked(tag: str) -> dict[int, str]:
-    """pid -> command line of every live (not zombie) process carrying ``MARK=tag``."""
-    needle = f"{MARK}={tag}".encode()
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        if needle not in _read(f"/proc/{name}/environ").split(b"\0"):
-            continue
-        stat = _read(f"/proc/{name}/stat")
-        if not stat or stat.rsplit(b")", 1)[1].split()[0] == b"Z":
-            continue
-        out[int(name)] = _read(f"/proc/{name}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
-    return out
-
-
-def parent(pid: int) -> int:
-    stat = _read(f"/proc/{pid}/stat")
-    return int(stat.rsplit(b")", 1)[1].split()[1]) if stat else 0
-
-
-def children(pid: int) -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit() and parent(int(name)) == pid]
-
-
 def job_of(cmdline: str) -> str | None:
     """The job a trainer process runs, from the job.toml on its command line."""
     for arg in cmdline.split():
         if arg.endswith("/job.toml"):
             return arg.rsplit("/", 2)[-2]
     return None
-
-
-def kill(pid: int, sig: int = signal.SIGKILL) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-# S3: moto on loopback behind a proxy that can drop or stall ---------------------------------------
-class Moto:
-    def __init__(self, work: Path):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(work / "moto.log", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"moto did not start: {(work / 'moto.log').read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class Proxy:
-    """A TCP proxy on 127.0.0.1 in front of ``upstream``: ``mode`` "pass", "drop" (reset every open and
-    new connection) or "stall" (hold every connection open, forwarding nothing)."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.mode = "pass"
-        self.lock = threading.Lock()
-        self.conns: set[socket.socket] = set()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.resets = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @staticmethod
-    def _reset(s: socket.socket) -> None:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
-            s.close()
-        except OSError:
-            pass
-
-    def set_mode(self, mode: str) -> None:
-        with self.lock:
-            self.mode = mode
-            if mode == "drop":
-                for s in list(self.conns):
-                    self._reset(s)
-                    self.resets += 1
-                self.conns.clear()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.mode == "drop":
-                self._reset(client)
-                self.resets += 1
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream)
-            except OSError:
-                self._reset(client)
-                continue
-            with self.lock:
-                self.conns.update((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        peer = {a: b, b: a}
-        try:
-            while True:
-                if self.mode == "stall":
-                    time.sleep(0.05)
-                    continue
-                ready, _, _ = select.select([a, b], [], [], 0.1)
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    peer[s].sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            with self.lock:
-                self.conns.discard(a)
-                self.conns.discard(b)
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 # the private tmpfs for a full disk ------------------------------------------------------------------
@@ -548,136 +404,6 @@ def ddm_run(cfg: Path, root: str, env: dict, log: Path, sets: list[str], chaos: 
             raise RuntimeError(f"fault-free ddm run exited {rc}; see {log}")
 
 
-# checks ---------------------------------------------------------------------------------------------
-def filesystem(root: str, moto: Moto | None):
-    if root.startswith("s3://"):
-        import s3fs
-
-        return s3fs.S3FileSystem(
-            client_kwargs={"endpoint_url": moto.endpoint}, skip_instance_cache=True
-        ), root[5:]
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem(), root
-
-
-def weights(root: str, moto: Moto | None) -> dict[str, str]:
-    """ "<model>/<tensor>" -> SHA-256 of its bytes, over the final checkpoint of every expert, the router
-    and the student, plus each checkpoint's step."""
-    import torch
-    from safetensors.torch import load as load_safetensors
-
-    fs, base = filesystem(root, moto)
-    out = {}
-    for latest in sorted(fs.glob(f"{base}/**/checkpoints/latest.json")):
-        model = latest[len(base) + 1 : -len("/checkpoints/latest.json")]
-        pointer = json.loads(fs.cat_file(latest))
-        out[f"{model}/step"] = str(pointer.get("step"))
-        name = pointer.get("file") or pointer.get("path") or f"step-{int(pointer['step']):08d}.safetensors"
-        tensors = load_safetensors(fs.cat_file(f"{latest.rsplit('/', 1)[0]}/{name.rsplit('/', 1)[-1]}"))
-        for key, t in tensors.items():
-            out[f"{model}/{key}"] = hashlib.sha256(
-                t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            ).hexdigest()
-    return out
-
-
-def manifest_problems(root: str, moto: Moto | None) -> tuple[list[str], dict[str, list[str]]]:
-    fs, base = filesystem(root, moto)
-    m = json.loads(fs.cat_file(f"{base}/manifest.json"))
-    problems = [f"stage {s}: {st.get('state')}" for s, st in m["stages"].items() if st.get("state") != "done"]
-    from ddm.coordinator.pipeline import STAGES
-
-    problems += [f"stage {s}: missing" for s in STAGES if s not in m["stages"]]
-    attempts = {}
-    for name, job in m["jobs"].items():
-        attempts[name] = [a.get("state") for a in job["attempts"]]
-        if job["state"] != "SUCCEEDED":
-            problems.append(f"job {name}: {job['state']}")
-        if not job["attempts"] or job["attempts"][-1].get("state") != "SUCCEEDED":
-            problems.append(f"job {name}: last attempt {attempts[name][-1:] or 'none'}")
-        problems += [
-            f"job {name}: attempt {i + 1} left {s}"
-            for i, s in enumerate(attempts[name][:-1])
-            if s in ("SUBMITTED", "RUNNING")
-        ]
-    for name in ("expert-0", "expert-1", "router", "distill"):
-        if name not in m["jobs"]:
-            problems.append(f"job {name}: missing")
-    return problems, attempts
-
-
-def partial_files(root: str, moto: Moto | None) -> list[str]:
-    """Temporary files, JSON that does not parse, safetensors whose header and size disagree."""
-    fs, base = filesystem(root, moto)
-    bad = []
-    for path, info in fs.find(base, detail=True).items():
-        rel = path[len(base) + 1 :]
-        if rel.startswith("logs/"):
-            continue
-        if ".tmp" in rel.rsplit("/", 1)[-1]:
-            bad.append(f"{rel} (temporary)")
-        elif rel.endswith(".json"):
-            try:
-                json.loads(fs.cat_file(path))
-            except ValueError:
-                bad.append(f"{rel} (not valid JSON)")
-        elif rel.endswith(".safetensors"):
-            with fs.open(path, "rb") as f:
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                try:
-                    header = json.loads(f.read(n)) if 0 < n < 1 << 26 else None
-                except ValueError:
-                    header = None
-            end = max(
-                (v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"), default=0
-            )
-            if header is None or 8 + n + end != info["size"]:
-                bad.append(f"{rel} (truncated safetensors: {info['size']} bytes)")
-    return bad
-
-
-def files(root: str, moto: Moto | None) -> set[str]:
-    """Every file under the root, relative, but the jobs' logs."""
-    fs, base = filesystem(root, moto)
-    return {p[len(base) + 1 :] for p in fs.find(base) if not p[len(base) + 1 :].startswith("logs/")}
-
-
-def orphans(tag: str, grace: float = 30.0) -> dict[int, str]:
-    """Processes of the run still alive ``grace`` seconds after it ended (then killed, by pid). 30 s:
-    ``ddm serve run`` gives running calls 10 s (``--grace``) and then waits up to 10 s more per expert."""
-    deadline = time.monotonic() + grace
-    while (left := marked(tag)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        kill(pid)
-    return left
-
-
-SIGNS = {  # what the logs show of each storage fault
-    "ENOSPC": "No space left on device",
-    "connection reset": "Connection reset",
-    "connection closed": "ConnectionClosedError",
-    "endpoint unreachable": "EndpointConnectionError",
-    "read timeout": "Read timeout",
-    "traceback": "Traceback (most recent call last)",
-}
-
-
-def errors_seen(paths: list[Path]) -> dict[str, int]:
-    """How many lines of the coordinator's and the jobs' logs show each sign of a fault."""
-    out: dict[str, int] = {}
-    for path in paths:
-        for p in [path] if path.is_file() else path.rglob("*") if path.is_dir() else []:
-            if p.is_file():
-                text = p.read_text(errors="replace")
-                for sign, needle in SIGNS.items():
-                    if n := text.count(needle):
-                        out[sign] = out.get(sign, 0) + n
-    return out
-
-
 # serving --------------------------------------------------------------------------------------------
 class Serve:
     """``ddm serve run ROOT`` on a fixed port with its experts on fixed ports (``--expert-ports``),
@@ -711,7 +437,7 @@ class Serve:
         for pid in children(self.proc.pid) if self.proc else []:
             if not alive(pid):  # a killed expert not reaped yet
                 continue
-            argv = _read(f"/proc/{pid}/cmdline").decode(errors="replace").split("\0")
+            argv = read_proc(f"/proc/{pid}/cmdline").decode(errors="replace").split("\0")
             if "expert" in argv and "--port" in argv and "--name" in argv:
                 out[pid] = (argv[argv.index("--name") + 1], int(argv[argv.index("--port") + 1]))
         return out
@@ -890,15 +616,6 @@ def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: lis
         if digest and not degraded:
             per_seed.setdefault(digest.split(":")[0], set()).add(digest)
     run.sampling_identical = all(len(v) == 1 for v in per_seed.values())
-
-
-def zombie(pid: int) -> bool:
-    stat = _read(f"/proc/{pid}/stat")
-    return not stat or stat.rsplit(b")", 1)[1].split()[0] == b"Z"
-
-
-def alive(pid: int) -> bool:
-    return not zombie(pid)
 
 
 # one seed -------------------------------------------------------------------------------------------
