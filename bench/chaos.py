@@ -16,22 +16,26 @@ faults at random moments:
   the kind is reported as not run, with the reason;
 - ``s3_drop`` / ``s3_stall`` (s3 root): every process reaches moto through a TCP proxy on 127.0.0.1
   that, for a while, resets every connection (open ones and new ones) or stops forwarding bytes;
-- serving (``ddm serve run`` on the finished chaos root, two clients sampling in a loop):
-  ``kill_expert_server`` (SIGKILL one expert server process) and ``kill_router`` (SIGKILL the
-  ``ddm serve run`` process, which holds the router).
+- serving (``ddm serve run --expert-ports`` on the finished chaos root, two clients sampling in a
+  loop, one with ``allow_degraded``): ``kill_expert_server`` (SIGKILL one expert server process) and
+  ``kill_router`` (SIGKILL the ``ddm serve run`` process, which holds the router).
 
 After each fault the harness does what an operator would: when ``ddm run`` exits non-zero (killed, or
-it gave up) it runs the same command again once the storage is healthy; after a serving fault it
-stops ``ddm serve run`` (SIGTERM) and starts it again on the same port. Checked at the end of each run:
+it gave up) it runs the same command again once the storage is healthy; after ``kill_router`` it
+starts ``ddm serve run`` again on the same ports. ``kill_expert_server`` needs no operator: the stack's
+supervisor must restart the expert on its port, the router's health must go NOT_SERVING and back to
+SERVING, and the ``allow_degraded`` client must be answered throughout. Checked at the end of each run:
 every tensor of the final expert, router and student checkpoints (SHA-256) equals the reference's; the
 manifest says every stage done and every job SUCCEEDED with no attempt left open; no temporary or
 truncated file is visible under the root (``.tmp-`` names, JSON that does not parse, safetensors whose
 header and size disagree); no process of the run is left (found by an environment marker in
-/proc/PID/environ); every Sample request was answered, or failed with a documented status
-(UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED), and every answered request with the
-same seed returned the same images.
+/proc/PID/environ; the expert servers of a SIGKILLed stack must be gone within 30 s); every Sample
+request was answered, or failed with a documented status (UNAVAILABLE, DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED, CANCELLED), every ``allow_degraded`` one while only an expert was down was
+answered, and every full (not degraded) answer with the same seed returned the same images.
 
-Prints one line per fault and per run, then one JSON object as the LAST line.
+Prints one line per fault and per run, then one JSON object as the LAST line. The S3 side (moto, the
+fault proxy) is ``bench/chaos_proxy.py``; the checks after a run are ``bench/chaos_checks.py``.
 """
 
 from __future__ import annotations
@@ -45,23 +49,36 @@ import errno
 import hashlib
 import json
 import random
-import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chaos_checks import (
+    MARK,
+    alive,
+    children,
+    errors_seen,
+    files,
+    kill,
+    manifest_problems,
+    marked,
+    orphans,
+    parent,
+    partial_files,
+    read_proc,
+    weights,
+)
+from chaos_proxy import Moto, Proxy, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-MARK = "DDM_CHAOS_TAG"  # every process of a chaos run inherits it: how orphans are found
 NS_ENV = "DDM_CHAOS_NAMESPACE"  # set inside the private mount namespace (the tmpfs for disk_full)
 TMPFS_MB = 400
 DOCUMENTED = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED"}
@@ -90,7 +107,7 @@ lease_seconds = 30
 
 [experts.train]
 steps = {expert_steps}
-batch_size = 16
+batch_size = {expert_batch}
 warmup_steps = 2
 checkpoint_every = 2
 num_threads = 1
@@ -106,7 +123,7 @@ checkpoint_every = 2
 seed = {seed}
 
 [router.eval]
-samples_per_bin = 5
+samples_per_bin = {samples_per_bin}
 
 [eval]
 enabled = false
@@ -130,169 +147,12 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# processes ----------------------------------------------------------------------------------------
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def marked(tag: str) -> dict[int, str]:
-    """pid -> command line of every live (not zombie) process carrying ``MARK=tag``."""
-    needle = f"{MARK}={tag}".encode()
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        if needle not in _read(f"/proc/{name}/environ").split(b"\0"):
-            continue
-        stat = _read(f"/proc/{name}/stat")
-        if not stat or stat.rsplit(b")", 1)[1].split()[0] == b"Z":
-            continue
-        out[int(name)] = _read(f"/proc/{name}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
-    return out
-
-
-def parent(pid: int) -> int:
-    stat = _read(f"/proc/{pid}/stat")
-    return int(stat.rsplit(b")", 1)[1].split()[1]) if stat else 0
-
-
-def children(pid: int) -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit() and parent(int(name)) == pid]
-
-
 def job_of(cmdline: str) -> str | None:
     """The job a trainer process runs, from the job.toml on its command line."""
     for arg in cmdline.split():
         if arg.endswith("/job.toml"):
             return arg.rsplit("/", 2)[-2]
     return None
-
-
-def kill(pid: int, sig: int = signal.SIGKILL) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-# S3: moto on loopback behind a proxy that can drop or stall ---------------------------------------
-class Moto:
-    def __init__(self, work: Path):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(work / "moto.log", "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"moto did not start: {(work / 'moto.log').read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class Proxy:
-    """A TCP proxy on 127.0.0.1 in front of ``upstream``: ``mode`` "pass", "drop" (reset every open and
-    new connection) or "stall" (hold every connection open, forwarding nothing)."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.mode = "pass"
-        self.lock = threading.Lock()
-        self.conns: set[socket.socket] = set()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.resets = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @staticmethod
-    def _reset(s: socket.socket) -> None:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
-            s.close()
-        except OSError:
-            pass
-
-    def set_mode(self, mode: str) -> None:
-        with self.lock:
-            self.mode = mode
-            if mode == "drop":
-                for s in list(self.conns):
-                    self._reset(s)
-                    self.resets += 1
-                self.conns.clear()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.mode == "drop":
-                self._reset(client)
-                self.resets += 1
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream)
-            except OSError:
-                self._reset(client)
-                continue
-            with self.lock:
-                self.conns.update((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        peer = {a: b, b: a}
-        try:
-            while True:
-                if self.mode == "stall":
-                    time.sleep(0.05)
-                    continue
-                ready, _, _ = select.select([a, b], [], [], 0.1)
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    peer[s].sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            with self.lock:
-                self.conns.discard(a)
-                self.conns.discard(b)
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 # the private tmpfs for a full disk ------------------------------------------------------------------
@@ -374,6 +234,7 @@ class Run:
     duplicates: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     errors_seen: dict[str, int] = field(default_factory=dict)
+    serve_problems: list[str] = field(default_factory=list)  # the supervisor or health not doing its part
 
 
 class Chaos(threading.Thread):
@@ -543,148 +404,21 @@ def ddm_run(cfg: Path, root: str, env: dict, log: Path, sets: list[str], chaos: 
             raise RuntimeError(f"fault-free ddm run exited {rc}; see {log}")
 
 
-# checks ---------------------------------------------------------------------------------------------
-def filesystem(root: str, moto: Moto | None):
-    if root.startswith("s3://"):
-        import s3fs
-
-        return s3fs.S3FileSystem(
-            client_kwargs={"endpoint_url": moto.endpoint}, skip_instance_cache=True
-        ), root[5:]
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem(), root
-
-
-def weights(root: str, moto: Moto | None) -> dict[str, str]:
-    """ "<model>/<tensor>" -> SHA-256 of its bytes, over the final checkpoint of every expert, the router
-    and the student, plus each checkpoint's step."""
-    import torch
-    from safetensors.torch import load as load_safetensors
-
-    fs, base = filesystem(root, moto)
-    out = {}
-    for latest in sorted(fs.glob(f"{base}/**/checkpoints/latest.json")):
-        model = latest[len(base) + 1 : -len("/checkpoints/latest.json")]
-        pointer = json.loads(fs.cat_file(latest))
-        out[f"{model}/step"] = str(pointer.get("step"))
-        name = pointer.get("file") or pointer.get("path") or f"step-{int(pointer['step']):08d}.safetensors"
-        tensors = load_safetensors(fs.cat_file(f"{latest.rsplit('/', 1)[0]}/{name.rsplit('/', 1)[-1]}"))
-        for key, t in tensors.items():
-            out[f"{model}/{key}"] = hashlib.sha256(
-                t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            ).hexdigest()
-    return out
-
-
-def manifest_problems(root: str, moto: Moto | None) -> tuple[list[str], dict[str, list[str]]]:
-    fs, base = filesystem(root, moto)
-    m = json.loads(fs.cat_file(f"{base}/manifest.json"))
-    problems = [f"stage {s}: {st.get('state')}" for s, st in m["stages"].items() if st.get("state") != "done"]
-    from ddm.coordinator.pipeline import STAGES
-
-    problems += [f"stage {s}: missing" for s in STAGES if s not in m["stages"]]
-    attempts = {}
-    for name, job in m["jobs"].items():
-        attempts[name] = [a.get("state") for a in job["attempts"]]
-        if job["state"] != "SUCCEEDED":
-            problems.append(f"job {name}: {job['state']}")
-        if not job["attempts"] or job["attempts"][-1].get("state") != "SUCCEEDED":
-            problems.append(f"job {name}: last attempt {attempts[name][-1:] or 'none'}")
-        problems += [
-            f"job {name}: attempt {i + 1} left {s}"
-            for i, s in enumerate(attempts[name][:-1])
-            if s in ("SUBMITTED", "RUNNING")
-        ]
-    for name in ("expert-0", "expert-1", "router", "distill"):
-        if name not in m["jobs"]:
-            problems.append(f"job {name}: missing")
-    return problems, attempts
-
-
-def partial_files(root: str, moto: Moto | None) -> list[str]:
-    """Temporary files, JSON that does not parse, safetensors whose header and size disagree."""
-    fs, base = filesystem(root, moto)
-    bad = []
-    for path, info in fs.find(base, detail=True).items():
-        rel = path[len(base) + 1 :]
-        if rel.startswith("logs/"):
-            continue
-        if ".tmp" in rel.rsplit("/", 1)[-1]:
-            bad.append(f"{rel} (temporary)")
-        elif rel.endswith(".json"):
-            try:
-                json.loads(fs.cat_file(path))
-            except ValueError:
-                bad.append(f"{rel} (not valid JSON)")
-        elif rel.endswith(".safetensors"):
-            with fs.open(path, "rb") as f:
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                try:
-                    header = json.loads(f.read(n)) if 0 < n < 1 << 26 else None
-                except ValueError:
-                    header = None
-            end = max(
-                (v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"), default=0
-            )
-            if header is None or 8 + n + end != info["size"]:
-                bad.append(f"{rel} (truncated safetensors: {info['size']} bytes)")
-    return bad
-
-
-def files(root: str, moto: Moto | None) -> set[str]:
-    """Every file under the root, relative, but the jobs' logs."""
-    fs, base = filesystem(root, moto)
-    return {p[len(base) + 1 :] for p in fs.find(base) if not p[len(base) + 1 :].startswith("logs/")}
-
-
-def orphans(tag: str, grace: float = 30.0) -> dict[int, str]:
-    """Processes of the run still alive ``grace`` seconds after it ended (then killed, by pid). 30 s:
-    ``ddm serve run`` gives running calls 10 s (``--grace``) and then waits up to 10 s more per expert."""
-    deadline = time.monotonic() + grace
-    while (left := marked(tag)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        kill(pid)
-    return left
-
-
-SIGNS = {  # what the logs show of each storage fault
-    "ENOSPC": "No space left on device",
-    "connection reset": "Connection reset",
-    "connection closed": "ConnectionClosedError",
-    "endpoint unreachable": "EndpointConnectionError",
-    "read timeout": "Read timeout",
-    "traceback": "Traceback (most recent call last)",
-}
-
-
-def errors_seen(paths: list[Path]) -> dict[str, int]:
-    """How many lines of the coordinator's and the jobs' logs show each sign of a fault."""
-    out: dict[str, int] = {}
-    for path in paths:
-        for p in [path] if path.is_file() else path.rglob("*") if path.is_dir() else []:
-            if p.is_file():
-                text = p.read_text(errors="replace")
-                for sign, needle in SIGNS.items():
-                    if n := text.count(needle):
-                        out[sign] = out.get(sign, 0) + n
-    return out
-
-
 # serving --------------------------------------------------------------------------------------------
 class Serve:
-    """``ddm serve run ROOT`` on a fixed port, started and restarted as an operator would."""
+    """``ddm serve run ROOT`` on a fixed port with its experts on fixed ports (``--expert-ports``),
+    started, and after a SIGKILL restarted, as an operator would."""
 
-    def __init__(self, root: str, port: int, env: dict, log: Path):
-        self.root, self.port, self.env, self.log = root, port, env, log
+    def __init__(self, root: str, port: int, expert_ports: list[int], env: dict, log: Path):
+        self.root, self.port, self.expert_ports, self.env, self.log = root, port, expert_ports, env, log
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> None:
         out = open(self.log, "ab")  # noqa: SIM115 - the server writes it until it stops
+        ports = ",".join(map(str, self.expert_ports))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddm", "serve", "run", self.root, "--port", str(self.port), "--steps", "4"],
+            [sys.executable, "-m", "ddm", "serve", "run", self.root, "--port", str(self.port), "--steps", "4",
+             "--expert-ports", ports],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=out,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -697,8 +431,16 @@ class Serve:
                 break
         raise RuntimeError(f"ddm serve run did not start (exit {self.proc.poll()}); see {self.log}")
 
-    def experts(self) -> list[int]:
-        return children(self.proc.pid) if self.proc else []
+    def experts(self) -> dict[int, tuple[str, int]]:
+        """pid -> (name, port) of every live expert server process of the stack."""
+        out = {}
+        for pid in children(self.proc.pid) if self.proc else []:
+            if not alive(pid):  # a killed expert not reaped yet
+                continue
+            argv = read_proc(f"/proc/{pid}/cmdline").decode(errors="replace").split("\0")
+            if "expert" in argv and "--port" in argv and "--name" in argv:
+                out[pid] = (argv[argv.index("--name") + 1], int(argv[argv.index("--port") + 1]))
+        return out
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -710,9 +452,28 @@ class Serve:
                 self.proc.wait()
 
 
+def until(what: str, check, timeout: float, every: float = 0.05) -> float:
+    """Poll ``check()`` until true; seconds it took. Raises RuntimeError naming ``what`` at ``timeout``."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
 def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: list[str]) -> None:
-    """Two clients sample in a loop while an expert server or the router is SIGKILLed; the operator
-    restarts ``ddm serve run`` after each fault. Fills ``run.requests``, ``run.lost``, ``run.faults``."""
+    """Two clients sample in a loop against ``ddm serve run`` (client 0 with ``allow_degraded``, client 1
+    without) while faults hit it:
+
+    - ``kill_expert_server``: SIGKILL of one expert server. Nobody intervenes: the stack's supervisor must
+      restart it on the same port, the router's health must go NOT_SERVING and back to SERVING, and
+      client 0 must be answered throughout (degraded while the expert is down);
+    - ``kill_router``: SIGKILL of ``ddm serve run``. Its expert servers must die with it (no orphan);
+      the operator starts it again on the same ports.
+
+    Fills ``run.requests``, ``run.lost`` (client 1: anything but OK or a documented status; client 0
+    during an expert's downtime: anything but OK), ``run.orphans``, ``run.faults``."""
     import grpc
     import torch
 
@@ -720,88 +481,153 @@ def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: lis
 
     torch.set_num_threads(1)
     port = free_port()
-    serve = Serve(run.root, port, env, work / f"serve-{run.store}.log")
+    serve = Serve(run.root, port, [free_port(), free_port()], env, work / f"serve-{run.store}.log")
     serve.start()
     stop = threading.Event()
     lock = threading.Lock()
-    results: list[tuple[str, str | None]] = []  # (status, sha of the images when OK)
-    ok_since = [0]  # OK answers since the last restart
+    expert_down = threading.Event()  # set by the harness between an expert's kill and its rejoining
+    results: list[tuple[int, str, str | None, bool]] = []  # (client, status, sha if OK, degraded)
+    refused: list[str] = []  # client 0 not answered while only an expert was down
+    ok_since = [0]  # full (not degraded) OK answers since the last fault
 
     def client(i: int) -> None:
         with RouterClient(f"127.0.0.1:{port}", timeout=30) as c:
             while not stop.is_set():
+                down = expert_down.is_set()
+                degraded = False
                 try:
-                    images, _ = c.sample(
-                        2, [i, i], seed=17 + i, steps=4, strategy="top-k", top_k=1, timeout=30
-                    )
+                    images, info = c.sample(
+                        2, [i, i], seed=17 + i, steps=4, strategy="top-k", top_k=1, timeout=30,
+                        allow_degraded=i == 0,
+                    )  # fmt: skip
                     status, digest = "OK", f"{i}:" + hashlib.sha256(images.numpy().tobytes()).hexdigest()
+                    degraded = bool(info.degraded_experts)
                 except grpc.RpcError as e:
                     status, digest = e.code().name, None
                 except Exception as e:  # noqa: BLE001  # a stream closed without a result, or anything else: lost
                     status, digest = f"LOST {type(e).__name__}: {e}", None
                 with lock:
-                    results.append((status, digest))
-                    if status == "OK":
+                    results.append((i, status, digest, degraded))
+                    if status == "OK" and not degraded:
                         ok_since[0] += 1
+                    if i == 0 and status != "OK" and (down or expert_down.is_set()):
+                        refused.append(f"allow_degraded request {status} while an expert was down")
                 if status != "OK":
                     time.sleep(0.5)  # a polite client backs off
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(2)]
     for t in threads:
         t.start()
+    health = RouterClient(f"127.0.0.1:{port}", timeout=5)
     t0 = time.monotonic()
+
+    def serving(service: str = "") -> bool:
+        try:
+            return health.health(service, timeout=1.0)[0]
+        except grpc.RpcError:
+            return False
+
     try:
         for kind in kinds:
-            while ok_since[0] < 2:  # the stack answers again before the next fault
-                if time.monotonic() - t0 > 300:
-                    raise RuntimeError("the restarted stack answered no request in 300 s")
-                time.sleep(0.05)
+            until("the stack answering in full again", lambda: ok_since[0] >= 2, 300)
             time.sleep(rng.uniform(0.0, 1.5))
             fault = Fault(kind, round(time.monotonic() - t0, 2))
-            if kind == "kill_expert_server":
-                pid = rng.choice(sorted(serve.experts()))
-                kill(pid)
-                fault.target = f"expert server pid {pid}"
-                time.sleep(1.0)  # the clients see it; then the operator restarts the stack
-                serve.stop()
-            else:
-                kill(serve.proc.pid)
-                fault.target = f"ddm serve run (router) pid {serve.proc.pid}"
-                serve.proc.wait()
-            fault.fired_at = fault.at
             with lock:
                 before = len(results)
                 ok_since[0] = 0
-            say(f"  {run.store}: fault {kind} at {fault.at:.1f} s: {fault.target}; restarting ddm serve run")
-            serve.start()
-            with lock:
-                fault.effect = f"{len(results) - before} requests ended while it was down"
+            if kind == "kill_expert_server":
+                experts = serve.experts()
+                pid = rng.choice(sorted(experts))
+                name, eport = experts[pid]
+                expert_down.set()
+                kill(pid)
+                fault.target = f"expert server {name} pid {pid} (port {eport})"
+                say(f"  {run.store}: fault {kind}: {fault.target}; the supervisor must restart it")
+                try:
+                    down_s = until("router NOT_SERVING after the kill", lambda: not serving(), 30, 0.02)
+                except RuntimeError as e:
+                    run.serve_problems.append(str(e))
+                    down_s = float("nan")
+                new: list[int] = []
+
+                def back(name=name, eport=eport, pid=pid, new=new) -> bool:
+                    new[:] = [
+                        p for p, (n, pt) in serve.experts().items() if n == name and pt == eport and p != pid
+                    ]
+                    return bool(new) and serving() and serving(f"ddm.v1.Expert/{name}")
+
+                try:
+                    up_s = until(f"{name} restarted on port {eport} and the router SERVING", back, 180, 0.1)
+                except RuntimeError as e:  # the operator's fix, so that the rest can still be checked
+                    run.serve_problems.append(str(e))
+                    up_s = float("nan")
+                    serve.stop()
+                    serve.start()
+                expert_down.clear()
+                with lock:
+                    during = results[before:]
+                fault.effect = (
+                    f"router NOT_SERVING {down_s:.2f} s after the kill, {name} restarted by the supervisor "
+                    f"(pid {new[0] if new else '?'}, same port {eport}), SERVING again {up_s:.1f} s later; while down: "
+                    + ", ".join(
+                        f"{n} x client {c} {st}"
+                        for (c, st), n in sorted(
+                            Counter((c, f"{s} degraded" if d else s) for c, s, _, d in during).items()
+                        )
+                    )
+                )
+            else:
+                experts = serve.experts()
+                kill(serve.proc.pid)
+                fault.target = f"ddm serve run (router) pid {serve.proc.pid}, experts {sorted(experts)}"
+                serve.proc.wait()
+                try:
+                    until("its expert servers to exit", lambda ex=experts: not any(map(alive, ex)), 30)
+                except RuntimeError:
+                    for p, (name, eport) in experts.items():
+                        if alive(p) and kill(p):
+                            run.orphans[p] = f"expert server {name} (port {eport}) of the SIGKILLed stack"
+                survivors = [p for p in experts if p in run.orphans]
+                say(
+                    f"  {run.store}: fault {kind}: {fault.target}; experts outliving it {survivors}; restarting ddm serve run"
+                )
+                serve.start()
+                with lock:
+                    fault.effect = f"{len(results) - before} requests ended until the operator's restart; experts outliving it: {survivors}"
+            fault.fired_at = fault.at
             run.faults.append(fault)
-        while ok_since[0] < 2:
-            if time.monotonic() - t0 > 300:
-                raise RuntimeError("the restarted stack answered no request in 300 s")
-            time.sleep(0.05)
+            say(f"  {run.store}: {kind}: {fault.effect}")
+        until("the stack answering in full again", lambda: ok_since[0] >= 2, 300)
     finally:
         stop.set()
         for t in threads:
             t.join(60)
         hung = sum(t.is_alive() for t in threads)
+        health.close()
         serve.stop()
-    for status, _ in results:
-        key = "LOST" if status.startswith("LOST") else status
+    for _, status, _, degraded in results:
+        key = "LOST" if status.startswith("LOST") else "OK degraded" if degraded else status
         run.requests[key] = run.requests.get(key, 0) + 1
-    run.lost = [s for s, _ in results if s != "OK" and s not in DOCUMENTED] + ["client hung"] * hung
+    run.lost = (
+        [s for _, s, _, _ in results if s != "OK" and s not in DOCUMENTED] + refused + ["client hung"] * hung
+    )
     per_seed: dict[str, set[str]] = {}
-    for _, digest in results:
-        if digest:
+    for _, _, digest, degraded in results:
+        if digest and not degraded:
             per_seed.setdefault(digest.split(":")[0], set()).add(digest)
     run.sampling_identical = all(len(v) == 1 for v in per_seed.values())
 
 
 # one seed -------------------------------------------------------------------------------------------
-def write_config(work: Path, seed: int) -> Path:
+def write_config(work: Path, seed: int, quick: bool = False) -> Path:
+    """The run's config. ``quick`` (CI): 6 expert steps of 8 images instead of 8 of 16, 4 router steps
+    instead of 6, 2 router-eval samples per bin instead of 5; still three checkpoints of each expert and
+    two of the router and the student for a kill to fall between."""
     cfg = work / f"chaos-{seed}.toml"
-    sizes = {"limit": 200, "expert_steps": 8, "router_steps": 6, "distill_steps": 4}  # ~40 s fault-free
+    sizes = {"limit": 200, "expert_steps": 8, "expert_batch": 16, "router_steps": 6, "distill_steps": 4,
+             "samples_per_bin": 5}  # fmt: skip  # ~40 s fault-free on an idle machine
+    if quick:
+        sizes |= {"expert_steps": 6, "expert_batch": 8, "router_steps": 4, "samples_per_bin": 2}
     cfg.write_text(CONFIG.format(seed=seed, **sizes))
     return cfg
 
@@ -896,7 +722,7 @@ def chaos_run(seed: int, store: str, cfg: Path, reference: Reference, span: floa
         f"errors in logs {run.errors_seen}, jobs run twice at once {run.duplicates}, "
         f"identical {run.identical} ({len(ref)} tensors){'' if run.identical else ' MISMATCH ' + str(run.mismatched[:5])}, "
         f"manifest {'ok' if run.manifest_ok else run.manifest_problems}, partial {run.partial}, missing {run.missing}, orphans {list(run.orphans.values())}, "
-        f"requests {run.requests}, lost {run.lost}, sampling identical {run.sampling_identical}")  # fmt: skip
+        f"requests {run.requests}, lost {run.lost}, serve problems {run.serve_problems}, sampling identical {run.sampling_identical}")  # fmt: skip
     return run
 
 
@@ -905,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CI's short mode: one seed, 3 pipeline faults per store, the local run served under 2 faults",
+        help="CI's short mode: one seed, fewer steps, 3 pipeline faults per store, the local run served under 2 faults",
     )
     p.add_argument("--seeds", help="comma-separated seeds (default 0; 0,1,2 without --quick)")
     p.add_argument("--stores", default="local,s3", help="local, s3 or both (default)")
@@ -919,8 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: v.split(","),
         help="only these pipeline fault kinds (comma-separated; default all)",
     )
-    p.add_argument("--span", type=float, default=80.0,
-                   help="pipeline faults fall in [0.1, 0.9] x this many seconds of a chaos run (default 80)")  # fmt: skip
+    p.add_argument("--span", type=float,
+                   help="pipeline faults fall in [0.1, 0.9] x this many seconds of a chaos run (default 80; 60 with --quick)")  # fmt: skip
     p.add_argument("--work", help="working directory (default: a fresh temporary one, removed at the end)")
     p.add_argument(
         "--no-namespace", action="store_true", help="do not enter a mount namespace (no disk_full)"
@@ -937,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         s for s in (args.serve_stores or ("local" if args.quick else "local,s3")).split(",") if s in stores
     ]
     args.faults = args.faults or (3 if args.quick else 4)
+    args.span = args.span or (60.0 if args.quick else 80.0)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ddm-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -957,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         for seed in seeds:
-            cfg = write_config(work, seed)
+            cfg = write_config(work, seed, args.quick)
             reference = Reference(cfg, seed, work)  # its time is not measured: faults fall in --span
             span = args.span
             # Serving faults: both kinds, in an order drawn from the seed, on every served store.
@@ -1012,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_run_twice": sum(len(r.duplicates) for r in runs),
         "orphans": sum(len(r.orphans) for r in runs),
         "lost_requests": sum(len(r.lost) for r in runs),
+        "serve_problems": sum(len(r.serve_problems) for r in runs),
         "requests": requests,
         "sampling_identical": all(r.sampling_identical is not False for r in runs),
         "reruns": sum(len(r.coordinator_rcs) - 1 for r in runs),
@@ -1021,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary), flush=True)
     ok = (summary["runs_identical"] == summary["manifests_consistent"] == len(runs)
-          and not (summary["partial_files"] or summary["orphans"] or summary["lost_requests"] or summary["jobs_run_twice"] or summary["missing_files"])
+          and not (summary["partial_files"] or summary["orphans"] or summary["lost_requests"] or summary["serve_problems"] or summary["jobs_run_twice"] or summary["missing_files"])
           and summary["sampling_identical"])  # fmt: skip
     return 0 if ok else 1
 

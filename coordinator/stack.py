@@ -21,6 +21,7 @@ so the router's channel reconnects to the new process by itself and the expert r
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import queue
@@ -44,9 +45,17 @@ RESTART_BACKOFF = (0.5, 30.0)  # first wait, cap (doubling between)
 STABLE_AFTER = 60.0  # a restart that stayed up this long resets the backoff
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded here, not after fork
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec: SIGTERM when the parent goes. A parent that died before
+    the prctl (SIGKILLed while forking) sends nothing, so a child that finds another parent than
+    ``parent`` (init or a subreaper adopted it) exits at once instead of running on as an orphan."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)  # before exec: no server ever starts
 
 
 def exit_status(code: int | None) -> str:
@@ -98,7 +107,7 @@ class ServerProcess:
             self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=self._log or subprocess.PIPE, text=True, env=self.env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()) if _LIBC is not None else None,
         )  # fmt: skip
         self.started_at = time.monotonic()
         proc, lines = self.proc, self.lines

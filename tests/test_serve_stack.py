@@ -246,3 +246,28 @@ def test_serve_run_restarts_a_killed_expert_on_its_port_and_health_follows(tmp_p
         stack.stop(0)
         for pid in servers_of(root):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_child_whose_parent_died_before_its_prctl_ends_itself() -> None:
+    """PR_SET_PDEATHSIG only covers a parent that dies after the child set it: a stack SIGKILLed while it
+    forks an expert (a restart) would leave that expert running forever. The child checks its parent is
+    still the one that forked it; here it is told another pid, as if init had adopted it already."""
+    import functools
+
+    from ddm.coordinator import stack
+
+    gone = 1 if os.getpid() != 1 else 2
+    child = subprocess.Popen(["sleep", "60"], preexec_fn=functools.partial(stack._die_with_parent, gone))
+    try:
+        assert child.wait(timeout=10) == 1  # exited before exec
+    finally:
+        child.kill()
+    kept = subprocess.Popen(
+        ["sleep", "60"], preexec_fn=functools.partial(stack._die_with_parent, os.getpid())
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            kept.wait(timeout=0.5)  # its parent is alive: it runs
+    finally:
+        kept.kill()
+        kept.wait()
