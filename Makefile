@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv dataset demo test test-fast lint bench clean
+.PHONY: venv dataset test-tools demo test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -31,7 +31,15 @@ $(FASHION_MNIST):
 demo: venv dataset
 	$(VENV)/bin/ddm run $(DEMO_CONFIG)
 
-test: venv dataset
+# What the tests start for real: headless Chromium (the run report), etcd and the kube-apiserver
+# (the k8s tests; built once from ../shared/tools' Debian source, then cached under ~/.cache).
+KUBE_BUILD := ../shared/tools/kube-apiserver/build.sh
+test-tools:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	@command -v etcd >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq etcd-server; }
+	@if [ -f $(KUBE_BUILD) ]; then bash $(KUBE_BUILD) >/dev/null; else echo "make: $(KUBE_BUILD) is missing: the k8s tests will fail"; fi
+
+test: venv dataset test-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # ruff's lint rules and formatter (settings in pyproject.toml); CI runs it.
@@ -39,7 +47,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test-fast: venv dataset
+test-fast: venv dataset test-tools
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # Every benchmark in its quick mode; each prints one JSON object of figures as its last line.
