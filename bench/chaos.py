@@ -76,7 +76,9 @@ from chaos_checks import (
     read_proc,
     weights,
 )
-from chaos_proxy import Moto, Proxy, free_port
+from chaos_proxy import Moto, Proxy
+
+from ddm.coordinator.stack import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 NS_ENV = "DDM_CHAOS_NAMESPACE"  # set inside the private mount namespace (the tmpfs for disk_full)
@@ -480,8 +482,8 @@ def serve_faults(run: Run, rng: random.Random, env: dict, work: Path, kinds: lis
     from ddm.router.client import RouterClient
 
     torch.set_num_threads(1)
-    port = free_port()
-    serve = Serve(run.root, port, [free_port(), free_port()], env, work / f"serve-{run.store}.log")
+    port, *expert_ports = free_ports(3)
+    serve = Serve(run.root, port, expert_ports, env, work / f"serve-{run.store}.log")
     serve.start()
     stop = threading.Event()
     lock = threading.Lock()

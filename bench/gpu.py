@@ -50,7 +50,6 @@ import gc
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -314,12 +313,6 @@ def synthetic_image_folder(root: Path, classes: int = 10, per_class: int = 60, s
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # tiny.toml's data (Debian's package)
 
 
@@ -349,7 +342,9 @@ def run_pipeline(work: Path, *, device: str = "cuda", fashion_mnist: Path | None
     if absent:
         raise StepFailed("ddm run outputs", f"missing under {root}: {', '.join(absent)}")
 
-    port = free_port()
+    from ddm.coordinator.stack import free_ports
+
+    port = free_ports(1)[0]
     log_path = work / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(

@@ -47,7 +47,6 @@ import math
 import random
 import re
 import signal
-import socket
 import statistics
 import tempfile
 import threading
@@ -57,7 +56,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from ddm.coordinator.stack import SERVE, ServerProcess, start_all
+from ddm.coordinator.stack import SERVE, ServerProcess, free_ports, start_all
 from ddm.core import checkpoint
 from ddm.expert.model import DiT, DiTConfig
 from ddm.router.client import RouterClient
@@ -109,18 +108,6 @@ def server(name: str, args: list[str], log: Path) -> ServerProcess:
     return ServerProcess(
         name, [*SERVE, *args, "--host", "127.0.0.1", "--threads", "1"], env=ONE_THREAD, log=log
     )
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports free right now on 127.0.0.1 (held open together so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 class Tally:

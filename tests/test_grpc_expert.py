@@ -4,7 +4,6 @@ health/reflection/auth/TLS/metrics work. Real servers on ephemeral ports, tiny r
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -18,6 +17,7 @@ import torch
 from grpc_fixtures import expert_checkpoint, self_signed
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from ddm.coordinator.stack import free_ports
 from ddm.expert.load import load_denoiser
 from ddm.expert.server import ExpertServer
 from ddm.proto import rpc
@@ -266,14 +266,8 @@ def test_tls_and_mutual_tls(ckpt: str, tmp_path: Path) -> None:
         s.stop(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_prometheus_metrics(ckpt: str) -> None:
-    port = _free_port()
+    port = free_ports(1)[0]
     s = _serve(ckpt, metrics_port=port)
     try:
         with ExpertClient(s.target) as client:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from test_grpc_cli import DDM, Proc
 
 from ddm.coordinator.config import RunConfig
 from ddm.coordinator.manifest import Manifest
-from ddm.coordinator.stack import ServerProcess, parse_ports, run_experts
+from ddm.coordinator.stack import ServerProcess, free_ports, parse_ports, run_experts
 from ddm.router.client import RouterClient
 
 
@@ -140,17 +139,6 @@ def test_serve_run_reports_a_broken_expert(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "expert server expert-1 exited" in out.stderr, out.stderr
     assert wait_gone(root) == []
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def until(check: Callable[[], object], timeout: float, what: str) -> object:
