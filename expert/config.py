@@ -13,21 +13,35 @@ from pydantic import Field, field_validator
 from ddm.core.config import JobConfig, Strict, TrainConfig
 from ddm.expert.samplers import SAMPLERS, TIME_GRIDS
 from ddm.expert.sizes import DIT_ARCHS
+from ddm.expert.sources import SOURCES
 
 
 class DataConfig(Strict):
-    source: Literal["fashion-mnist", "image-folder", "shards"] = Field(
+    """Where the images come from: a ``ddm.expert.sources.SOURCES`` entry and its settings (docs/data.md)."""
+
+    source: SOURCES.field() = Field(  # type: ignore[valid-type]
         "fashion-mnist",
-        description="where images come from: Debian's Fashion-MNIST, a folder of images, or partition shards",
+        description="where images come from (ddm.expert.sources.SOURCES): " + SOURCES.describe(),
     )
     path: str = Field(
         "/usr/share/datasets/fashion-mnist",
-        description="dataset location: the Fashion-MNIST directory, an image folder (one sub-folder per class), or a shards directory (local or s3://)",
+        description="dataset location (local or s3://): the Fashion-MNIST directory, an image folder, tar shard URLs "
+        "with braces (shards-{000..009}.tar), a parquet file or folder of them, or a shards directory",
     )
     split: Literal["train", "test"] = Field("train", description="Fashion-MNIST split")
     image_size: int = Field(28, ge=8, le=1024, description="images are resized (folders) to this square size")
     channels: Literal[1, 3] = Field(1, description="1 for grayscale, 3 for RGB")
     limit: int | None = Field(None, ge=1, description="use only the first N examples (quick runs and tests)")
+    image_field: str = Field(
+        "image",
+        min_length=1,
+        description="parquet: the image column (binary, or a struct with 'bytes' as Hugging Face writes it)",
+    )
+    label_field: str = Field(
+        "label",
+        description="parquet: the integer label column; webdataset: the key of NAME.json holding the label "
+        "(NAME.cls holds the label itself); '' = the data has no labels (unconditional)",
+    )
 
 
 class ModelConfig(Strict):

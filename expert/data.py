@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_training_dataset",
     "load_fashion_mnist",
     "load_image_folder",
+    "load_unlabelled_folder",
     "read_idx",
     "parse_idx",
     "to_model_range",
@@ -78,6 +80,9 @@ class DatasetNotFoundError(DataError, FileNotFoundError):
 class ImageDataset(Dataset):
     """Images in memory: uint8 (N, C, H, W), labels int64 (N,), source ids int64 (N,).
 
+    Unlabelled data has ``num_classes = 0``, ``class_names = None`` and every label 0: the null class
+    (index ``num_classes``), so models trained on it are unconditional.
+
     ``ids`` are the examples' indices in their source (the Fashion-MNIST split, the sorted file list of
     an image folder), kept through subsets and shards, so a partition can always be traced back.
     """
@@ -89,7 +94,7 @@ class ImageDataset(Dataset):
     ids: torch.Tensor  # int64 (N,)
     num_classes: int
     class_names: list[str] | None = None
-    skipped: list[str] = field(default_factory=list)  # files that could not be decoded (image folders)
+    skipped: list[str] = field(default_factory=list)  # records that could not be decoded (any source)
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. a shard index's meta (cluster id)
 
     def __post_init__(self) -> None:
@@ -104,9 +109,12 @@ class ImageDataset(Dataset):
                 raise DataError(
                     f"{name} must be int64 ({n},) to match the images, got {t.dtype} {tuple(t.shape)}"
                 )
-        if self.num_classes < 1:
-            raise DataError(f"num_classes must be >= 1, got {self.num_classes}")
-        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
+        if self.num_classes < 0:
+            raise DataError(f"num_classes must be >= 0 (0: unlabelled), got {self.num_classes}")
+        if self.num_classes == 0:  # unlabelled: every label is the null class, index num_classes = 0
+            if n and bool((self.labels != 0).any()):
+                raise DataError("unlabelled data (num_classes = 0) must have every label 0, the null class")
+        elif n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
             raise DataError(
                 f"labels must lie in [0, {self.num_classes}), got [{int(self.labels.min())}, {int(self.labels.max())}]"
             )
@@ -170,23 +178,13 @@ class ImageDataset(Dataset):
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
-    """The dataset a ``[data]`` config describes, checked against its ``channels`` and ``image_size``."""
-    if cfg.source == "fashion-mnist":
-        if cfg.channels != 1 or cfg.image_size != 28:
-            raise DataError(
-                f"data.source = 'fashion-mnist' is 28x28 grayscale; set data.channels = 1 and data.image_size = 28 "
-                f"(got channels={cfg.channels}, image_size={cfg.image_size})"
-            )
-        return load_fashion_mnist(cfg.path, split=cfg.split, limit=cfg.limit)
-    if cfg.source == "image-folder":
-        return load_image_folder(cfg.path, image_size=cfg.image_size, channels=cfg.channels, limit=cfg.limit)
-    if cfg.source == "shards":
-        from ddm.expert.shards import read_shards  # shards imports this module for ImageDataset
+    """The dataset a ``[data]`` config describes (``data.source`` names a ``ddm.expert.sources.SOURCES``
+    entry), checked against its ``channels`` and ``image_size``."""
+    from ddm.expert.sources import SOURCES
 
-        ds = read_shards(cfg.path, limit=cfg.limit)
-        _check_shape(cfg, ds.image_shape)
-        return ds
-    raise AssertionError(f"unhandled data.source {cfg.source!r}")  # the config's Literal rules this out
+    ds = SOURCES.get(cfg.source, field="data.source")(cfg)
+    _check_shape(cfg, ds.image_shape)
+    return ds
 
 
 def build_training_dataset(cfg: DataConfig) -> Any:
@@ -205,7 +203,7 @@ def _check_shape(cfg: DataConfig, shape: tuple[int, int, int]) -> None:
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if tuple(shape) != want:
         raise DataError(
-            f"{cfg.path}: shards hold images of shape {list(shape)} but data.channels / data.image_size "
+            f"{cfg.path}: the {cfg.source} source holds images of shape {list(shape)} but data.channels / data.image_size "
             f"ask for {list(want)}; set data.channels = {shape[0]} and data.image_size = {shape[1]}"
         )
 
@@ -374,35 +372,86 @@ def load_image_folder(url: str, *, image_size: int, channels: int, limit: int | 
     candidate files, so they stay stable when some files are skipped.
     """
     classes, files = list_image_folder(url)
+    records = ((file_url, lambda u=file_url: storage.read_bytes(u), label) for file_url, label in files)
+    return decode_records(url, records, image_size=image_size, channels=channels, limit=limit,
+                          num_classes=len(classes), class_names=classes)  # fmt: skip
+
+
+def list_unlabelled_folder(url: str) -> list[str]:
+    """Every image file under ``url`` (sub-folders included, hidden ones not), sorted by path."""
+    fs, root = storage.filesystem(url)
+    if not fs.exists(root):
+        raise DatasetNotFoundError(f"{url}: image folder not found; data.path must be a folder of images")
+    base = root.rstrip("/") + "/"
+    found = sorted(
+        p[len(base) :]
+        for p in fs.find(root)
+        if p.startswith(base)
+        and p.lower().endswith(IMAGE_EXTENSIONS)
+        and not any(part.startswith(".") for part in p[len(base) :].split("/"))
+    )
+    if not found:
+        raise DataError(f"{url}: no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)} under it")
+    return [storage.join(url, rel) for rel in found]
+
+
+def load_unlabelled_folder(
+    url: str, *, image_size: int, channels: int, limit: int | None = None
+) -> ImageDataset:
+    """Every image under ``url`` as unlabelled data (``num_classes = 0``: unconditional experts and router),
+    decoded and validated as ``load_image_folder`` does; ``ids`` index the sorted file list."""
+    files = list_unlabelled_folder(url)
+    records = ((u, lambda u=u: storage.read_bytes(u), 0) for u in files)
+    return decode_records(url, records, image_size=image_size, channels=channels, limit=limit,
+                          num_classes=0, class_names=None)  # fmt: skip
+
+
+def decode_records(
+    url: str,
+    records: Iterable[tuple[str, Callable[[], bytes], int]],
+    *,
+    image_size: int,
+    channels: int,
+    limit: int | None,
+    num_classes: int | None,
+    class_names: list[str] | None,
+    meta: dict[str, Any] | None = None,
+) -> ImageDataset:
+    """Decode ``(name, read, label)`` records in order into one dataset: every source's validation.
+
+    ``read()`` gives the record's encoded image bytes; storage errors propagate (they are not the
+    record's fault). A record whose bytes do not decode is skipped, named in ``skipped`` and logged; a
+    source where nothing decodes is an error. ``ids`` are record positions, stable under skipping.
+    ``num_classes=None``: one more than the largest label decoded.
+    """
     images: list[torch.Tensor] = []
     labels: list[int] = []
     ids: list[int] = []
     skipped: list[str] = []
-    for source_id, (file_url, label) in enumerate(files):
+    for source_id, (name, read, label) in enumerate(records):
         if limit is not None and len(images) >= limit:
             break
-        data = storage.read_bytes(file_url)  # storage errors are not the file's fault: let them raise
+        data = read()  # storage errors are not the record's fault: let them raise
         try:
             img = decode_image(data, channels=channels, size=image_size)  # (C, S, S)
         except Exception as e:  # noqa: BLE001 - PIL raises many exception types for malformed files
-            skipped.append(file_url)
-            log.debug("skipping %s: %s", file_url, e)
+            skipped.append(name)
+            log.debug("skipping %s: %s", name, e)
             continue
         images.append(img)
         labels.append(label)
         ids.append(source_id)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f", ... ({len(skipped) - 5} more)" if len(skipped) > 5 else "")
-        log.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), shown)
+        log.warning("%s: skipped %d unreadable image(s): %s", url, len(skipped), shown)
     if not images:
-        raise DataError(
-            f"{url}: none of the {len(skipped)} image files could be decoded (first: {skipped[:3]})"
-        )
+        raise DataError(f"{url}: none of the {len(skipped)} images could be decoded (first: {skipped[:3]})")
     return ImageDataset(
         images=torch.stack(images),  # (N, C, S, S)
         labels=torch.tensor(labels, dtype=torch.int64),  # (N,)
         ids=torch.tensor(ids, dtype=torch.int64),  # (N,)
-        num_classes=len(classes),
-        class_names=classes,
+        num_classes=max(labels) + 1 if num_classes is None else num_classes,
+        class_names=class_names,
         skipped=skipped,
+        meta=dict(meta or {}),
     )

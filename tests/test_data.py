@@ -294,5 +294,5 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="hold no images"):
         load_image_folder(str(empty), image_size=8, channels=1)
     (empty / "cat" / "bad.jpg").write_bytes(b"nope")
-    with pytest.raises(DataError, match="none of the 1 image files could be decoded"):
+    with pytest.raises(DataError, match="none of the 1 images could be decoded"):
         load_image_folder(str(empty), image_size=8, channels=1)
