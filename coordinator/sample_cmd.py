@@ -85,7 +85,7 @@ def parse_labels(spec: str, n: int, num_classes: int):
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if spec == "cycle":
-        return torch.arange(n) % num_classes
+        return torch.arange(n) % max(num_classes, 1)  # unconditional (0 classes): the null label 0
     if spec == "null":
         return torch.full((n,), num_classes, dtype=torch.long)
     try:
@@ -95,6 +95,8 @@ def parse_labels(spec: str, n: int, num_classes: int):
     if not values:
         raise ValueError("--labels is empty")
     bad = [v for v in values if not 0 <= v < num_classes]
+    if bad and not num_classes:
+        raise ValueError(f"--labels {bad}: this checkpoint is unconditional; use --labels cycle or null")
     if bad:
         raise ValueError(f"--labels {bad}: class labels must be in 0..{num_classes - 1} for this checkpoint")
     return torch.tensor(values)[torch.arange(n) % len(values)]

@@ -142,7 +142,7 @@ class Partition(Stage):
         report = cluster_report(labels, p.k)
         sizes = [int(s) for s in np.bincount(labels, minlength=p.k)]
         per_class = [
-            np.bincount(data.labels[keep][labels == k].numpy(), minlength=data.num_classes).tolist()
+            np.bincount(data.labels[keep][labels == k].numpy(), minlength=max(data.num_classes, 1)).tolist()
             for k in range(p.k)
         ]
         storage.write_json(

@@ -47,7 +47,9 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"DiT size from the registry: {', '.join(DIT_ARCHS)}")
     num_classes: int = Field(
-        10, ge=1, description="number of class labels (one more, the null class, is added for guidance)"
+        10,
+        ge=0,
+        description="number of class labels (one more, the null class, is added for guidance); 0: unlabelled data, an unconditional model",
     )
 
     @field_validator("arch")

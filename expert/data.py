@@ -31,6 +31,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageDataset",
     "build_dataset",
+    "check_num_classes",
     "build_training_dataset",
     "load_fashion_mnist",
     "load_image_folder",
@@ -174,6 +175,21 @@ class ImageDataset(Dataset):
         return (
             f"ImageDataset(n={len(self)}, image_shape={self.image_shape}, num_classes={self.num_classes}, "
             f"skipped={len(self.skipped)})"
+        )
+
+
+def check_num_classes(data_classes: int, model_classes: int, *, source: str, field: str) -> None:
+    """The model's label space must hold the data's: labelled data needs ``field`` >= its classes;
+    unlabelled data (0 classes) an unconditional model (``field`` = 0), whose only label is the null 0."""
+    if data_classes == 0 and model_classes != 0:
+        raise ValueError(
+            f"the data from {source} is unlabelled (0 classes) but {field} is {model_classes}; "
+            f"set {field} = 0 for an unconditional model"
+        )
+    if data_classes > model_classes:
+        raise ValueError(
+            f"the data from {source} has {data_classes} classes but {field} is {model_classes}; "
+            f"set {field} = {data_classes}"
         )
 
 

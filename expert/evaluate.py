@@ -97,8 +97,9 @@ class EvalResult:
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """(num_samples,) int64 labels 0, 1, ..., C-1, 0, 1, ...: every class within one sample of the others."""
-    return torch.arange(num_samples, dtype=torch.long) % num_classes
+    """(num_samples,) int64 labels 0, 1, ..., C-1, 0, 1, ...: every class within one sample of the others.
+    Unlabelled data (C = 0): every label is the null class, 0."""
+    return torch.arange(num_samples, dtype=torch.long) % max(num_classes, 1)
 
 
 def generate(
@@ -144,7 +145,7 @@ def grid_indices(
 ) -> tuple[list[int], int]:
     """(indices, columns) for a grid with one row per class (first ``max_rows`` classes present) and
     the same number of samples of that class in every row."""
-    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(num_classes)]
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(max(num_classes, 1))]
     present = [idx for idx in per_class if idx][:max_rows]
     cols = min(max_cols, min(len(idx) for idx in present)) if present else 0
     return [i for idx in present for i in idx[:cols]], cols

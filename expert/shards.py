@@ -81,11 +81,12 @@ def _check_rows(images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, n
             raise ValueError(
                 f"write_shards: {name} must be integers of shape ({n},), got {t.dtype} {tuple(t.shape)}"
             )
-    if num_classes < 1:
-        raise ValueError(f"write_shards: num_classes must be >= 1, got {num_classes}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if num_classes < 0:
+        raise ValueError(f"write_shards: num_classes must be >= 0 (0: unlabelled), got {num_classes}")
+    rows = max(num_classes, 1)  # unlabelled data: every label is the null class, 0
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= rows):
         raise ValueError(
-            f"write_shards: labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+            f"write_shards: labels must lie in [0, {rows}), got [{int(labels.min())}, {int(labels.max())}]"
         )
 
 
@@ -110,8 +111,8 @@ class ShardWriter:
             raise ValueError(
                 f"write_shards: image_shape must be (C, H, W) of positive sizes, got {tuple(image_shape)}"
             )
-        if num_classes < 1:
-            raise ValueError(f"write_shards: num_classes must be >= 1, got {num_classes}")
+        if num_classes < 0:
+            raise ValueError(f"write_shards: num_classes must be >= 0 (0: unlabelled), got {num_classes}")
         if shard_size < 1:
             raise ValueError(f"write_shards: shard_size must be >= 1, got {shard_size}")
         self.meta = dict(meta or {})
@@ -222,8 +223,8 @@ def _validate_index(index: Any, where: str) -> None:
     shape = index["image_shape"]
     if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(d) and d > 0 for d in shape)):
         raise bad("image_shape", f"must be [C, H, W] of positive integers, got {shape!r}")
-    if not is_int(index["num_classes"]) or index["num_classes"] < 1:
-        raise bad("num_classes", f"must be an integer >= 1, got {index['num_classes']!r}")
+    if not is_int(index["num_classes"]) or index["num_classes"] < 0:
+        raise bad("num_classes", f"must be an integer >= 0 (0: unlabelled), got {index['num_classes']!r}")
     if not isinstance(index.get("meta", {}), dict):
         raise bad("meta", f"must be a JSON object, got {type(index['meta']).__name__}")
     if not isinstance(index["shards"], list):

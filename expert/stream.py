@@ -229,9 +229,10 @@ def _parse(fd: int, s: _Shard) -> _OpenShard:
         return torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64))  # (rows,)
 
     labels, ids = read_int64("labels"), read_int64("ids")
-    if s.rows and (int(labels.min()) < 0 or int(labels.max()) >= s.num_classes):
+    classes = max(s.num_classes, 1)  # unlabelled (num_classes 0): every label is the null class, 0
+    if s.rows and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         raise ShardError(
-            f"{s.url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {s.num_classes})"
+            f"{s.url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {classes})"
         )
     c, h, w = s.image_shape
     return _OpenShard(fd, at["images"], c * h * w, labels, ids)

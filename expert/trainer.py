@@ -21,7 +21,7 @@ from ddm.core.config import TrainConfig
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.config import ExpertJobConfig
-from ddm.expert.data import ImageDataset, build_training_dataset
+from ddm.expert.data import ImageDataset, build_training_dataset, check_num_classes
 from ddm.expert.images import to_model_range
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.stream import StreamedDataset
@@ -65,11 +65,7 @@ def check_dataset(dataset: ImageDataset | StreamedDataset, cfg: DiTConfig, job: 
             f"data from {job.data.path} has images of shape {shape} but the model expects {want}; "
             "set data.channels and data.image_size to match the data"
         )
-    if dataset.num_classes > cfg.num_classes:
-        raise ValueError(
-            f"data from {job.data.path} has {dataset.num_classes} classes but model.num_classes is "
-            f"{cfg.num_classes}; raise model.num_classes"
-        )
+    check_num_classes(dataset.num_classes, cfg.num_classes, source=job.data.path, field="model.num_classes")
 
 
 class ExpertTrainer(Trainer[ExpertJobConfig]):

@@ -92,7 +92,7 @@ class RouterDataConfig(Strict):
 class RouterModelConfig(Strict):
     arch: str = Field("Router-T/4", description=f"router size from the registry: {', '.join(ROUTER_ARCHS)}")
     num_classes: int = Field(
-        10, ge=1, description="class labels; must equal the experts' (the null class num_classes is shared)"
+        10, ge=0, description="class labels; must equal the experts' (the null class num_classes is shared)"
     )
 
     @field_validator("arch")

@@ -52,6 +52,7 @@ from ddm.core import device as device_policy
 from ddm.core.checkpoint import CheckpointError
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
+from ddm.expert.data import check_num_classes
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.guidance import guided
 from ddm.expert.images import to_model_range
@@ -207,11 +208,8 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         job, tch, sc, tc = self.job, self.job.teacher, self.job.shortcut, self.tc
         self.urls = job.data.urls()
         data = read_partitions(self.urls, limit=job.data.limit)
-        if data.dataset.num_classes > job.model.num_classes:
-            raise ValueError(
-                f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
-                f"{job.model.num_classes}; set it to the experts' num_classes"
-            )
+        check_num_classes(data.dataset.num_classes, job.model.num_classes, source=self.urls[0],
+                          field="model.num_classes")  # fmt: skip
         self.class_names = data.dataset.class_names
         self.image_shape = data.dataset.image_shape
         self.cfg = student_config(job, self.image_shape)

@@ -58,7 +58,7 @@ DistillTrainConfig = train_with_defaults(
 class StudentModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"student DiT size from the registry: {', '.join(DIT_ARCHS)}")
     num_classes: int = Field(
-        10, ge=1, description="class labels; must equal the experts' (the null class is shared)"
+        10, ge=0, description="class labels; must equal the experts' (the null class is shared)"
     )
     init: Literal["expert", "random"] = Field(
         "expert",

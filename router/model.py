@@ -52,8 +52,8 @@ class RouterConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
             )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1 (one logit per expert), got {self.num_experts}")
 

@@ -91,9 +91,11 @@ def parse_request(
     if bad:
         raise BadRequest(
             "labels",
-            f"{bad[:5]} out of range; classes are 0..{num_classes - 1}, {num_classes} = unconditional",
+            f"{bad[:5]} out of range; classes are 0..{num_classes - 1}, {num_classes} = unconditional"
+            if num_classes
+            else f"{bad[:5]} out of range; the model is unconditional: send no labels or only 0",
         )
-    y = torch.tensor(labels, dtype=torch.long) if labels else torch.arange(req.n) % num_classes
+    y = torch.tensor(labels, dtype=torch.long) if labels else torch.arange(req.n) % max(num_classes, 1)
     guidance = float(opt("guidance", d.guidance))
     if not (math.isfinite(guidance) and 0 <= guidance <= d.max_guidance):
         raise BadRequest("guidance", f"{guidance} out of range; use 0..{d.max_guidance} (1 = none)")

@@ -29,7 +29,7 @@ from ddm.core import storage
 from ddm.core.schedule import derive_seed
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
-from ddm.expert.data import ImageDataset
+from ddm.expert.data import ImageDataset, check_num_classes
 from ddm.expert.images import to_model_range
 from ddm.expert.stream import StreamedDataset, open_partitions
 from ddm.expert.trainer import drop_labels, sample_times
@@ -137,7 +137,7 @@ def accuracy_vs_t(
                 correct += int((logits.argmax(1).cpu() == k[sl]).sum())
             acc[mode].append(correct / samples_per_bin)
     n = len(data)
-    joint = torch.zeros(data.dataset.num_classes, data.num_partitions, dtype=torch.int64)
+    joint = torch.zeros(max(data.dataset.num_classes, 1), data.num_partitions, dtype=torch.int64)
     joint.index_put_((data.dataset.labels, data.partition), torch.ones(n, dtype=torch.int64), accumulate=True)
     counts = data.counts()
     return {
@@ -208,11 +208,8 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         c, h, w = data.dataset.image_shape
         if h != w:
             raise ValueError(f"{self.urls[0]}: images are {h}x{w}; the router needs square images")
-        if data.dataset.num_classes > job.model.num_classes:
-            raise ValueError(
-                f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
-                f"{job.model.num_classes}; set it to the experts' num_classes"
-            )
+        check_num_classes(data.dataset.num_classes, job.model.num_classes, source=self.urls[0],
+                          field="model.num_classes")  # fmt: skip
         self.class_names = data.dataset.class_names
         train_data, self.heldout = split_holdout(data, job.data.holdout, self.tc.seed)
         self.cfg = router_config(
