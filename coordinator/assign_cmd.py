@@ -9,21 +9,24 @@ import json
 import sys
 
 from ddm.core.placement import add_override_argument
+from ddm.expert.config import DataConfig
+from ddm.expert.sources import SOURCES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="run root whose partition stage is done (local path or s3://...)")
     p.add_argument(
         "--source",
-        choices=["fashion-mnist", "image-folder", "shards"],
+        choices=SOURCES.names(),
         default="image-folder",
-        help="kind of the new data",
+        help="kind of the new data (ddm.expert.sources.SOURCES): " + SOURCES.describe(),
     )
     p.add_argument(
-        "--path",
-        required=True,
-        help="the new data: an image folder (one sub-folder per class), Fashion-MNIST directory or shards",
+        "--path", required=True, help="the new data: " + DataConfig.model_fields["path"].description
     )
+    for name in ("image_field", "label_field"):
+        field = DataConfig.model_fields[name]
+        p.add_argument("--" + name.replace("_", "-"), default=field.default, help=field.description)
     p.add_argument("--split", choices=["train", "test"], default="test", help="Fashion-MNIST split")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument(
@@ -45,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from ddm.coordinator.manifest import Manifest
     from ddm.core import storage
     from ddm.core.placement import Placement
-    from ddm.expert.config import DataConfig
     from ddm.expert.data import build_dataset
     from ddm.expert.features import announce_features, build_features
 
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     placement = Placement.resolve(args.device or cfg.device, field="--device" if args.device else "device")
     clustering = Clustering.load(storage.join(args.root, "clusters", "clustering"))
     data = build_dataset(DataConfig(source=args.source, path=args.path, split=args.split, limit=args.limit,
-                                    image_size=cfg.data.image_size, channels=cfg.data.channels))  # fmt: skip
+                                    image_size=cfg.data.image_size, channels=cfg.data.channels,
+                                    image_field=args.image_field, label_field=args.label_field))  # fmt: skip
     extractor = build_features(cfg.partition.encoder, image_size=cfg.partition.embed_image_size,
                                batch_size=cfg.partition.embed_batch_size, progress=True, device=placement.device)  # fmt: skip
     announce_features(extractor, placement, "assign")
