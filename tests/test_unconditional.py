@@ -68,3 +68,24 @@ def test_unlabelled_data_trains_and_samples_unconditionally(tmp_path: Path) -> N
     assert plain.shape == (4, 3, 16, 16) and torch.isfinite(plain).all()
     # conditional and unconditional velocities are the same call, so guidance changes nothing
     torch.testing.assert_close(guided, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_unconditional_labels_are_the_null_class_everywhere(tmp_path: Path) -> None:
+    from ddm.coordinator.sample_cmd import parse_labels
+    from ddm.expert.data import DataError, ImageDataset
+    from ddm.proto.ddm.v1 import ddm_pb2 as pb
+    from ddm.router.config import SampleDefaults
+    from ddm.router.sample_request import BadRequest, parse_request
+
+    assert parse_labels("cycle", 3, 0).tolist() == [0, 0, 0] and parse_labels("null", 2, 0).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="unconditional; use --labels cycle or null"):
+        parse_labels("1", 2, 0)
+    params = parse_request(pb.SampleRequest(n=3), SampleDefaults(), num_classes=0, num_experts=2)
+    assert params.labels.tolist() == [0, 0, 0]
+    with pytest.raises(BadRequest, match="the model is unconditional: send no labels or only 0"):
+        parse_request(pb.SampleRequest(n=1, labels=[1]), SampleDefaults(), num_classes=0, num_experts=2)
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(DataError, match="must have every label 0, the null class"):
+        ImageDataset(images, torch.tensor([0, 1]), torch.arange(2), num_classes=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\)"):
+        write_shards(str(tmp_path / "p"), images, torch.tensor([0, 1]), torch.arange(2), num_classes=0)
