@@ -384,3 +384,21 @@ def test_the_router_weighted_ensemble_as_teacher(setup, tmp_path: Path) -> None:
     result = train(DistillJobConfig.model_validate(cfg), progress=False)
     assert result.step == 2 and all(math.isfinite(v) for v in result.losses)
     assert checkpoint.load(str(tmp_path / "s" / "checkpoints")).meta["teacher"]["kind"] == "ensemble"
+
+
+def test_a_registered_objective_is_a_choice_of_the_config() -> None:
+    """The objectives come from one registry: a new entry validates as shortcut.objective (and so in the
+    run's [distill.shortcut] and a job's config) with no other file touched; every entry declares
+    whether it needs the teacher."""
+    from ddm.router.distill_objectives import Objective
+
+    assert OBJECTIVES.names() == ("shortcut", "meanflow")
+    assert [e.teacher for e in OBJECTIVES] == [False, True]
+    assert ShortcutConfig().objective == "shortcut"
+    OBJECTIVES.add("echo", Objective(times=shortcut_times, target=lambda *a: a[6]), help="test", teacher=True)
+    try:
+        assert ShortcutConfig(objective="echo").objective == "echo"
+    finally:
+        OBJECTIVES.remove("echo")
+    with pytest.raises(ValueError, match="echo"):
+        ShortcutConfig(objective="echo")
