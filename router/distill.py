@@ -22,7 +22,11 @@ Three distillations in one training objective, so one student does all three at 
    d = 0 (the flow itself). Frans et al. eq. 5 in our time direction (t = 1 noise, sampling decreases t).
    Frans et al. go down to 1/128; our default stops at 1/32 (the base target is then a 64-step Euler
    solution of the student's flow, finer than the 32-step ensemble it is compared with) so a short CPU
-   run spends its bootstrap rows on 6 step sizes instead of 8.
+   run spends its bootstrap rows on 6 step sizes instead of 8. That is ``shortcut.objective =
+   "shortcut"`` (the default); ``"meanflow"`` (Geng et al. 2025) learns the same jump as MeanFlow's
+   average velocity from the teacher's v, u = v - d du/dt with du/dt by jvp. The objectives, their
+   (t, d) draws and targets are the registry ``ddm.router.distill_objectives.OBJECTIVES``; this trainer
+   only splits the batch, calls the teacher on the rows that need it and takes the mean squared error.
 
 Why shortcut models rather than progressive or consistency distillation: rectified flow already has
 the Euler step as its sampler, and a shortcut model is exactly a step-size-conditioned velocity, so the
