@@ -59,12 +59,14 @@ def gaussian() -> GaussianDenoiser:
 
 
 def train_student(gauss: GaussianDenoiser, objective: str, steps: int, *, batch: int = 256, lr: float = 3e-3,
-                  fraction: float = 0.25, seed: int = 0) -> MLPStudent:  # fmt: skip
+                  fraction: float = 0.25, seed: int = 0, meanflow_times: str = "grid") -> MLPStudent:  # fmt: skip
     """The MLP trained ``steps`` Adam steps on ``objective`` from the analytic teacher."""
     torch.manual_seed(seed)
     net = MLPStudent()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    cfg = ShortcutConfig(objective=objective, min_step=1 / 8, fraction=fraction)
+    cfg = ShortcutConfig(
+        objective=objective, min_step=1 / 8, fraction=fraction, meanflow_times=meanflow_times
+    )
     entry = OBJECTIVES.entry(objective)
     gen = torch.Generator().manual_seed(seed + 1)
     n_b = round(batch * fraction)
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="300 training steps per objective (default 800)")
     p.add_argument("--steps", type=int, help="training steps per objective")
     p.add_argument("--objectives", default=",".join(OBJECTIVES.names()), help="comma-separated objectives")
+    p.add_argument(
+        "--meanflow-times", default="grid", choices=("grid", "uniform"), help="shortcut.meanflow_times"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = args.steps or (300 if args.quick else 800)
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         out[f"rms_{k}step"]["exact velocity"] = rms_to_ode(gauss, noise, reference, k)
     for name in args.objectives.split(","):
         started = time.perf_counter()
-        net = train_student(gauss, name, steps)
+        net = train_student(gauss, name, steps, meanflow_times=args.meanflow_times)
         out["seconds"][name] = round(time.perf_counter() - started, 1)
         with torch.no_grad():
             for k in STEPS:
