@@ -151,7 +151,8 @@ class BareStudent:
         self.min_step = job.shortcut.min_step
 
     def step(self) -> None:
-        from ddm.router.distill import shortcut_target, teacher_velocity
+        from ddm.router.distill import teacher_velocity
+        from ddm.router.distill_objectives import shortcut_target
 
         f, b = slice(0, self.n_flow), slice(self.n_flow, None)
         student = lambda x, t, y, w, d: self.model(x, t, y, w=w, d=d).float()  # noqa: E731

@@ -22,7 +22,11 @@ Three distillations in one training objective, so one student does all three at 
    d = 0 (the flow itself). Frans et al. eq. 5 in our time direction (t = 1 noise, sampling decreases t).
    Frans et al. go down to 1/128; our default stops at 1/32 (the base target is then a 64-step Euler
    solution of the student's flow, finer than the 32-step ensemble it is compared with) so a short CPU
-   run spends its bootstrap rows on 6 step sizes instead of 8.
+   run spends its bootstrap rows on 6 step sizes instead of 8. That is ``shortcut.objective =
+   "shortcut"`` (the default); ``"meanflow"`` (Geng et al. 2025) learns the same jump as MeanFlow's
+   average velocity from the teacher's v, u = v - d du/dt with du/dt by jvp. The objectives, their
+   (t, d) draws and targets are the registry ``ddm.router.distill_objectives.OBJECTIVES``; this trainer
+   only splits the batch, calls the teacher on the rows that need it and takes the mean squared error.
 
 Why shortcut models rather than progressive or consistency distillation: rectified flow already has
 the Euler step as its sampler, and a shortcut model is exactly a step-size-conditioned velocity, so the
@@ -59,7 +63,8 @@ from ddm.expert.images import to_model_range
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.trainer import drop_labels, sample_times
-from ddm.router.distill_config import DistillJobConfig, ShortcutConfig
+from ddm.router.distill_config import DistillJobConfig
+from ddm.router.distill_objectives import OBJECTIVES
 from ddm.router.ensemble import select_weights
 from ddm.router.trainer import PartitionData, read_partitions
 
@@ -105,45 +110,6 @@ def teacher_velocity(
 def partition_weights(k: torch.Tensor, num_experts: int) -> torch.Tensor:
     """The paper's teacher: row i uses expert k[i] alone. (N,) -> (N, K)."""
     return torch.nn.functional.one_hot(k, num_experts).float()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shortcut models: which rows learn which step size, and their self-consistency targets.
-
-
-def shortcut_times(
-    n: int, shortcut: ShortcutConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, D) for n bootstrap rows: D = 2^-j with j uniform in {0, ..., levels}, and t uniform on the
-    grid {D, 2D, ..., 1} that an N = 1/D step Euler sampler visits. Both (n,) float32."""
-    level = torch.randint(0, shortcut.levels + 1, (n,), generator=generator)  # (n,)
-    size = torch.pow(2.0, -level.float())  # (n,) D
-    steps = torch.pow(2.0, level.float())  # (n,) 1/D
-    j = torch.floor(torch.rand(n, generator=generator) * steps) + 1  # (n,) in {1, ..., 1/D}
-    return (j * size).clamp(max=1.0), size
-
-
-@torch.no_grad()
-def shortcut_target(
-    student: Student,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor,
-    w: torch.Tensor,
-    size: torch.Tensor,
-    min_step: float,
-) -> torch.Tensor:
-    """Self-consistency target for s(x_t, t, D): the mean of two half steps h = D / 2 (module docstring).
-
-    ``student(x, t, y, w, d)`` is the network; half steps below ``min_step`` are evaluated at d = 0.
-    Shapes: x_t (N, C, H, W); t, w, size (N,); y (N,) -> (N, C, H, W).
-    """
-    h = size / 2  # (N,)
-    d_in = torch.where(h >= min_step - 1e-12, h, torch.zeros_like(h))  # (N,)
-    s_1 = student(x_t, t, y, w, d_in)  # (N, C, H, W)
-    x_mid = x_t - _col(h, x_t) * s_1  # one Euler step of size h towards t = 0
-    s_2 = student(x_mid, t - h, y, w, d_in)  # (N, C, H, W)
-    return (s_1 + s_2) / 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,10 +223,13 @@ class StudentTrainer(Trainer[DistillJobConfig]):
 
     def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         tc, sc, tch, rows = self.tc, self.job.shortcut, self.job.teacher, self.rows
-        n = tc.batch_size  # the global batch: rows [0, n_flow) learn the teacher, the rest self-consistency
+        objective = OBJECTIVES.entry(sc.objective)
+        n = (
+            tc.batch_size
+        )  # the global batch: rows [0, n_flow) learn the teacher, the rest the objective's jumps
         eps = torch.randn((n, *self.image_shape), generator=gen)  # (B, C, H, W)
         t_flow = sample_times(self.n_flow, tc, gen)  # (B_f,)
-        t_boot, size = shortcut_times(self.n_boot, sc, gen)  # (B_s,) each
+        t_boot, size = objective.value.times(self.n_boot, sc, gen)  # (B_s,) each
         u_drop = torch.rand(n, generator=gen)  # (B,)
         w = tch.guidance_min + (tch.guidance_max - tch.guidance_min) * torch.rand(n, generator=gen)  # (B,)
         t = torch.cat([t_flow, t_boot])  # (B,)
@@ -272,16 +241,21 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)
         n_f = min(max(self.n_flow - rows.start, 0), rows.stop - rows.start)  # this rank's teacher rows
         f, b = slice(0, n_f), slice(n_f, None)
+        taught = slice(None) if objective.teacher else f  # the rows whose target needs the teacher
         if self.router is None:
-            weights = partition_weights(k[f], len(self.experts))
+            weights = partition_weights(k[taught], len(self.experts))
         else:
             with torch.no_grad():
-                probs = self.router.probabilities(x_t[f], t[f], y[f])  # (b_f, K)
+                probs = self.router.probabilities(x_t[taught], t[taught], y[taught])  # (b_t, K)
             weights = select_weights(probs, tch.strategy, top_k=tch.top_k, threshold=tch.threshold)
-        target = teacher_velocity(self.experts, x_t[f], t[f], y[f], weights, w[f])  # (b_f, C, H, W)
+        v_teacher = teacher_velocity(self.experts, x_t[taught], t[taught], y[taught], weights, w[taught])
+        target = v_teacher[f]  # (b_f, C, H, W)
         if n_f < x_t.shape[0]:
+            v_boot = v_teacher[b] if objective.teacher else None
             self.model.eval()
-            boot = shortcut_target(self.student(self.model), x_t[b], t[b], y[b], w[b], d_in[b], sc.min_step)
+            boot = objective.value.target(
+                self.student(self.model), x_t[b], t[b], y[b], w[b], d_in[b], v_boot, sc
+            )
             self.model.train()
             target = torch.cat([target, boot])
         v_pred = self.student(self.net)(x_t, t, y, w, d_in)  # (b, C, H, W)

@@ -15,6 +15,7 @@
     guidance_max = 5.0
     [shortcut]
     enabled = true
+    objective = "shortcut"  # or "meanflow": what the step-size rows learn (ddm.router.distill_objectives)
     min_step = 0.03125      # 1/32: the smallest shortcut step (below it, two Euler half steps of the flow)
     fraction = 0.25         # share of each batch that trains the self-consistency (bootstrap) targets
     [train]                 # ddm.expert.config.TrainConfig with the distillation defaults below
@@ -33,6 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from ddm.core.config import JobConfig, Strict, train_with_defaults
 from ddm.expert.sizes import DIT_ARCHS
 from ddm.router.config import RouterDataConfig, RoutingConfig
+from ddm.router.distill_objectives import OBJECTIVES
 from ddm.router.strategies import STRATEGIES
 
 # Distillation defaults that differ from an expert's:
@@ -114,7 +116,15 @@ class TeacherConfig(TeacherSettings):
 
 
 class ShortcutConfig(Strict):
-    enabled: bool = Field(True, description="step distillation with shortcut models (Frans et al. 2024)")
+    """Step distillation: the student's step-size input d and the objective its d > 0 rows learn."""
+
+    enabled: bool = Field(
+        True, description="step distillation: the student takes the step size d (few-step sampling)"
+    )
+    objective: OBJECTIVES.field() = Field(  # type: ignore[valid-type]
+        "shortcut",
+        description=f"what the d > 0 rows learn (ddm.router.distill_objectives): {OBJECTIVES.describe()}",
+    )
     min_step: float = Field(
         1 / 32,
         gt=0,
@@ -123,7 +133,12 @@ class ShortcutConfig(Strict):
         "flow, so 1/32 bootstraps from a 64-step Euler solution; smaller adds levels, each trained less",
     )
     fraction: float = Field(
-        0.25, gt=0, lt=1, description="share of each batch trained on self-consistency targets"
+        0.25, gt=0, lt=1, description="share of each batch trained on the objective's d > 0 targets"
+    )
+    meanflow_times: Literal["grid", "uniform"] = Field(
+        "grid",
+        description="meanflow: (t, d) of its rows; 'grid': the steps a 1..1/min_step step Euler sampler takes "
+        "(the shortcut grid); 'uniform': t, r the sorted pair of two U[0, 1] draws",
     )
 
     @field_validator("min_step")
