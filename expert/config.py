@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ddm.core.config import JobConfig, Strict, TrainConfig
+from ddm.expert.objectives import OBJECTIVES
 from ddm.expert.samplers import SAMPLERS, TIME_GRIDS
 from ddm.expert.sizes import DIT_ARCHS
 
@@ -34,6 +35,11 @@ class ModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"DiT size from the registry: {', '.join(DIT_ARCHS)}")
     num_classes: int = Field(
         10, ge=1, description="number of class labels (one more, the null class, is added for guidance)"
+    )
+    objective: OBJECTIVES.field() = Field(  # type: ignore[valid-type]
+        "velocity",
+        description="what the network predicts (ddm.expert.objectives.OBJECTIVES), converted exactly to a "
+        "velocity when served: " + OBJECTIVES.describe(),
     )
 
     @field_validator("arch")
