@@ -209,16 +209,18 @@ class RouterInfo(_message.Message):
     def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplaceExpertRequest(_message.Message):
-    __slots__ = ("expert", "address", "connect_timeout", "drain_timeout")
+    __slots__ = ("expert", "address", "connect_timeout", "drain_timeout", "checkpoint")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     expert: str
     address: str
     connect_timeout: float
     drain_timeout: float
-    def __init__(self, expert: _Optional[str] = ..., address: _Optional[str] = ..., connect_timeout: _Optional[float] = ..., drain_timeout: _Optional[float] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, expert: _Optional[str] = ..., address: _Optional[str] = ..., connect_timeout: _Optional[float] = ..., drain_timeout: _Optional[float] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class ReplaceExpertResponse(_message.Message):
     __slots__ = ("previous", "current", "previous_address", "switch_seconds", "drain_seconds", "drained")
