@@ -95,3 +95,36 @@ def test_a_mixed_ensemble_trains_serves_and_samples(tmp_path: Path) -> None:
     assert images.shape == (4, 1, 28, 28) and torch.isfinite(info.samples).all()
     torch.testing.assert_close(info.samples, want, atol=1e-4, rtol=1e-4)
     assert min(info.expert_rows.values()) > 0  # both experts answered
+
+
+def test_a_student_is_not_initialised_from_an_eps_expert(tmp_path: Path) -> None:
+    """Distillation's model.init = 'expert' copies expert 0's weights into a velocity student: refused
+    for an expert predicting eps or x0 (no head start, a wrong one)."""
+    from ddm.expert.model import DiT, dit_config
+    from ddm.router.distill import build_student, student_config
+    from ddm.router.distill_config import DistillJobConfig
+
+    cfg = dit_config("DiT-T/4", image_size=28, in_channels=1, num_classes=10)
+    state = DiT(cfg).state_dict()
+    urls = [
+        checkpoint.save(
+            str(tmp_path / f"expert-{k}"),
+            1,
+            {f"ema.{n}": v for n, v in state.items()},
+            {
+                "kind": "expert",
+                "name": f"expert-{k}",
+                "arch": "DiT-T/4",
+                "model": cfg.to_dict(),
+                "objective": objective,
+            },
+        )  # fmt: skip
+        for k, objective in enumerate(("eps", "velocity"))
+    ]
+    job = DistillJobConfig.model_validate(
+        dict(name="student", output=str(tmp_path / "s"), experts=urls, data=dict(root=str(tmp_path), k=2))
+    )
+    with pytest.raises(ValueError, match="predicts eps .*set model.init = 'random'"):
+        build_student(job, student_config(job, (1, 28, 28)))
+    velocity_first = job.model_copy(update={"experts": urls[::-1]})
+    assert build_student(velocity_first, student_config(job, (1, 28, 28))) is not None
