@@ -166,3 +166,34 @@ def test_checkpoint_metadata_names_the_objective() -> None:
     assert objective_of({"objective": "x0"}).name == "x0"
     with pytest.raises(ValueError, match="ckpt.safetensors: metadata names objective 'score'"):
         objective_of({"objective": "score"}, "ckpt.safetensors")
+
+
+def test_a_registered_objective_is_everywhere() -> None:
+    """One entry in OBJECTIVES reaches the model config (and so the run config's overrides), the
+    denoiser boundary and checkpoint metadata; a name not registered is refused by each."""
+    from ddm.coordinator.config import load_run_config
+    from ddm.core.config import ConfigError
+    from ddm.expert.config import ModelConfig
+    from ddm.expert.objectives import Objective, register
+
+    half = Objective(
+        "half-velocity-test", target=lambda x_0, eps: 0.5 * (eps - x_0), convert=lambda p, x_t, t: 2 * p
+    )
+    register(half, help="half the velocity (test)")
+    try:
+        assert ModelConfig(objective="half-velocity-test").objective == "half-velocity-test"
+        cfg = load_run_config(
+            "configs/tiny.toml", {"experts.overrides.expert-1.model": {"objective": "half-velocity-test"}}
+        )
+        assert cfg.expert_model("expert-1").objective == "half-velocity-test"
+        x_t, t = _points(INTERIOR)
+        y = torch.zeros(len(t), dtype=torch.long)
+        denoiser = ModuleDenoiser(lambda x, tt, yy: 0.5 * GAUSS.velocity(x, tt), 1, "half-velocity-test")
+        torch.testing.assert_close(denoiser.velocity(x_t, t, y).double(), GAUSS.velocity(x_t, t).double())
+        assert objective_of({"objective": "half-velocity-test"}) is half
+    finally:
+        OBJECTIVES.remove("half-velocity-test")
+    with pytest.raises(ConfigError, match="unknown objective 'half-velocity-test'"):
+        load_run_config(
+            "configs/tiny.toml", {"experts.overrides.expert-1.model": {"objective": "half-velocity-test"}}
+        )
