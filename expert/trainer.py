@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ddm.core import checkpoint, storage
 from ddm.core.config import TrainConfig
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
@@ -25,7 +26,7 @@ from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_training_dataset
 from ddm.expert.images import to_model_range
 from ddm.expert.model import DiT, DiTConfig, dit_config
-from ddm.expert.objectives import OBJECTIVES
+from ddm.expert.objectives import OBJECTIVES, objective_of
 from ddm.expert.stream import StreamedDataset
 
 
@@ -80,6 +81,20 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"objective": self.job.model.objective}  # what serving converts from (objectives.objective_of)
+
+    def restored(self, step: int) -> None:
+        """A resume continues the objective its checkpoints were trained with, or refuses (the model
+        config is checked by the checkpointer; the objective lives in the metadata)."""
+        if step == 0:
+            return
+        url = storage.join(self.checkpointer.directory, checkpoint.file_name(step))
+        trained = objective_of(storage.read_json(url.removesuffix(".safetensors") + ".json"), url).name
+        if trained != self.job.model.objective:
+            raise ValueError(
+                f"{self.job.name}: the checkpoints in {self.checkpointer.directory} were trained with objective "
+                f"{trained!r}, but model.objective is {self.job.model.objective!r}; set it back to {trained!r}, "
+                "or train into a new output directory"
+            )
 
     def build_data(self) -> ImageDataset | StreamedDataset:
         self.cfg = model_config(self.job)

@@ -128,3 +128,18 @@ def test_a_student_is_not_initialised_from_an_eps_expert(tmp_path: Path) -> None
         build_student(job, student_config(job, (1, 28, 28)))
     velocity_first = job.model_copy(update={"experts": urls[::-1]})
     assert build_student(velocity_first, student_config(job, (1, 28, 28))) is not None
+
+
+def test_resuming_with_another_objective_is_refused(tmp_path: Path) -> None:
+    job = ExpertJobConfig(
+        name="expert-0",
+        output=str(tmp_path / "expert-0"),
+        data=DataConfig(limit=4),
+        model=ModelConfig(objective="eps"),
+        train=TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, num_threads=1),
+    )
+    assert train(job, progress=False, stop_after=1).step == 1
+    changed = job.model_copy(update={"model": ModelConfig(objective="x0")})
+    with pytest.raises(ValueError, match="trained with objective 'eps', but model.objective is 'x0'"):
+        train(changed, progress=False)
+    assert train(job, progress=False).step == 2  # the same objective resumes
