@@ -147,7 +147,7 @@ def run_load(address: str, args: argparse.Namespace, seconds: float, tally: Tall
 
     def client_loop(i: int) -> None:
         backoff = random.Random(i)
-        with RouterClient(address, timeout=args.timeout) as client:
+        with RouterClient(address, timeout=args.timeout, token=getattr(args, "token", None)) as client:
             while time.monotonic() < end:
                 if tally is not None:
                     with tally.lock:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ddm.core.config import Strict, TrainConfig, load_config, load_toml, parse_config
 from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN
@@ -83,9 +83,45 @@ class PartitionConfig(ClusterSettings):
     shard_size: int = Field(10_000, ge=1, description="images per partition shard file")
 
 
+SHARED_MODEL_FIELDS = (
+    "num_classes",
+)  # one label space for the ensemble: the router mixes every expert per class
+
+
+class ExpertOverride(Strict):
+    """``[experts.overrides.expert-N]``: what differs for one expert (heterogeneous experts). ``model`` is
+    a partial ``[experts.model]`` table (e.g. ``{arch = "DiT-M/4", objective = "eps"}``) applied on top of
+    it; the other experts keep ``[experts.model]``. The router does not care what is behind an expert."""
+
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fields of [experts.model] that differ for this expert, e.g. {arch = 'DiT-M/4', "
+        "objective = 'eps'}; num_classes is shared by every expert",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        known = [f for f in ModelConfig.model_fields if f not in SHARED_MODEL_FIELDS]
+        for key in v:
+            if key in SHARED_MODEL_FIELDS:
+                raise ValueError(
+                    f"{key} cannot differ between experts (the router mixes them class by class); "
+                    f"set it once in [experts.model]"
+                )
+            if key not in known:
+                raise ValueError(f"unknown model field {key!r}; an override may set {', '.join(known)}")
+        return v
+
+
 class ExpertsConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    overrides: dict[str, ExpertOverride] = Field(
+        default_factory=dict,
+        description="per-expert settings by expert name ([experts.overrides.expert-1] model = {...}): "
+        "DiTs of other sizes or objectives in one ensemble",
+    )
     max_attempts: int = Field(
         3, ge=1, le=100, description="launch attempts per expert job before the run reports it failed"
     )
@@ -95,6 +131,26 @@ class ExpertsConfig(Strict):
         gt=0,
         description="a job whose heartbeat is older than this (and unknown to its scheduler) is presumed dead",
     )
+
+    @model_validator(mode="after")
+    def _overrides_apply(self) -> ExpertsConfig:
+        for name in self.overrides:
+            self.model_for(name)  # a bad value fails here, naming the expert and the field
+        return self
+
+    def model_for(self, name: str) -> ModelConfig:
+        """The model of expert ``name``: ``[experts.model]`` with its override, if any, on top."""
+        override = self.overrides.get(name)
+        if override is None or not override.model:
+            return self.model
+        try:
+            return ModelConfig.model_validate({**self.model.model_dump(), **override.model})
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ValueError(
+                f"overrides.{name}.model.{field}: {err['msg'].removeprefix('Value error, ')}"
+            ) from None
 
 
 class RouterStageConfig(Strict):
@@ -221,6 +277,21 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     distill: DistillStageConfig = DistillStageConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _overrides_name_experts(self) -> RunConfig:
+        names = ["monolith"] if self.mode == "monolith" else [f"expert-{k}" for k in range(self.partition.k)]
+        for name in self.experts.overrides:
+            if name not in names:
+                raise ValueError(
+                    f"experts.overrides.{name}: no such expert in this run; the experts are {', '.join(names)} "
+                    "(partition.k sets how many)"
+                )
+        return self
+
+    def expert_model(self, name: str) -> ModelConfig:
+        """The model config expert ``name`` trains (``experts.model`` plus its override)."""
+        return self.experts.model_for(name)
 
 
 def default_config_text() -> str:

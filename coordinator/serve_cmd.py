@@ -4,6 +4,7 @@
     ddm serve router --run runs/demo --expert host0:50051 --expert host1:50051 ... --port 50050
     ddm serve run runs/demo      # the whole stack on this machine: K expert processes + the router
     ddm serve run runs/demo --expert-ports 50061   # experts on fixed ports 50061, 50062, ...
+    ddm serve replace expert-1 --checkpoint runs/demo/experts/expert-1/checkpoints  # no downtime
 
 ``serve run`` supervises its expert processes: one that exits is logged, reported in the router's
 health and Info, and restarted on the same port with backoff (``coordinator.stack``).
@@ -148,6 +149,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     _add_sampling_defaults(s)
     _add_common(s, 50050)
+    x = sub.add_parser(
+        "replace",
+        help="switch one expert of a live router to a new checkpoint or server, without downtime",
+        description="Router.ReplaceExpert: the router connects to the new expert server, switches to it between "
+        "sampler steps and lets the old one drain. With --checkpoint the router's `ddm serve run` starts the "
+        "new server and stops the old one; with --address the new server is already running (ddm serve expert) "
+        "and stopping the old one is yours. Prints the previous and the current expert (step, checkpoint) as JSON.",
+    )
+    x.add_argument("expert", help="the expert to replace, by name (expert-1)")
+    new = x.add_mutually_exclusive_group(required=True)
+    new.add_argument("--checkpoint", help="the new checkpoint file or directory (needs `ddm serve run`)")
+    new.add_argument("--address", help="host:port of a running expert server to switch to")
+    x.add_argument(
+        "--router", default="127.0.0.1:50050", help="the router's host:port (default 127.0.0.1:50050)"
+    )
+    x.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=0.0,
+        help="wait for the new server, s (0 = the router's default)",
+    )
+    x.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=0.0,
+        help="wait for the old server's steps in flight, s (0 = 60)",
+    )
+    x.add_argument("--token-file", help="file holding the router's bearer token (else $DDM_TOKEN)")
+    x.add_argument("--tls-ca", help="PEM CA of the router's certificate (enables TLS)")
+    x.add_argument("--tls-cert", help="PEM client certificate for mutual TLS")
+    x.add_argument("--tls-key", help="PEM key of --tls-cert")
+    x.add_argument("--server-name", help="name to verify in the router's certificate (default: its host)")
 
 
 def _server_tls(args: argparse.Namespace):
@@ -285,8 +318,40 @@ def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Ev
     return 0
 
 
+def _replace(args: argparse.Namespace) -> int:
+    """``ddm serve replace EXPERT``: one ReplaceExpert call; the outcome as one JSON line."""
+    import json
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from ddm.proto.rpc import ClientTLS, read_token
+    from ddm.router.client import RouterClient
+
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
+    try:
+        with RouterClient(args.router, tls=tls, token=read_token(args.token_file)) as client:
+            reply = client.replace_expert(
+                args.expert, address=args.address or "", checkpoint=args.checkpoint or "",
+                connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout,
+            )  # fmt: skip
+    except ValueError as e:
+        print(f"ddm serve replace: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"ddm serve replace: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True)), flush=True)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ddm.proto.rpc import read_token
+
+    if args.kind == "replace":
+        return _replace(args)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     stop = threading.Event()

@@ -16,6 +16,12 @@ expert's own health service ``ddm.v1.Expert/NAME``; ``router.server``), and the 
 again on the same port after a backoff (0.5 s doubling to 30 s; back to 0.5 s once a restart stayed up
 for a minute). The port is the one given (``expert_ports``) or else the one the first start picked,
 so the router's channel reconnects to the new process by itself and the expert rejoins.
+
+The stack replaces an expert without downtime (``ReplaceExpert`` with a checkpoint, ``ddm serve replace``;
+``router.replace``): :meth:`LocalStack.launch` starts a new expert server process for the new
+checkpoint on a free port and waits until it is ready; the router switches to it between sampler
+steps and waits for the old one to drain; then the old process is stopped (SIGTERM, graceful) and the
+new one is supervised in its place (its restarts reuse its own port).
 """
 
 from __future__ import annotations
@@ -258,6 +264,7 @@ class ExpertProcess(ServerProcess):
     def __init__(self, name: str, ckpts: str, port: int, args: Sequence[str], env: dict[str, str]):
         self.ckpts, self.port, self.extra = ckpts, port, list(args)
         self.restarts = 0
+        self.retired = False  # replaced: its exit is expected, the supervisor lets it go
         super().__init__(name, [], env=env, echo=True, what="expert server")
         self._set_argv()
 
@@ -343,12 +350,59 @@ class LocalStack:
             raise
         if self.supervise:
             for e in self.experts:
-                t = threading.Thread(
-                    target=self._supervise, args=(e,), name=f"supervise-{e.name}", daemon=True
-                )
-                t.start()
-                self._supervisors.append(t)
+                self._start_supervisor(e)
+        self.router.launcher = self
         return self
+
+    def _start_supervisor(self, e: ExpertProcess) -> None:
+        t = threading.Thread(target=self._supervise, args=(e,), name=f"supervise-{e.name}", daemon=True)
+        t.start()
+        self._supervisors.append(t)
+
+    # -- replacement (router.replace.Launcher) ----------------------------------------------------------
+
+    def launch(self, name: str, checkpoint: str, timeout: float) -> _Launched:
+        """A new expert server process for ``checkpoint`` as expert ``name``, ready, on a free port."""
+        names = [e.name for e in self.experts]
+        if name not in names:
+            raise ValueError(f"expert: no expert {name!r} in this stack; it serves {', '.join(names)}")
+        old = self.experts[names.index(name)]
+        new = ExpertProcess(name, checkpoint, 0, old.extra, old.env)
+        with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the stack is stopping")
+            new.start()
+        try:
+            new.wait_ready(time.monotonic() + timeout)
+        except BaseException:
+            new.stop(0)
+            raise
+        log.warning(
+            "expert %s: replacement server for %s ready on %s (pid %d)",
+            name,
+            checkpoint,
+            new.address,
+            new.pid,
+        )
+        return _Launched(self, old, new)
+
+    def _commit(self, old: ExpertProcess, new: ExpertProcess) -> None:
+        """The router uses ``new`` now: supervise it in ``old``'s place and stop ``old``."""
+        with self._lock:
+            old.retired = True
+            if old in self.experts:
+                self.experts[self.experts.index(old)] = new
+            stopping = self._stopping.is_set()
+        if self.supervise and not stopping:
+            self._start_supervisor(new)
+        old.stop(5.0)
+        log.warning(
+            "expert %s: old server (pid %d) stopped; pid %d serves it on %s",
+            new.name,
+            old.pid,
+            new.pid,
+            new.address,
+        )
 
     # -- supervision -------------------------------------------------------------------------------------
 
@@ -361,7 +415,7 @@ class LocalStack:
         backoff = first
         while not self._stopping.is_set():
             code = e.proc.wait()  # reaps it: no zombie
-            if self._stopping.is_set():
+            if self._stopping.is_set() or e.retired:
                 return
             if time.monotonic() - e.started_at >= STABLE_AFTER:
                 backoff = first
@@ -418,6 +472,20 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _Launched:
+    """A replacement server of the stack (router.replace.Launched)."""
+
+    def __init__(self, stack: LocalStack, old: ExpertProcess, new: ExpertProcess):
+        self.stack, self.old, self.new = stack, old, new
+        self.address = new.address
+
+    def commit(self) -> None:
+        self.stack._commit(self.old, self.new)
+
+    def abort(self) -> None:
+        self.new.stop(0)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

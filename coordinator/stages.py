@@ -207,7 +207,7 @@ class Experts(Stage):
             name=name,
             output=expert_output(cfg, name),
             data=data,
-            model=cfg.experts.model,
+            model=cfg.expert_model(name),
             train=cfg.experts.train,
         )
 

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ddm.core.config import JobConfig, Strict, TrainConfig
+from ddm.expert.objectives import OBJECTIVES
 from ddm.expert.samplers import SAMPLERS, TIME_GRIDS
 from ddm.expert.sizes import DIT_ARCHS
 from ddm.expert.sources import SOURCES
@@ -50,6 +51,11 @@ class ModelConfig(Strict):
         10,
         ge=0,
         description="number of class labels (one more, the null class, is added for guidance); 0: unlabelled data, an unconditional model",
+    )
+    objective: OBJECTIVES.field() = Field(  # type: ignore[valid-type]
+        "velocity",
+        description="what the network predicts (ddm.expert.objectives.OBJECTIVES), converted exactly to a "
+        "velocity when served: " + OBJECTIVES.describe(),
     )
 
     @field_validator("arch")

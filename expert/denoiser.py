@@ -97,11 +97,19 @@ class Counted(Protocol):
 
 
 class ModuleDenoiser:
-    """Adapts an ``nn.Module`` with ``forward(x_t, t, y)`` (e.g. the DiT) to the Denoiser interface."""
+    """Adapts an ``nn.Module`` with ``forward(x_t, t, y)`` (e.g. the DiT) to the Denoiser interface.
 
-    def __init__(self, module: torch.nn.Module, num_classes: int):
+    ``objective`` (a name in ``ddm.expert.objectives.OBJECTIVES``) is what the module predicts; its
+    prediction is converted to the velocity exactly here, at the denoiser boundary, so everything past
+    it (samplers, guidance, the ensemble, the expert server's wire) sees velocities only. The default,
+    ``velocity``, passes the module's output through unchanged."""
+
+    def __init__(self, module: torch.nn.Module, num_classes: int, objective: str = "velocity"):
+        from ddm.expert.objectives import OBJECTIVES
+
         self.module = module
         self.num_classes = num_classes
+        self.objective = OBJECTIVES.get(objective, field="objective")
 
     @property
     def null_label(self) -> int:
@@ -115,4 +123,6 @@ class ModuleDenoiser:
 
     @torch.no_grad()
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.module(x_t, t, y).float()
+        if self.objective.name == "velocity":
+            return self.module(x_t, t, y).float()  # no conversion: the numerics of the plain module
+        return self.objective.velocity(self.module, x_t, t, y)

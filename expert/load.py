@@ -16,6 +16,7 @@ from ddm.core import checkpoint
 from ddm.core.checkpoint import CheckpointError
 from ddm.expert.denoiser import ModuleDenoiser
 from ddm.expert.model import DiT, DiTConfig
+from ddm.expert.objectives import objective_of
 from ddm.expert.student import StudentDenoiser
 
 LOADABLE_KINDS = ("expert", "student")
@@ -53,6 +54,10 @@ def load_model(
         raise CheckpointError(
             f"{ckpt.url}: {prefix} weights do not fit the model config in its metadata ({e})"
         ) from None
+    try:
+        objective_of(meta, ckpt.url)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     model.to(device).eval().requires_grad_(False)
     return model, {**meta, "url": ckpt.url}
 
@@ -62,7 +67,7 @@ def load_denoiser(
 ) -> ModuleDenoiser | StudentDenoiser:
     """The checkpoint's network behind the Denoiser interface (what samplers and servers take): a
     StudentDenoiser (guides itself in one pass) for a student, else a ModuleDenoiser."""
-    model, _ = load_model(url, ema=ema, device=device)
+    model, meta = load_model(url, ema=ema, device=device)
     if model.config.guidance_embed:
         return StudentDenoiser(model)
-    return ModuleDenoiser(model, model.num_classes)
+    return ModuleDenoiser(model, model.num_classes, objective_of(meta, meta["url"]).name)

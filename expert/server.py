@@ -32,7 +32,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from ddm.core import checkpoint, storage
 from ddm.core.placement import Placement
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
+from ddm.expert.denoiser import ModuleDenoiser
 from ddm.expert.load import load_model
+from ddm.expert.objectives import objective_of
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.proto.ddm.v1 import ddm_pb2_grpc as pb_grpc
@@ -182,6 +184,9 @@ class ExpertServer(rpc.LoadingServer):
             torch.set_num_threads(self.num_threads)
         model, meta = self._load_model()
         cfg = model.config
+        # The wire carries velocities: an eps- or x0-expert's prediction is converted here, exactly
+        # (ddm.expert.objectives), so the router never needs to know what is behind an expert.
+        denoiser = ModuleDenoiser(model, model.num_classes, objective_of(meta, self.checkpoint).name)
         name = self._name or str(meta.get("name") or "expert")
         self.info = pb.ExpertInfo(
             name=name,
@@ -194,6 +199,7 @@ class ExpertServer(rpc.LoadingServer):
             step=int(meta.get("step", 0)),
             checkpoint=str(meta.get("url", self.checkpoint)),
             max_batch=self.max_batch,
+            objective=denoiser.objective.name,
         )
         row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
         if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:
@@ -206,7 +212,9 @@ class ExpertServer(rpc.LoadingServer):
 
         @torch.inference_mode()
         def forward(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return model(to(x_t), to(t), to(y)).float().cpu()  # (B, C, H, W) back on the host for encoding
+            return denoiser.velocity(
+                to(x_t), to(t), to(y)
+            ).cpu()  # (B, C, H, W) back on the host for encoding
 
         self.batcher = DynamicBatcher(
             forward,

@@ -3,12 +3,13 @@
 A short specialisation of the one training loop (``ddm.core.trainer.Trainer``), which owns
 distribution, determinism, precision, EMA, checkpoints, signals and metrics. The expert names its data
 (``build_training_dataset``: partition shards streamed, other sources in memory), its model (a DiT sized by ``model.arch``) and its objective for one step's batch:
-rectified flow with classifier-free label dropout,
+flow matching with classifier-free label dropout,
 
-    x_t = (1 - t) x_0 + t eps,    loss = || v_theta(x_t, t, y) - (eps - x_0) ||^2,
+    x_t = (1 - t) x_0 + t eps,    loss = || f_theta(x_t, t, y) - target(x_0, eps) ||^2,
 
-with t from ``train.time_sampling`` and y replaced by the null class with probability
-``train.label_dropout``.
+with the target of ``model.objective`` (``ddm.expert.objectives``: the velocity eps - x_0 by default,
+or eps, or x_0; the checkpoint records it, so serving converts the prediction to a velocity), t from
+``train.time_sampling`` and y replaced by the null class with probability ``train.label_dropout``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ddm.core import checkpoint, storage
 from ddm.core.config import TrainConfig
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
@@ -24,6 +26,7 @@ from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_training_dataset, check_num_classes
 from ddm.expert.images import to_model_range
 from ddm.expert.model import DiT, DiTConfig, dit_config
+from ddm.expert.objectives import OBJECTIVES, objective_of
 from ddm.expert.stream import StreamedDataset
 
 
@@ -72,6 +75,23 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
     kind = "expert"
     loss_label = "flow-matching loss"
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"objective": self.job.model.objective}  # what serving converts from (objectives.objective_of)
+
+    def restored(self, step: int) -> None:
+        """A resume continues the objective its checkpoints were trained with, or refuses (the model
+        config is checked by the checkpointer; the objective lives in the metadata)."""
+        if step == 0:
+            return
+        url = storage.join(self.checkpointer.directory, checkpoint.file_name(step))
+        trained = objective_of(storage.read_json(url.removesuffix(".safetensors") + ".json"), url).name
+        if trained != self.job.model.objective:
+            raise ValueError(
+                f"{self.job.name}: the checkpoints in {self.checkpointer.directory} were trained with objective "
+                f"{trained!r}, but model.objective is {self.job.model.objective!r}; set it back to {trained!r}, "
+                "or train into a new output directory"
+            )
+
     def build_data(self) -> ImageDataset | StreamedDataset:
         self.cfg = model_config(self.job)
         dataset = build_training_dataset(self.job.data)
@@ -92,10 +112,12 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
         y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
         images, y, eps, t = self.to_device(images, y, eps, t)
         x_0 = to_model_range(images)  # (b, C, H, W), converted on the device
-        x_t = flow.interpolate(x_0, eps, t)  # (b, C, H, W)
+        objective = OBJECTIVES.get(self.job.model.objective, field="model.objective")
+        return objective.training_loss(self._forward, x_0, eps, t, y)
+
+    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            v_pred = self.net(x_t, t, y)  # (b, C, H, W)
-        return flow.flow_loss(v_pred, x_0, eps)
+            return self.net(x_t, t, y)  # (b, C, H, W)
 
 
 def train(job: ExpertJobConfig, **options: Any) -> TrainResult:

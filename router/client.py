@@ -155,6 +155,24 @@ class RouterClient(_Client):
     def info(self, *, timeout: float = 10.0) -> pb.RouterInfo:
         return self.stub.Info(pb.RouterInfoRequest(), timeout=timeout, metadata=self.metadata)
 
+    def replace_expert(
+        self,
+        expert: str,
+        *,
+        address: str = "",
+        checkpoint: str = "",
+        connect_timeout: float = 0.0,
+        drain_timeout: float = 0.0,
+        timeout: float = 600.0,
+    ) -> pb.ReplaceExpertResponse:
+        """Admin: switch ``expert`` to the server at ``address``, or to a new one the router's host starts
+        for ``checkpoint`` (``ddm serve run``); returns what answered before and what answers now."""
+        request = pb.ReplaceExpertRequest(
+            expert=expert, address=address, checkpoint=checkpoint,
+            connect_timeout=connect_timeout, drain_timeout=drain_timeout,
+        )  # fmt: skip
+        return self.stub.ReplaceExpert(request, timeout=timeout, metadata=self.metadata)
+
     def list_experts(self, *, timeout: float = 10.0) -> list[ExpertStatus]:
         reply = self.stub.ListExperts(pb.ListExpertsRequest(), timeout=timeout, metadata=self.metadata)
         return [

@@ -62,6 +62,7 @@ from ddm.expert.guidance import guided
 from ddm.expert.images import to_model_range
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig, dit_config
+from ddm.expert.objectives import objective_of
 from ddm.expert.trainer import drop_labels, sample_times
 from ddm.router.distill_config import DistillJobConfig
 from ddm.router.distill_objectives import OBJECTIVES
@@ -142,6 +143,12 @@ def build_student(job: DistillJobConfig, cfg: DiTConfig) -> DiT:
                 f"model.init = 'expert' needs the student's arch to match the experts': {meta['url']} is "
                 f"{meta.get('arch')} ({expert.config.to_dict()}), the student {job.model.arch}; "
                 "set model.init = 'random' for another size"
+            )
+        objective = objective_of(meta, meta["url"]).name
+        if objective != "velocity":  # the student predicts velocities: an eps/x0 network is no head start
+            raise ValueError(
+                f"model.init = 'expert' needs expert 0 to predict the velocity, but {meta['url']} predicts "
+                f"{objective} (docs/heterogeneous.md); set model.init = 'random'"
             )
         result = model.load_state_dict(expert.state_dict(), strict=False)
         extra = [k for k in result.missing_keys if not k.startswith(("w_embedder.", "d_embedder."))]

@@ -62,6 +62,7 @@ from ddm.router.degraded import Degradation
 from ddm.router.ensemble import Ensemble
 from ddm.router.model import RouterNet, load_router_checkpoint
 from ddm.router.remote import CallScope, Cancelled, ExpertFailure, RemoteExpert, check_experts_fit
+from ddm.router.replace import ExpertSet, Launcher, ReplaceBusy, ReplaceError, Replacement, replace_expert
 from ddm.router.sample_request import (
     BadRequest,
     SampleDefaults,
@@ -180,7 +181,10 @@ class RouterServer(rpc.LoadingServer):
         self.stats = RouterStats()
         self.router: RouterNet | None = None
         self.checkpoint = router if isinstance(router, str) else ""
-        self.experts: list[RemoteExpert] = []
+        self.experts = ExpertSet()  # RemoteExperts in expert order; replace_expert swaps one between steps
+        self.launcher: Launcher | None = None  # starts a new expert server for ReplaceExpert(checkpoint=...)
+        self.on_replaced: list = []  # callables(Replacement), called after each replacement
+        self._replacing = threading.Lock()
         self.router_batcher: DynamicBatcher | None = None
         # Each cohort's ensemble submits up to K expert calls at once; they mostly wait on the network.
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -240,19 +244,10 @@ class RouterServer(rpc.LoadingServer):
             max_queue=self.max_concurrent + 8,
             name="router-batcher",
         )
-        self.experts = [
-            RemoteExpert(
-                a,
-                tls=self.expert_tls,
-                token=self._expert_token,
-                timeout=self.expert_timeout,
-                connect_timeout=None,
-                coalesce=True,
-            )
-            for a in self.addresses
-        ]
-        list(self.pool.map(lambda e: e.connect(self.connect_timeout), self.experts))
-        check_experts_fit(self.experts, self.router.config)
+        experts = [self._remote_expert(a) for a in self.addresses]
+        list(self.pool.map(lambda e: e.connect(self.connect_timeout), experts))
+        check_experts_fit(experts, self.router.config)
+        self.experts = ExpertSet(experts)
         if self.student_source:
             from ddm.router.student_serving import StudentRunner, load_student
 
@@ -269,6 +264,16 @@ class RouterServer(rpc.LoadingServer):
             self._health.set(expert_health_service(e.name), health_pb2.HealthCheckResponse.SERVING)
         log.info("router connected to experts %s", [e.name for e in self.experts])
 
+    def _remote_expert(self, address: str) -> RemoteExpert:
+        return RemoteExpert(
+            address,
+            tls=self.expert_tls,
+            token=self._expert_token,
+            timeout=self.expert_timeout,
+            connect_timeout=None,
+            coalesce=True,
+        )
+
     def _load_in_background(self) -> None:
         self._health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         super()._load_in_background()  # SERVING once loaded; only then may the watchers change that
@@ -284,7 +289,7 @@ class RouterServer(rpc.LoadingServer):
     def _watch(self, expert: RemoteExpert) -> None:
         """Check one expert's health every ``health_interval`` s; its Liveness records the outcome."""
         strikes = 0
-        while not self._stopping.wait(self.health_interval):
+        while not self._stopping.wait(self.health_interval) and any(e is expert for e in self.experts):
             healthy, why = expert.health(timeout=max(0.2, min(1.0, 2 * self.health_interval)))
             if healthy or why.startswith("RESOURCE_EXHAUSTED"):
                 strikes = 0
@@ -430,12 +435,22 @@ class RouterServer(rpc.LoadingServer):
             return self.student_runner.run(
                 members, self.image_shape, deadline=scope.deadline, on_step=lambda: self.stats.add("steps")
             )
+        held = {"lease": self.experts.lease()}  # the first step's experts; renewed between steps
+        try:
+            return self._sample_cohort(members, p, scope, held)
+        finally:
+            held["lease"].release()
+
+    def _sample_cohort(self, members: list[Member], p, scope: CallScope, held: dict) -> None:
+        """Sample one cohort. ``held["lease"]``: the experts it uses, renewed only between sampler steps,
+        so a replacement (``replace_expert``) takes effect at a step boundary, never inside a step."""
+        lease = held["lease"]
         try:
             noises, gens = zip(*(initial_noise(m.n, self.image_shape, m.params.seed) for m in members))
             noise = self.placement.to(torch.cat(noises))  # (N, C, H, W), each member's rows from its own seed
-            degradation = Degradation(self.experts, allowed=p.allow_degraded)
+            degradation = Degradation(lease.experts, allowed=p.allow_degraded)
             ensemble = Ensemble(
-                [e.scoped(scope) for e in self.experts],
+                [e.scoped(scope) for e in lease.experts],
                 degradation.router(self._routing(scope)),
                 strategy=p.strategy,
                 top_k=p.top_k,
@@ -463,6 +478,10 @@ class RouterServer(rpc.LoadingServer):
                 )
                 for m in members:
                     m.send("progress", progress)
+                if (fresh := lease.renew()) is not lease:  # an expert was replaced: the next step uses it
+                    held["lease"] = lease = fresh
+                    ensemble.experts[:] = [e.scoped(scope) for e in lease.experts]
+                    degradation.experts[:] = lease.experts
         except Cancelled:
             return
         except ExpertFailure as e:
@@ -503,6 +522,38 @@ class RouterServer(rpc.LoadingServer):
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             code = grpc.StatusCode.UNAVAILABLE
         return code, str(error)
+
+    # -- replacing an expert (router.replace) -------------------------------------------------------------
+
+    def replace_expert(
+        self,
+        name: str,
+        *,
+        address: str = "",
+        checkpoint: str = "",
+        connect_timeout: float | None = None,
+        drain_timeout: float = 60.0,
+    ) -> Replacement:
+        """Switch expert ``name`` to the server at ``address`` (or, with ``checkpoint``, to one the
+        ``launcher`` starts for it) without downtime: connect and check it, swap it in between sampler
+        steps, wait for the old one's steps in flight (``drain_timeout``), close the old connection.
+        ReplaceError: a bad request; ReplaceBusy: another replacement runs; ExpertFailure: the new
+        server did not become ready (nothing changed)."""
+        if bool(address) == bool(checkpoint):
+            raise ReplaceError("give the new expert's address or its checkpoint (one of them)")
+        if checkpoint and self.launcher is None:
+            raise ReplaceError(
+                "checkpoint: this router starts no expert servers; start one (ddm serve expert) and give its "
+                "address, or serve with `ddm serve run`, which does"
+            )
+        if not self._replacing.acquire(blocking=False):
+            raise ReplaceBusy("another ReplaceExpert is running; retry when it has finished")
+        try:
+            return replace_expert(
+                self, name, address, checkpoint, connect_timeout or self.connect_timeout, drain_timeout
+            )
+        finally:
+            self._replacing.release()
 
     def list_experts(self) -> pb.ListExpertsResponse:
         def status(e: RemoteExpert) -> pb.ExpertStatus:
@@ -563,3 +614,23 @@ class _RouterServicer(pb_grpc.RouterServicer):
     def Info(self, request: pb.RouterInfoRequest, context: grpc.ServicerContext) -> pb.RouterInfo:
         self._require_ready(context)
         return self.s.info()
+
+    def ReplaceExpert(
+        self, request: pb.ReplaceExpertRequest, context: grpc.ServicerContext
+    ) -> pb.ReplaceExpertResponse:
+        self._require_ready(context)
+        try:
+            result = self.s.replace_expert(
+                request.expert,
+                address=request.address,
+                checkpoint=request.checkpoint,
+                connect_timeout=request.connect_timeout or None,
+                drain_timeout=request.drain_timeout or 60.0,
+            )
+        except ReplaceError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReplaceExpert: {e}")
+        except ReplaceBusy as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"ReplaceExpert: {e}")
+        except (ExpertFailure, RuntimeError, TimeoutError, OSError) as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"ReplaceExpert: the new expert server: {e}")
+        return result.to_proto()

@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch")
+    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch", "objective")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class ExpertInfo(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     expert_index: int
     num_classes: int
@@ -54,7 +55,8 @@ class ExpertInfo(_message.Message):
     step: int
     checkpoint: str
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    objective: str
+    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid")
@@ -205,3 +207,33 @@ class RouterInfo(_message.Message):
     down_experts: _containers.RepeatedScalarFieldContainer[str]
     time_grids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplaceExpertRequest(_message.Message):
+    __slots__ = ("expert", "address", "connect_timeout", "drain_timeout", "checkpoint")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    address: str
+    connect_timeout: float
+    drain_timeout: float
+    checkpoint: str
+    def __init__(self, expert: _Optional[str] = ..., address: _Optional[str] = ..., connect_timeout: _Optional[float] = ..., drain_timeout: _Optional[float] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class ReplaceExpertResponse(_message.Message):
+    __slots__ = ("previous", "current", "previous_address", "switch_seconds", "drain_seconds", "drained")
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    previous: ExpertInfo
+    current: ExpertInfo
+    previous_address: str
+    switch_seconds: float
+    drain_seconds: float
+    drained: bool
+    def __init__(self, previous: _Optional[_Union[ExpertInfo, _Mapping]] = ..., current: _Optional[_Union[ExpertInfo, _Mapping]] = ..., previous_address: _Optional[str] = ..., switch_seconds: _Optional[float] = ..., drain_seconds: _Optional[float] = ..., drained: _Optional[bool] = ...) -> None: ...

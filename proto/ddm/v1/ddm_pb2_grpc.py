@@ -170,6 +170,11 @@ class RouterStub:
                 request_serializer=ddm_dot_v1_dot_ddm__pb2.RouterInfoRequest.SerializeToString,
                 response_deserializer=ddm_dot_v1_dot_ddm__pb2.RouterInfo.FromString,
                 _registered_method=True)
+        self.ReplaceExpert = channel.unary_unary(
+                '/ddm.v1.Router/ReplaceExpert',
+                request_serializer=ddm_dot_v1_dot_ddm__pb2.ReplaceExpertRequest.SerializeToString,
+                response_deserializer=ddm_dot_v1_dot_ddm__pb2.ReplaceExpertResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -197,6 +202,18 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplaceExpert(self, request, context):
+        """Admin: switch one expert to a new, already running expert server (e.g. a newer checkpoint) without
+        downtime. The router connects to it and checks it fits, switches between sampler steps (a step in
+        flight finishes on the old server), waits for the old one to drain and closes its connection;
+        stopping the old server is the caller's (ddm serve run's supervisor does it). Bearer-token
+        protected like every call. INVALID_ARGUMENT: unknown expert or a server that does not fit;
+        UNAVAILABLE: the new server did not become ready; FAILED_PRECONDITION: another replacement runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +231,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=ddm_dot_v1_dot_ddm__pb2.RouterInfoRequest.FromString,
                     response_serializer=ddm_dot_v1_dot_ddm__pb2.RouterInfo.SerializeToString,
+            ),
+            'ReplaceExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceExpert,
+                    request_deserializer=ddm_dot_v1_dot_ddm__pb2.ReplaceExpertRequest.FromString,
+                    response_serializer=ddm_dot_v1_dot_ddm__pb2.ReplaceExpertResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -298,6 +320,33 @@ class Router:
             '/ddm.v1.Router/Info',
             ddm_dot_v1_dot_ddm__pb2.RouterInfoRequest.SerializeToString,
             ddm_dot_v1_dot_ddm__pb2.RouterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ddm.v1.Router/ReplaceExpert',
+            ddm_dot_v1_dot_ddm__pb2.ReplaceExpertRequest.SerializeToString,
+            ddm_dot_v1_dot_ddm__pb2.ReplaceExpertResponse.FromString,
             options,
             channel_credentials,
             insecure,
