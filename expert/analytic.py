@@ -278,6 +278,11 @@ class ClassConditionalMixture:
         log_k = torch.where(null, log_joint.logsumexp(1), self._conditional(log_joint, labels))  # (K, N)
         return torch.softmax(log_k, dim=0).T  # (N, K)
 
+    def class_posterior(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """p(c | x_t, t) over the classes, (N, C) float64 (at t = 0: the Bayes classifier of the data)."""
+        _, log_joint, _ = self._terms(x_t, t, None)
+        return torch.softmax(log_joint.logsumexp(0), dim=0).T  # (N, C)
+
     def router(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The exact router p(k | x_t, t, y), (N, K) in x_t's dtype; the null label gives p(k | x_t, t)."""
         _, log_joint, labels = self._terms(x_t, t, y)
