@@ -28,7 +28,13 @@ SAMPLING = (
     "time_grid",
     "time_shift",
 )  # SampleConfig fields offered as options
-ROUTING = ("strategy", "top_k", "threshold")  # RoutingConfig fields, through a router only
+ROUTING = (
+    "strategy",
+    "top_k",
+    "threshold",
+    "guidance_mode",
+    "route_every",
+)  # RoutingConfig fields, through a router only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.png", help="output PNG (local or s3://)")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     add_device_argument(p)
-    r = p.add_argument_group("through a router (--router); --strategy, --top-k, --threshold also for --run")
+    r = p.add_argument_group("through a router (--router); the routing options also for --run")
     add_options(r, RoutingConfig, ROUTING, unset=ROUTING, unset_help="default: the router's")
     r.add_argument(
         "--model",
@@ -202,6 +208,8 @@ def run_remote(args: argparse.Namespace) -> int:
                     strategy=args.strategy,
                     top_k=args.top_k,
                     threshold=args.threshold,
+                    guidance_mode=args.guidance_mode,
+                    route_every=args.route_every,
                     seed=args.seed,
                     time_shift=args.time_shift,
                     time_grid=args.time_grid,
@@ -255,6 +263,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
             experts, load_router(router_url, device=placement.device), strategy=args.strategy or d.strategy,
             top_k=d.top_k if args.top_k is None else args.top_k,
             threshold=d.threshold if args.threshold is None else args.threshold,
+            guidance_mode=args.guidance_mode or d.guidance_mode,
+            route_every=d.route_every if args.route_every is None else args.route_every,
         )  # fmt: skip
         y = placement.to(parse_labels(args.labels, args.n, ensemble.num_classes))
     except ValueError as e:

@@ -29,7 +29,7 @@ from ddm.core.device import add_argument as add_device_argument
 from ddm.router.config import SampleDefaults
 
 # SampleDefaults fields offered as options
-DEFAULTS = ("strategy", "top_k", "steps", "guidance", "time_grid", "max_n")
+DEFAULTS = ("strategy", "top_k", "guidance_mode", "route_every", "steps", "guidance", "time_grid", "max_n")
 
 
 def _add_common(p: argparse.ArgumentParser, default_port: int) -> None:

@@ -198,3 +198,150 @@ class GaussianMixtureDenoiser:
             if idx.numel():
                 x0[idx] = comp.sample_x0(idx.numel(), generator=generator, dtype=dtype)
         return x0, k
+
+
+class ClassConditionalMixture:
+    """Class-conditional, partitioned Gaussian-mixture data with every velocity and posterior in closed form:
+    the exact experts, router and monolith of DDM on data where all three are known.
+
+    Data: component (k, c) is partition k's class c, x_0 ~ N(mu_kc, Sigma_kc) with probability pi_kc.
+    weights: (K, C) non-negative pi_kc (normalised here; a zero means class c has no data in partition
+    k; every class and every partition needs some). means: (K, C, D) or (K, C, *image_shape). covs:
+    (K, C, D, D). Labels y in [0, C) are classes, y == C (``null_label``) is unconditional.
+
+    * ``expert(k)``: the exact expert of partition k, v_k(x_t, t, c) = the velocity of component (k, c)
+      (for a class partition k lacks, where the router's p(k | x_t, t, c) is exactly 0, its unconditional
+      velocity), v_k(x_t, t, null) = partition k's mixture velocity;
+    * ``router(x_t, t, y)``: the exact p(k | x_t, t, c), and p(k | x_t, t) for the null label;
+    * ``velocity(x_t, t, y)``: the monolith's exact conditional (or, null label, unconditional) velocity.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor):
+        w = _as_f64(weights, "weights")
+        means64, covs64 = _as_f64(means, "means"), _as_f64(covs, "covs")
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise ValueError(f"weights must have shape (K, C) (partitions x classes), got {tuple(w.shape)}")
+        k, c = w.shape
+        if (w < 0).any() or (w.sum(0) <= 0).any() or (w.sum(1) <= 0).any():
+            raise ValueError(
+                "weights must be >= 0 with data in every partition (row) and every class (column)"
+            )
+        if means64.ndim < 3 or tuple(means64.shape[:2]) != (k, c):
+            raise ValueError(
+                f"means must have shape (K, C, D) with (K, C) = ({k}, {c}), got {tuple(means64.shape)}"
+            )
+        if covs64.ndim != 4 or tuple(covs64.shape[:2]) != (k, c):
+            raise ValueError(
+                f"covs must have shape (K, C, D, D) with (K, C) = ({k}, {c}), got {tuple(covs64.shape)}"
+            )
+        self.components = [
+            [GaussianDenoiser(means64[i, j], covs64[i, j], c) for j in range(c)] for i in range(k)
+        ]
+        self.log_weights = (w / w.sum()).log()  # (K, C), -inf where a class is absent from a partition
+        self.num_experts, self.num_classes = k, c
+        self.dim = self.components[0][0].dim
+        self.image_shape = self.components[0][0].image_shape
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def _terms(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        """Flat float64 inputs, per-component velocities V (K, C, N, D), log pi_kc + log N_t (K, C, N), labels."""
+        x, t64 = _flat_inputs(x_t, t, self.dim)
+        vs, logps = [], []
+        for row in self.components:
+            v_row, lp_row = zip(*(g._velocity_logpdf(x, t64) for g in row))
+            vs.append(torch.stack(v_row))
+            logps.append(torch.stack(lp_row))
+        v, log_joint = (
+            torch.stack(vs),
+            torch.stack(logps) + self.log_weights[:, :, None],
+        )  # (K,C,N,D), (K,C,N)
+        n = x.shape[0]
+        labels = torch.full((n,), self.null_label) if y is None else torch.as_tensor(y).to("cpu").long()
+        if labels.shape != (n,) or (labels < 0).any() or (labels > self.null_label).any():
+            raise ValueError(
+                f"y must be (N,) = ({n},) labels in [0, {self.null_label}] ({self.null_label} = null)"
+            )
+        return v, log_joint, labels
+
+    @staticmethod
+    def _conditional(log_joint: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(K, N) log pi_k,y_i + log N_t(x_i; k, y_i): each row's class picked out."""
+        idx = labels.clamp(max=log_joint.shape[1] - 1)  # null rows are overwritten by the caller
+        return log_joint.gather(1, idx[None, None, :].expand(log_joint.shape[0], 1, -1)).squeeze(1)
+
+    def _posterior(self, log_joint: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """p(k | x_t, t, y) (N, K): over the row's class, or over all classes for the null label."""
+        null = (labels == self.null_label)[None, :]  # (1, N)
+        log_k = torch.where(null, log_joint.logsumexp(1), self._conditional(log_joint, labels))  # (K, N)
+        return torch.softmax(log_k, dim=0).T  # (N, K)
+
+    def class_posterior(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """p(c | x_t, t) over the classes, (N, C) float64 (at t = 0: the Bayes classifier of the data)."""
+        _, log_joint, _ = self._terms(x_t, t, None)
+        return torch.softmax(log_joint.logsumexp(0), dim=0).T  # (N, C)
+
+    def router(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The exact router p(k | x_t, t, y), (N, K) in x_t's dtype; the null label gives p(k | x_t, t)."""
+        _, log_joint, labels = self._terms(x_t, t, y)
+        return self._posterior(log_joint, labels).to(device=x_t.device, dtype=x_t.dtype)
+
+    def expert(self, k: int) -> _PartitionExpert:
+        """The exact expert of partition k (a Denoiser with this data's ``num_classes``)."""
+        if not 0 <= k < self.num_experts:
+            raise ValueError(f"expert index must be in [0, {self.num_experts}), got {k}")
+        return _PartitionExpert(self, k)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The monolith: E[eps - x_0 | x_t, y] over all partitions (all components for the null label)."""
+        v, log_joint, labels = self._terms(x_t, t, y)
+        post = self._posterior(log_joint, labels)  # (N, K)
+        v_kc = self._expert_velocities(v, log_joint, labels)  # (K, N, D)
+        out = torch.einsum("nk,knd->nd", post, v_kc)  # (N, D)
+        return out.reshape(x_t.shape).to(device=x_t.device, dtype=x_t.dtype)
+
+    def _expert_velocities(
+        self, v: torch.Tensor, log_joint: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """(K, N, D) v_k(x_t, t, y_i) for every expert k: component (k, y_i), or partition k's mixture for the
+        null label and for a class partition k lacks."""
+        within = torch.softmax(log_joint, dim=1)  # (K, C, N) p(c | x_t, t, k)
+        v_uncond = torch.einsum("kcn,kcnd->knd", within, v)  # (K, N, D)
+        idx = labels.clamp(max=self.num_classes - 1)
+        v_cond = v[:, idx, torch.arange(labels.shape[0])]  # (K, N, D)
+        present = torch.isfinite(self.log_weights[:, idx])  # (K, N)
+        use_cond = present & (labels != self.null_label)[None, :]
+        return torch.where(use_cond[:, :, None], v_cond, v_uncond)
+
+    def sample_x0(
+        self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n data samples (n, *image_shape), their class labels (n,) and partition labels (n,)."""
+        flat = torch.multinomial(self.log_weights.exp().reshape(-1), n, replacement=True, generator=generator)
+        k, c = flat // self.num_classes, flat % self.num_classes
+        x0 = torch.empty(n, *self.image_shape, dtype=dtype)
+        for i in range(self.num_experts):
+            for j in range(self.num_classes):
+                idx = ((k == i) & (c == j)).nonzero().squeeze(1)
+                if idx.numel():
+                    x0[idx] = self.components[i][j].sample_x0(idx.numel(), generator=generator, dtype=dtype)
+        return x0, c, k
+
+
+class _PartitionExpert:
+    """Expert k of a :class:`ClassConditionalMixture`: the exact velocity of partition k's data."""
+
+    def __init__(self, data: ClassConditionalMixture, k: int):
+        self.data, self.k = data, k
+        self.num_classes = data.num_classes
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        v, log_joint, labels = self.data._terms(x_t, t, y)
+        out = self.data._expert_velocities(v, log_joint, labels)[self.k]  # (N, D)
+        return out.reshape(x_t.shape).to(device=x_t.device, dtype=x_t.dtype)

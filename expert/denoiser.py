@@ -54,7 +54,8 @@ class StepDenoiser(Protocol):
 
 class CallCounts:
     """The one model-call counter: ``rows[k]`` rows evaluated by model k (a guided pass counts 2 per
-    sample) and ``batches[k]`` calls made to it; ``router`` router calls (an ensemble's). One slot for a
+    sample) and ``batches[k]`` calls made to it; ``router`` router calls (an ensemble's) and
+    ``router_rows`` the rows they carried (ensemble-level guidance routes 2 per sample). One slot for a
     single model (a student, a :class:`ddm.expert.sampling.CountingDenoiser`), one per expert for an
     ensemble. Thread-safe (a server shares one between requests). Rows per sample per step =
     total_rows / (samples * steps)."""
@@ -64,21 +65,24 @@ class CallCounts:
         self.rows = [0] * num_models
         self.batches = [0] * num_models
         self.router = 0
+        self.router_rows = 0
 
     def add(self, model: int, rows: int) -> None:
         with self._lock:
             self.rows[model] += rows
             self.batches[model] += 1
 
-    def add_router(self) -> None:
+    def add_router(self, rows: int = 0) -> None:
         with self._lock:
             self.router += 1
+            self.router_rows += rows
 
     def reset(self) -> None:
         with self._lock:
             self.rows = [0] * len(self.rows)
             self.batches = [0] * len(self.batches)
             self.router = 0
+            self.router_rows = 0
 
     @property
     def total_rows(self) -> int:

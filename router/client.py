@@ -195,6 +195,8 @@ class RouterClient(_Client):
         time_shift: float | None = None,
         churn: float | None = None,
         time_grid: str | None = None,
+        guidance_mode: str | None = None,
+        route_every: int | None = None,
         model: str | None = None,
         include_float: bool = False,
         allow_degraded: bool = False,
@@ -226,6 +228,8 @@ class RouterClient(_Client):
             time_shift=time_shift,
             churn=churn,
             time_grid=time_grid,
+            guidance_mode=guidance_mode,
+            route_every=route_every,
             model=model,
         ).items():
             if value is not None:

@@ -27,7 +27,7 @@ from ddm.core import storage
 from ddm.core.config import JobConfig, Strict, train_with_defaults
 from ddm.expert.config import SampleConfig
 from ddm.router.sizes import ROUTER_ARCHS
-from ddm.router.strategies import STRATEGIES
+from ddm.router.strategies import GUIDANCE_MODES, STRATEGIES
 
 # Router training defaults that differ from an expert's:
 #  * uniform t: the router must be right at every t the sampler visits (paper: "uniformly sampled t");
@@ -137,6 +137,18 @@ class RoutingConfig(Strict):
     threshold: float = Field(
         0.1, gt=0, le=1, description="router probability cut-off for the threshold strategy"
     )
+    guidance_mode: GUIDANCE_MODES.field() = Field(  # type: ignore[valid-type]
+        "ensemble",
+        description="how guidance meets the ensemble (ddm.router.strategies.GUIDANCE_MODES): "
+        + GUIDANCE_MODES.describe(),
+    )
+    route_every: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="run the router every N-th ensemble evaluation and reuse its selection in between "
+        "(1 = every step; Euler: one evaluation per step)",
+    )
 
 
 class SampleDefaults(SampleConfig, RoutingConfig):
@@ -153,6 +165,10 @@ class SampleDefaults(SampleConfig, RoutingConfig):
         # A default outside its own limit would make every request that leaves the field unset fail.
         if not 1 <= self.steps <= self.max_steps:
             raise ValueError(f"steps: default {self.steps} must lie in 1..max_steps ({self.max_steps})")
+        if not 1 <= self.route_every <= self.max_steps:
+            raise ValueError(
+                f"route_every: default {self.route_every} must lie in 1..max_steps ({self.max_steps})"
+            )
         if not 0 <= self.guidance <= self.max_guidance:
             raise ValueError(
                 f"guidance: default {self.guidance} must lie in 0..max_guidance ({self.max_guidance})"

@@ -18,12 +18,28 @@ expert row per sample per step; with an ``executor`` the selected experts run in
 server passes a thread pool because its experts are remote). The router runs once per call, without
 gradients.
 
-Guidance (ARCHITECTURE.md; the paper leaves it open): the conditional and the unconditional pass go
-through the same selected experts, weighted by the router's weights for the conditional pass,
+Guidance (ARCHITECTURE.md; the paper leaves it open) has two modes, ``guidance_mode`` (the registry
+``ddm.router.strategies.GUIDANCE_MODES``):
 
-    v = sum_k w_k(x_t, t, y) * guided(v_k(x_t, t, y), v_k(x_t, t, null), scale),
+* ``ensemble`` (the default) is the monolith's guided flow, exact with a perfect router:
 
-with one batched call [rows; rows with the null label] per selected expert (``Ensemble.guided``).
+      v = v_u + s (v_c - v_u),  v_c = sum_k p(k | x_t, t, y) v_k(x_t, t, y),
+                                v_u = sum_k p(k | x_t, t) v_k(x_t, t, null),
+
+  the router run on [rows with y; rows with the null label] in one pass (it learns p(k | x_t, t) through
+  its label dropout), the strategy applied to each half with its own weights, and one call per expert
+  that either half selected, carrying that expert's conditional and unconditional rows;
+* ``expert`` guides inside each expert the conditional routing selects and mixes with those weights,
+  v = sum_k w_k(x_t, t, y) (v_k,u + s (v_k,c - v_k,u)): not the monolith's flow (the unconditional pass
+  never routes without the label), kept as an option.
+
+Both are equal at scale 1 (routed with y) and at scale 0 (unconditional: routed with the null label).
+With top-1 both cost 2 expert rows per sample per step; ``ensemble`` routes 2 rows per sample.
+
+Cheaper routing: ``route_every`` = r runs the router on the first evaluation of a sampling run and on
+every r-th one after it, and reuses that selection and its weights in between (Euler: one evaluation
+per step, so every r-th step is routed; Heun: two per step). It lives in the guided denoiser that
+``Ensemble.guided`` returns fresh for each sampling run; ``Ensemble.velocity`` routes every call.
 """
 
 from __future__ import annotations
@@ -36,9 +52,11 @@ import torch
 from ddm.expert.denoiser import CallCounts, Denoiser
 from ddm.expert.guidance import check_scale, guided
 from ddm.router.model import RouterNet
-from ddm.router.strategies import STRATEGIES
+from ddm.router.strategies import GUIDANCE_MODES, STRATEGIES
 
-__all__ = ["CallCounts", "Ensemble", "GuidedEnsemble", "PartitionDenoiser", "STRATEGIES", "select_weights"]
+__all__ = [
+    "CallCounts", "Ensemble", "GUIDANCE_MODES", "GuidedEnsemble", "PartitionDenoiser", "STRATEGIES", "select_weights"
+]  # fmt: skip
 RouterFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, y) -> probs (N, K)
 
 
@@ -67,6 +85,8 @@ class Ensemble:
         strategy: str = "top-k",
         top_k: int = 1,
         threshold: float = 0.1,
+        guidance_mode: str = "ensemble",
+        route_every: int = 1,
         executor: concurrent.futures.Executor | None = None,
     ):
         self.experts = list(experts)
@@ -89,12 +109,18 @@ class Ensemble:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+        GUIDANCE_MODES.entry(guidance_mode, field="guidance_mode")
+        if isinstance(route_every, bool) or not isinstance(route_every, int) or route_every < 1:
+            raise ValueError(
+                f"route_every must be an integer >= 1 (1 = route every evaluation), got {route_every!r}"
+            )
         if executor is not None and not isinstance(executor, concurrent.futures.Executor):
             raise ValueError(
                 f"executor must be a concurrent.futures.Executor or None, got {type(executor).__name__}"
             )
         self.num_classes = classes[0]
         self.strategy, self.top_k, self.threshold = strategy, top_k, float(threshold)
+        self.guidance_mode, self.route_every = guidance_mode, route_every
         self.executor = executor
         self.router = self._router_fn(router)
         self.calls = CallCounts(len(self.experts))
@@ -144,7 +170,7 @@ class Ensemble:
             raise ValueError("this ensemble has no router (strategy 'oracle'); use with_partition(k)")
         with torch.no_grad():
             probs = self.router(x_t, t, y)
-        self.calls.add_router()
+        self.calls.add_router(x_t.shape[0])
         n, k = x_t.shape[0], self.num_experts
         if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (n, k):
             shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
@@ -171,8 +197,9 @@ class Ensemble:
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.mix(x_t, t, y, self.weights(x_t, t, y))
 
-    def guided(self, scale: float) -> Denoiser:
-        """A Denoiser applying CFG through the ensemble (module docstring); samplers use it directly."""
+    def guided(self, scale: float) -> GuidedEnsemble:
+        """A Denoiser applying CFG through the ensemble in its ``guidance_mode``, routing every
+        ``route_every``-th evaluation (module docstring); fresh for each sampling run."""
         return GuidedEnsemble(self, check_scale(scale))
 
     def with_partition(self, k: torch.Tensor) -> PartitionDenoiser:
@@ -244,15 +271,39 @@ class Ensemble:
 
 
 class GuidedEnsemble:
-    """Ensemble CFG: the router's conditional weights, both passes through the same experts."""
+    """The ensemble guided by ``scale`` in the ensemble's ``guidance_mode``; holds one sampling run's
+    routing decision for ``route_every`` (a new run: a new ``Ensemble.guided``)."""
 
     def __init__(self, ensemble: Ensemble, scale: float):
         self.ensemble, self.scale = ensemble, scale
         self.num_classes = ensemble.num_classes
+        self.mode = GUIDANCE_MODES.get(ensemble.guidance_mode, field="guidance_mode")
+        self._decision: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels (M,), weights (M, K))
+        self._age = 0  # evaluations since the router last ran
+
+    def route(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(M, K) weights: the router's, or the last decision's while it is younger than ``route_every``
+        and was made for the same rows (same count and labels)."""
+        last = self._decision
+        if (
+            last is not None
+            and self._age < self.ensemble.route_every
+            and last[0].shape == y.shape
+            and torch.equal(last[0], y)
+        ):
+            self._age += 1
+            return last[1]
+        weights = self.ensemble.weights(x_t, t, y)  # (M, K)
+        self._decision, self._age = (y.clone(), weights), 1
+        return weights
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        weights = self.ensemble.weights(x_t, t, y)  # (N, K), from the conditional labels
-        return self.ensemble.mix(x_t, t, y, weights, scale=self.scale)
+        y_null = torch.full_like(y, self.ensemble.null_label)  # (N,)
+        try:
+            return self.mode(x_t, t, y, y_null, self.scale, route=self.route, mix=self.ensemble.mix)
+        except Exception:
+            self._decision = None  # a failed step (a lost expert) is recomputed with a fresh routing
+            raise
 
 
 class PartitionDenoiser:

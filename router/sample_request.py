@@ -19,7 +19,7 @@ import torch
 from ddm.expert.samplers import SAMPLERS, TIME_GRIDS
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
 from ddm.router.config import SampleDefaults
-from ddm.router.strategies import STRATEGIES
+from ddm.router.strategies import GUIDANCE_MODES, STRATEGIES
 
 __all__ = ["BadRequest", "SampleDefaults", "SampleParams", "initial_noise", "parse_request", "router_info"]
 
@@ -46,6 +46,8 @@ class SampleParams:
     time_grid: str = "uniform"  # an entry of TIME_GRIDS (SampleRequest.time_grid)
     allow_degraded: bool = False  # drop a failed expert and go on (SampleRequest.allow_degraded)
     model: str = "ensemble"  # "ensemble" or "student" (SampleRequest.model)
+    guidance_mode: str = "ensemble"  # an entry of GUIDANCE_MODES (SampleRequest.guidance_mode)
+    route_every: int = 1  # route every N-th ensemble evaluation (SampleRequest.route_every)
 
     def cohort_key(self) -> tuple | None:
         """Requests with equal keys can be sampled as one batch (``router.cohort``): same schedule,
@@ -64,6 +66,8 @@ class SampleParams:
             self.time_grid,
             self.allow_degraded,
             self.model,
+            self.guidance_mode,
+            self.route_every,
         )
 
 
@@ -130,6 +134,15 @@ def parse_request(
         raise BadRequest(
             "time_grid", f"unknown time grid {time_grid!r}; choose one of {', '.join(TIME_GRIDS.names())}"
         )
+    guidance_mode = opt("guidance_mode", "") or d.guidance_mode  # empty: the server's default, like unset
+    if guidance_mode not in GUIDANCE_MODES:
+        raise BadRequest(
+            "guidance_mode",
+            f"unknown guidance mode {guidance_mode!r}; choose one of {', '.join(GUIDANCE_MODES.names())}",
+        )
+    route_every = int(opt("route_every", 0)) or d.route_every  # 0: the server's default, like unset
+    if not 1 <= route_every <= d.max_steps:
+        raise BadRequest("route_every", f"{route_every} out of range; use 1..{d.max_steps} (1 = every step)")
     churn = float(opt("churn", d.churn))
     if not (math.isfinite(churn) and 0 <= churn <= 1):
         raise BadRequest("churn", f"{churn} out of range; use [0, 1]")
@@ -153,6 +166,8 @@ def parse_request(
         time_grid=time_grid,
         allow_degraded=bool(req.allow_degraded),
         model=model,
+        guidance_mode=guidance_mode,
+        route_every=route_every,
     )
 
 
@@ -164,7 +179,8 @@ def initial_noise(n: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor
 
 
 def router_info(d: SampleDefaults, router_config: Any, **fields: Any) -> pb.RouterInfo:
-    """RouterInfo: what the router serves (strategies, samplers, time grids, image format), its defaults and limits."""
+    """RouterInfo: what the router serves (strategies, guidance modes, samplers, time grids, image format),
+    its defaults and limits."""
     cfg = router_config
     return pb.RouterInfo(
         num_classes=cfg.num_classes,
@@ -172,6 +188,9 @@ def router_info(d: SampleDefaults, router_config: Any, **fields: Any) -> pb.Rout
         strategies=list(STRATEGIES.names(served=True)),
         samplers=list(SAMPLERS.names()),
         time_grids=list(TIME_GRIDS.names()),
+        guidance_modes=list(GUIDANCE_MODES.names()),
+        default_guidance_mode=d.guidance_mode,
+        default_route_every=d.route_every,
         max_n=d.max_n,
         max_steps=d.max_steps,
         default_strategy=d.strategy,

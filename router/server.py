@@ -455,6 +455,8 @@ class RouterServer(rpc.LoadingServer):
                 strategy=p.strategy,
                 top_k=p.top_k,
                 threshold=p.threshold,
+                guidance_mode=p.guidance_mode,
+                route_every=p.route_every,
                 executor=self.pool,
             )
             x = noise

@@ -114,11 +114,23 @@ def run_all() -> dict[str, Any]:
         for sampler in SAMPLERS:
             for steps, shift in GRIDS[:1] if sampler != "euler" else GRIDS:
                 for scale in (1.0, 3.0):
-                    ens = Ensemble(experts, None if name == "oracle" else router, strategy=strategy, **kw)
+                    # pinned before guidance modes existed: the per-expert rule, which must not move
+                    ens = Ensemble(experts, None if name == "oracle" else router, strategy=strategy,
+                                   guidance_mode="expert", **kw)  # fmt: skip
                     den = ens.with_partition(partition) if name == "oracle" else ens
                     run = _run(with_guidance(den, scale), steps=steps, sampler=sampler, time_shift=shift)
                     run["calls"] = [list(ens.calls.rows), list(ens.calls.batches), ens.calls.router]
                     out[f"ensemble/{name}/{sampler}/{steps}x{shift}/w{scale}"] = run
+        if name != "oracle":  # ensemble-level guidance (guidance_mode "ensemble"), euler
+            ens = Ensemble(experts, router, strategy=strategy, guidance_mode="ensemble", **kw)
+            run = _run(with_guidance(ens, 3.0), steps=GRIDS[0][0], sampler="euler", time_shift=GRIDS[0][1])
+            run["calls"] = [
+                list(ens.calls.rows),
+                list(ens.calls.batches),
+                ens.calls.router,
+                ens.calls.router_rows,
+            ]
+            out[f"ensemble-mode/{name}/euler/{GRIDS[0][0]}x{GRIDS[0][1]}/w3.0"] = run
 
     for kind, flags in (("shortcut", dict(step_embed=True)), ("flow", {})):
         student = StudentDenoiser(_dit(30, guidance_embed=True, **flags))

@@ -139,28 +139,38 @@ def toy_ensemble(strategy: str = "full", **kwargs) -> tuple[Ensemble, list[Affin
     return Ensemble(experts, router, strategy=strategy, **kwargs), experts, router
 
 
-@pytest.mark.parametrize(
-    "strategy, kwargs", [("full", {}), ("top-k", {"top_k": 2}), ("threshold", {"threshold": 0.3})]
-)
-@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
-def test_guided_ensemble_is_the_defined_formula(strategy: str, kwargs: dict, scale: float) -> None:
-    ens, experts, router = toy_ensemble(strategy, **kwargs)
-    x, t, y = toy_inputs()
-    w = select_weights(router(x, t, y), strategy, **kwargs)  # the conditional pass's weights
-    null = torch.full_like(y, 3)
-    expected = sum(
-        w[:, k].reshape(-1, 1, 1, 1) * guided(e.velocity(x, t, y), e.velocity(x, t, null), scale)
-        for k, e in enumerate(experts)
-    )
+def _clear(experts: list[AffineExpert], router: ToyRouter) -> None:
     for e in experts:
         e.seen.clear()
         e.seen_y.clear()
     router.seen_y.clear()
+
+
+def _mixture(w: torch.Tensor, experts: list[AffineExpert], x, t, y) -> torch.Tensor:
+    return sum(w[:, k].reshape(-1, 1, 1, 1) * e.velocity(x, t, y) for k, e in enumerate(experts))
+
+
+STRATEGY_CASES = [("full", {}), ("top-k", {"top_k": 2}), ("threshold", {"threshold": 0.3})]
+
+
+@pytest.mark.parametrize("strategy, kwargs", STRATEGY_CASES)
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
+def test_expert_mode_guidance_is_the_defined_formula(strategy: str, kwargs: dict, scale: float) -> None:
+    """guidance_mode 'expert': CFG inside each expert the conditional routing selects, mixed with those
+    weights; scale 0 (unconditional) routes with the null label, never by class."""
+    ens, experts, router = toy_ensemble(strategy, guidance_mode="expert", **kwargs)
+    x, t, y = toy_inputs()
+    null = torch.full_like(y, 3)
+    routed_with = null if scale == 0.0 else y
+    w = select_weights(router(x, t, routed_with), strategy, **kwargs)
+    expected = sum(
+        w[:, k].reshape(-1, 1, 1, 1) * guided(e.velocity(x, t, y), e.velocity(x, t, null), scale)
+        for k, e in enumerate(experts)
+    )
+    _clear(experts, router)
     v = ens.guided(scale).velocity(x, t, y)
     torch.testing.assert_close(v, expected, rtol=0, atol=1e-12)
-    assert len(router.seen_y) == 1 and torch.equal(
-        router.seen_y[0], y
-    )  # routed once, on the conditional labels
+    assert len(router.seen_y) == 1 and torch.equal(router.seen_y[0], routed_with)  # routed once
     per_pass = 2 if scale not in (0.0, 1.0) else 1
     for k, e in enumerate(experts):
         n_k = int((w[:, k] > 0).sum())
@@ -170,6 +180,39 @@ def test_guided_ensemble_is_the_defined_formula(strategy: str, kwargs: dict, sca
             assert torch.equal(e.seen_y[0][n_k:], torch.full((n_k,), 3))
     if scale == 1.0:
         torch.testing.assert_close(v, ens.velocity(x, t, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy, kwargs", STRATEGY_CASES)
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
+def test_ensemble_mode_guidance_is_the_defined_formula(strategy: str, kwargs: dict, scale: float) -> None:
+    """guidance_mode 'ensemble': v_u + s (v_c - v_u), v_c routed with y, v_u routed with the null label,
+    each with its own strategy weights; one router pass and one call per selected expert."""
+    ens, experts, router = toy_ensemble(strategy, guidance_mode="ensemble", **kwargs)
+    x, t, y = toy_inputs()
+    null = torch.full_like(y, 3)
+    w_c = select_weights(router(x, t, y), strategy, **kwargs)
+    w_u = select_weights(router(x, t, null), strategy, **kwargs)
+    v_c, v_u = _mixture(w_c, experts, x, t, y), _mixture(w_u, experts, x, t, null)
+    expected = {0.0: v_u, 1.0: v_c}.get(scale, guided(v_c, v_u, scale))
+    _clear(experts, router)
+    v = ens.guided(scale).velocity(x, t, y)
+    torch.testing.assert_close(v, expected, rtol=0, atol=1e-12)
+    routed_with = {0.0: null, 1.0: y}.get(scale, torch.cat([y, null]))
+    assert len(router.seen_y) == 1 and torch.equal(router.seen_y[0], routed_with)
+    assert ens.calls.router_rows == routed_with.numel()
+    for k, e in enumerate(experts):
+        n_c, n_u = int((w_c[:, k] > 0).sum()), int((w_u[:, k] > 0).sum())
+        rows = {0.0: n_u, 1.0: n_c}.get(scale, n_c + n_u)  # each half's selected rows, no more
+        assert len(e.seen) == (1 if rows else 0) and ens.calls.batches[k] == len(e.seen)
+        assert ens.calls.rows[k] == rows
+
+
+def test_the_two_guidance_modes_differ_only_when_guiding() -> None:
+    x, t, y = toy_inputs()
+    for scale, same in ((0.0, True), (1.0, True), (3.0, False)):
+        a = toy_ensemble("top-k", guidance_mode="ensemble")[0].guided(scale).velocity(x, t, y)
+        b = toy_ensemble("top-k", guidance_mode="expert")[0].guided(scale).velocity(x, t, y)
+        assert torch.equal(a, b) == same
 
 
 def test_guided_ensemble_plugs_into_the_sampler() -> None:
@@ -359,6 +402,12 @@ class OtherClasses(AffineExpert):
         (dict(router=None), "router: strategy 'top-k' needs a router"),
         (dict(router=42), "router must be a RouterNet or a callable"),
         (dict(executor="pool"), "executor must be a concurrent.futures.Executor"),
+        (
+            dict(guidance_mode="both"),
+            "guidance_mode: unknown guidance mode 'both'; choose one of ensemble, expert",
+        ),
+        (dict(route_every=0), r"route_every must be an integer >= 1"),
+        (dict(route_every=2.0), r"route_every must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_field(kwargs: dict, match: str) -> None:

@@ -171,6 +171,11 @@ FIELDS = {
         st.sampled_from(["uniform", ""]),
         st.one_of(st.sampled_from(["karras", "UNIFORM"]), st.text(max_size=8)),
     ),
+    "guidance_mode": (
+        st.sampled_from(["ensemble", "expert", ""]),
+        st.one_of(st.sampled_from(["both", "ENSEMBLE"]), st.text(max_size=8)),
+    ),
+    "route_every": (st.integers(0, 5), st.one_of(st.integers(-2, 1002), INT32)),
     "allow_degraded": (st.booleans(), st.booleans()),
     "include_float": (st.booleans(), st.booleans()),
 }
@@ -232,3 +237,5 @@ def test_router_defaults_outside_their_own_limits_are_refused() -> None:
         SampleDefaults(max_steps=4)
     with pytest.raises(ValueError, match="guidance: default 3.0"):
         SampleDefaults(max_guidance=2)
+    with pytest.raises(ValueError, match=r"route_every: default 8 must lie in 1\.\.max_steps \(4\)"):
+        SampleDefaults(steps=4, max_steps=4, route_every=8)

@@ -129,6 +129,27 @@ def test_a_requested_time_grid_matches_in_process_sampling_with_it(
         TIME_GRIDS.remove("quadratic-test")
 
 
+@pytest.mark.parametrize("guidance_mode, route_every", [("expert", 1), ("ensemble", 3)])
+def test_a_requested_guidance_mode_and_route_every_match_in_process_sampling(
+    client: RouterClient, run_root: Path, guidance_mode: str, route_every: int
+) -> None:
+    info = client.info()
+    assert list(info.guidance_modes) == ["ensemble", "expert"]
+    assert (info.default_guidance_mode, info.default_route_every) == ("ensemble", 1)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    _, got = client.sample(5, y, guidance=2.5, steps=4, seed=7, include_float=True, strategy="full",
+                           guidance_mode=guidance_mode, route_every=route_every)  # fmt: skip
+    want, calls = _in_process(run_root, 5, y, 7, guidance=2.5, steps=4, sampler="euler", strategy="full",
+                              guidance_mode=guidance_mode, route_every=route_every)  # fmt: skip
+    torch.testing.assert_close(got.samples, want, atol=1e-5, rtol=1e-5)
+    assert got.expert_rows == {"expert-0": calls.rows[0], "expert-1": calls.rows[1]}
+    assert calls.router == (2 if route_every == 3 else 4)  # 4 Euler steps, routed at steps 1 and 4
+    other = "ensemble" if guidance_mode == "expert" else "expert"
+    _, default = client.sample(5, y, guidance=2.5, steps=4, seed=7, include_float=True, strategy="full",
+                               guidance_mode=other if route_every == 1 else "", route_every=0)  # fmt: skip
+    assert not torch.allclose(default.samples, got.samples, atol=1e-4)  # the setting changed the numbers
+
+
 def test_defaults_info_and_random_seed(
     client: RouterClient, stack: tuple[RouterServer, list[ExpertServer]]
 ) -> None:
@@ -162,6 +183,11 @@ def test_defaults_info_and_random_seed(
         (dict(n=1, time_shift=0.0), "time_shift: 0.0 out of range"),
         (dict(n=1, time_grid="karras"), "time_grid: unknown time grid 'karras'; choose one of uniform"),
         (dict(n=1, churn=1.5), "churn: 1.5 out of range"),
+        (
+            dict(n=1, guidance_mode="both"),
+            "guidance_mode: unknown guidance mode 'both'; choose one of ensemble, expert",
+        ),
+        (dict(n=1, route_every=-2), "route_every: -2 out of range; use 1..1000"),
     ],
 )
 def test_bad_requests_are_invalid_argument_naming_the_field(

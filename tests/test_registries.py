@@ -28,7 +28,7 @@ from ddm.expert.sampling import CountingDenoiser, denoiser_calls, sample
 from ddm.router.config import RoutingConfig, SampleDefaults
 from ddm.router.distill_config import TeacherSettings
 from ddm.router.ensemble import Ensemble
-from ddm.router.strategies import STRATEGIES
+from ddm.router.strategies import GUIDANCE_MODES, STRATEGIES
 
 GAUSS = GaussianDenoiser(torch.zeros(1, 2, 2, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
 
@@ -326,3 +326,37 @@ def test_a_registry_refuses_duplicates_and_missing_attributes() -> None:
         reg.add("a", 2, help="two", size=2)
     with pytest.raises(ValueError, match="thing 'b' must declare size"):
         reg.add("b", 2, help="two")
+
+
+# ----------------------------------------------------------------------------------- a guidance mode
+
+
+def test_a_registered_guidance_mode_is_everywhere() -> None:
+    """One decorated rule in GUIDANCE_MODES reaches the config, both CLIs, the router's request and
+    info, the cohort key and the ensemble."""
+
+    @GUIDANCE_MODES.register("conditional-test", help="ignore guidance: the conditional mixture", exact=False)
+    def conditional(x_t, t, y, y_null, scale, *, route, mix):
+        return mix(x_t, t, y, route(x_t, t, y))
+
+    try:
+        assert RoutingConfig(guidance_mode="conditional-test").guidance_mode == "conditional-test"
+        assert "conditional-test" in _choices("sample", option="--guidance-mode")
+        assert "conditional-test" in _choices("serve", "router", option="--guidance-mode")
+        assert list(_router_info().guidance_modes) == ["ensemble", "expert", "conditional-test"]
+        asked = _request(guidance_mode="conditional-test", route_every=2)
+        assert (asked.guidance_mode, asked.route_every) == ("conditional-test", 2)
+        assert asked.cohort_key() != _request(route_every=2).cohort_key()  # never merged with another mode
+        assert _request(guidance_mode="").guidance_mode == "ensemble" and _request().route_every == 1
+        experts = [GAUSS, GAUSS]
+        router = lambda x, t, y: torch.full((x.shape[0], 2), 0.5, dtype=x.dtype)  # noqa: E731
+        ens = Ensemble(experts, router, strategy="full", guidance_mode="conditional-test")
+        x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+        t, y = torch.full((3,), 0.5, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+        torch.testing.assert_close(ens.guided(4.0).velocity(x, t, y), GAUSS.velocity(x, t, y))
+    finally:
+        GUIDANCE_MODES.remove("conditional-test")
+    with pytest.raises(
+        ValueError, match="unknown guidance mode 'conditional-test'; choose one of ensemble, expert"
+    ):
+        RoutingConfig(guidance_mode="conditional-test")

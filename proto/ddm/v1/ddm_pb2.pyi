@@ -59,7 +59,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid")
+    __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid", "guidance_mode", "route_every")
     N_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class SampleRequest(_message.Message):
     INCLUDE_FLOAT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIME_GRID_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_MODE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_EVERY_FIELD_NUMBER: _ClassVar[int]
     n: int
     labels: _containers.RepeatedScalarFieldContainer[int]
     guidance: float
@@ -90,7 +92,9 @@ class SampleRequest(_message.Message):
     include_float: bool
     model: str
     time_grid: str
-    def __init__(self, n: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., strategy: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., seed: _Optional[int] = ..., time_shift: _Optional[float] = ..., churn: _Optional[float] = ..., allow_degraded: _Optional[bool] = ..., include_float: _Optional[bool] = ..., model: _Optional[str] = ..., time_grid: _Optional[str] = ...) -> None: ...
+    guidance_mode: str
+    route_every: int
+    def __init__(self, n: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance: _Optional[float] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., strategy: _Optional[str] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., seed: _Optional[int] = ..., time_shift: _Optional[float] = ..., churn: _Optional[float] = ..., allow_degraded: _Optional[bool] = ..., include_float: _Optional[bool] = ..., model: _Optional[str] = ..., time_grid: _Optional[str] = ..., guidance_mode: _Optional[str] = ..., route_every: _Optional[int] = ...) -> None: ...
 
 class SampleEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -171,7 +175,7 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids")
+    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids", "guidance_modes", "default_guidance_mode", "default_route_every")
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +193,9 @@ class RouterInfo(_message.Message):
     STUDENT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DOWN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TIME_GRIDS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_MODES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_MODE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ROUTE_EVERY_FIELD_NUMBER: _ClassVar[int]
     num_classes: int
     image_shape: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
@@ -206,7 +213,10 @@ class RouterInfo(_message.Message):
     student_checkpoint: str
     down_experts: _containers.RepeatedScalarFieldContainer[str]
     time_grids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ...) -> None: ...
+    guidance_modes: _containers.RepeatedScalarFieldContainer[str]
+    default_guidance_mode: str
+    default_route_every: int
+    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ..., guidance_modes: _Optional[_Iterable[str]] = ..., default_guidance_mode: _Optional[str] = ..., default_route_every: _Optional[int] = ...) -> None: ...
 
 class ReplaceExpertRequest(_message.Message):
     __slots__ = ("expert", "address", "connect_timeout", "drain_timeout", "checkpoint")
