@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ddm.core import storage
 from ddm.expert.config import DataConfig
-from ddm.expert.images import decode_image, to_model_range, to_uint8
+from ddm.expert.images import decode_image, image_shape_of, to_model_range, to_uint8
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -170,14 +170,12 @@ class ImageDataset(Dataset):
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:
-    """The dataset a ``[data]`` config describes, checked against its ``channels`` and ``image_size``."""
+    """The dataset a ``[data]`` config describes, checked against its ``channels`` and ``image_size`` where
+    they are set (unset: the data's own shape; an image folder's from its first image)."""
     if cfg.source == "fashion-mnist":
-        if cfg.channels != 1 or cfg.image_size != 28:
-            raise DataError(
-                f"data.source = 'fashion-mnist' is 28x28 grayscale; set data.channels = 1 and data.image_size = 28 "
-                f"(got channels={cfg.channels}, image_size={cfg.image_size})"
-            )
-        return load_fashion_mnist(cfg.path, split=cfg.split, limit=cfg.limit)
+        ds = load_fashion_mnist(cfg.path, split=cfg.split, limit=cfg.limit)
+        _check_shape(cfg, ds.image_shape)
+        return ds
     if cfg.source == "image-folder":
         return load_image_folder(cfg.path, image_size=cfg.image_size, channels=cfg.channels, limit=cfg.limit)
     if cfg.source == "shards":
@@ -202,11 +200,14 @@ def build_training_dataset(cfg: DataConfig) -> Any:
 
 
 def _check_shape(cfg: DataConfig, shape: tuple[int, int, int]) -> None:
-    want = (cfg.channels, cfg.image_size, cfg.image_size)
-    if tuple(shape) != want:
+    """A fixed-shape source (Fashion-MNIST, shards) against the shape its config states, if any."""
+    c, h, _ = shape
+    bad = [f"data.{k} = {v} (the data's is {d})" for k, v, d in (("channels", cfg.channels, c), ("image_size", cfg.image_size, h)) if v is not None and v != d]  # fmt: skip
+    if bad:
         raise DataError(
-            f"{cfg.path}: shards hold images of shape {list(shape)} but data.channels / data.image_size "
-            f"ask for {list(want)}; set data.channels = {shape[0]} and data.image_size = {shape[1]}"
+            f"{cfg.path}: data.source = {cfg.source!r} holds images of shape {list(shape)}, but the config sets "
+            f"{' and '.join(bad)}; set data.channels = {c} and data.image_size = {h}, or leave both out to take "
+            "them from the data"
         )
 
 
@@ -366,8 +367,14 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def load_image_folder(url: str, *, image_size: int, channels: int, limit: int | None = None) -> ImageDataset:
+def load_image_folder(
+    url: str, *, image_size: int | None = None, channels: int | None = None, limit: int | None = None
+) -> ImageDataset:
     """Decode every image under ``url``/<class>/, center-cropped and resized to ``image_size`` squares.
+
+    Labels are the class sub-folders' indices in sorted order. ``image_size`` / ``channels`` left out
+    (``None``) come from the first image that decodes (its shorter side; 1 if it is grey, else 3), and
+    every other image is cropped, resized and converted to that; how many needed it is logged.
 
     Files that fail to decode are skipped and listed in ``skipped`` (and logged), so one bad JPEG in a
     scraped folder does not stop a run but is never hidden either. ``ids`` index the sorted list of all
@@ -378,11 +385,19 @@ def load_image_folder(url: str, *, image_size: int, channels: int, limit: int | 
     labels: list[int] = []
     ids: list[int] = []
     skipped: list[str] = []
+    inferred = image_size is None or channels is None
+    differ = 0  # images whose own shape is not the inferred one
     for source_id, (file_url, label) in enumerate(files):
         if limit is not None and len(images) >= limit:
             break
         data = storage.read_bytes(file_url)  # storage errors are not the file's fault: let them raise
         try:
+            if inferred:
+                own = image_shape_of(data)
+                if channels is None or image_size is None:
+                    channels, image_size = channels or own[0], image_size or own[1]
+                    log.info("%s: %d channel(s), %dx%d, from its first image %s", url, channels, image_size, image_size, file_url)  # fmt: skip
+                differ += own != (channels, image_size)
             img = decode_image(data, channels=channels, size=image_size)  # (C, S, S)
         except Exception as e:  # noqa: BLE001 - PIL raises many exception types for malformed files
             skipped.append(file_url)
@@ -391,6 +406,9 @@ def load_image_folder(url: str, *, image_size: int, channels: int, limit: int | 
         images.append(img)
         labels.append(label)
         ids.append(source_id)
+    if differ:
+        log.warning("%s: %d image(s) differ from the first one's shape and were converted to %d channel(s) "
+                    "at %dx%d; set data.channels / data.image_size to choose", url, differ, channels, image_size, image_size)  # fmt: skip
     if skipped:
         shown = ", ".join(skipped[:5]) + (f", ... ({len(skipped) - 5} more)" if len(skipped) > 5 else "")
         log.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), shown)

@@ -149,7 +149,8 @@ def shortcut_target(
 # Building the student.
 
 
-def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int]) -> DiTConfig:
+def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int], num_classes: int) -> DiTConfig:
+    """The student DiT; ``num_classes`` is used where the job leaves model.num_classes unset."""
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"images are {h}x{w}; the student DiT needs square images")
@@ -157,7 +158,7 @@ def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int]) -> 
         job.model.arch,
         image_size=h,
         in_channels=c,
-        num_classes=job.model.num_classes,
+        num_classes=job.model.num_classes or num_classes,
         guidance_embed=True,
         step_embed=job.shortcut.enabled,
     )
@@ -207,14 +208,15 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         job, tch, sc, tc = self.job, self.job.teacher, self.job.shortcut, self.tc
         self.urls = job.data.urls()
         data = read_partitions(self.urls, limit=job.data.limit)
-        if data.dataset.num_classes > job.model.num_classes:
+        num_classes = job.model.num_classes or data.dataset.num_classes
+        if data.dataset.num_classes > num_classes:
             raise ValueError(
                 f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
-                f"{job.model.num_classes}; set it to the experts' num_classes"
+                f"{num_classes}; set it to the experts' num_classes"
             )
         self.class_names = data.dataset.class_names
         self.image_shape = data.dataset.image_shape
-        self.cfg = student_config(job, self.image_shape)
+        self.cfg = student_config(job, self.image_shape, num_classes)
         self.n_boot = round(tc.batch_size * sc.fraction) if sc.enabled else 0
         self.n_flow = tc.batch_size - self.n_boot
         if self.n_flow < 1:

@@ -208,10 +208,11 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         c, h, w = data.dataset.image_shape
         if h != w:
             raise ValueError(f"{self.urls[0]}: images are {h}x{w}; the router needs square images")
-        if data.dataset.num_classes > job.model.num_classes:
+        num_classes = job.model.num_classes or data.dataset.num_classes
+        if data.dataset.num_classes > num_classes:
             raise ValueError(
                 f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
-                f"{job.model.num_classes}; set it to the experts' num_classes"
+                f"{num_classes}; set it to the experts' num_classes"
             )
         self.class_names = data.dataset.class_names
         train_data, self.heldout = split_holdout(data, job.data.holdout, self.tc.seed)
@@ -219,7 +220,7 @@ class RouterTrainer(Trainer[RouterJobConfig]):
             job.model.arch,
             image_size=h,
             in_channels=c,
-            num_classes=job.model.num_classes,
+            num_classes=num_classes,
             num_experts=len(self.urls),
         )
         return train_data
