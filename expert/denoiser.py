@@ -102,6 +102,7 @@ class ModuleDenoiser:
     def __init__(self, module: torch.nn.Module, num_classes: int):
         self.module = module
         self.num_classes = num_classes
+        self.class_names: list[str] | None = None  # label i's name, when known (set by load_denoiser)
 
     @property
     def null_label(self) -> int:

@@ -62,7 +62,10 @@ def load_denoiser(
 ) -> ModuleDenoiser | StudentDenoiser:
     """The checkpoint's network behind the Denoiser interface (what samplers and servers take): a
     StudentDenoiser (guides itself in one pass) for a student, else a ModuleDenoiser."""
-    model, _ = load_model(url, ema=ema, device=device)
-    if model.config.guidance_embed:
-        return StudentDenoiser(model)
-    return ModuleDenoiser(model, model.num_classes)
+    model, meta = load_model(url, ema=ema, device=device)
+    denoiser = (
+        StudentDenoiser(model) if model.config.guidance_embed else ModuleDenoiser(model, model.num_classes)
+    )
+    names = meta.get("class_names")  # label i's name, where the trainer saved them (older checkpoints: none)
+    denoiser.class_names = [str(n) for n in names] if isinstance(names, list) else None
+    return denoiser

@@ -180,6 +180,7 @@ class RouterServer(rpc.LoadingServer):
         self.stats = RouterStats()
         self.router: RouterNet | None = None
         self.checkpoint = router if isinstance(router, str) else ""
+        self.class_names: list[str] = []  # from the router checkpoint (RouterInfo.class_names)
         self.experts: list[RemoteExpert] = []
         self.router_batcher: DynamicBatcher | None = None
         # Each cohort's ensemble submits up to K expert calls at once; they mostly wait on the network.
@@ -230,6 +231,7 @@ class RouterServer(rpc.LoadingServer):
         else:
             self.router, meta = load_router_checkpoint(self.router_source, device=device)
             self.checkpoint = str(meta.get("url", self.router_source))
+            self.class_names = [str(n) for n in meta.get("class_names") or []]
         self.placement.announce(f"router server: router net ({self.checkpoint or 'in memory'})")
         # Concurrent cohorts' router passes share one forward, as the experts' Predicts do. No added
         # delay: it only gathers what queued while the previous forward ran.
@@ -528,6 +530,7 @@ class RouterServer(rpc.LoadingServer):
             student_checkpoint=self.student_source or "",
         )
         info.down_experts[:] = down
+        info.class_names[:] = self.class_names
         return info
 
 

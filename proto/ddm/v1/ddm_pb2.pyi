@@ -169,7 +169,7 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids")
+    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids", "class_names")
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,7 @@ class RouterInfo(_message.Message):
     STUDENT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DOWN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TIME_GRIDS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     num_classes: int
     image_shape: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
@@ -204,4 +205,5 @@ class RouterInfo(_message.Message):
     student_checkpoint: str
     down_experts: _containers.RepeatedScalarFieldContainer[str]
     time_grids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
