@@ -111,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"ddm run: {e}", file=sys.stderr)
             return 2
+        from ddm.coordinator.budget import estimate, format_table
+
+        sys.stdout.write(
+            "# what each stage will cost:\n"
+            + "".join(f"# {line}\n" for line in format_table(estimate(cfg)).splitlines())
+        )
         sys.stdout.write(format_stream(jobs))
         return 0
     from ddm.core.placement import Placement
@@ -125,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"ddm run: {cfg.root} takes the changed config (nothing was made under the old one):\n  "
               + "\n  ".join(manifest.config_changes), file=sys.stderr)  # fmt: skip
     print(f"ddm run: {cfg.name} at {cfg.root} ({cfg.mode}, {len(islands.island)} island(s))", file=sys.stderr)
+    from ddm.coordinator.budget import estimate, format_table
+
+    print(f"ddm run: what each stage will cost:\n{format_table(estimate(cfg))}", file=sys.stderr)
     from torchx.schedulers.local_scheduler import SignalException
 
     try:
