@@ -219,7 +219,7 @@ def train_classifier(
     return model, stats
 
 
-MIN_STEPS = 300  # a small dataset trains for more epochs: 3 epochs of a few hundred images are a few steps
+MIN_STEPS = 150  # a small dataset trains for more epochs: 3 epochs of a few hundred images are a few steps
 
 
 def recipe_for(
