@@ -46,9 +46,12 @@ from ddm.core.device import autocast
 from ddm.core.trainer import build_optimizer
 from ddm.expert import flow
 from ddm.expert.config import ExpertJobConfig
+from ddm.expert.data import FASHION_MNIST_CLASSES, build_training_dataset
 from ddm.expert.trainer import build_model, model_config, train
 from ddm.router.config import RouterJobConfig
 from ddm.router.distill_config import DistillJobConfig
+
+FASHION_MNIST_N = len(FASHION_MNIST_CLASSES)  # the bench partitions' classes
 
 
 class MatmulProbe:
@@ -78,7 +81,7 @@ class BareLoop:
     """The reference: forward, flow loss, backward, AdamW step, on one fixed batch; nothing else."""
 
     def __init__(self, job: ExpertJobConfig):
-        cfg = model_config(job)
+        cfg = model_config(job, build_training_dataset(job.data))  # what the data leaves unset
         self.model = build_model(cfg, job.train.seed)
         self.optimizer = build_optimizer(self.model, job.train)
         g = torch.Generator().manual_seed(1)
@@ -107,7 +110,7 @@ class BareRouter:
         from ddm.router.trainer import build_router
 
         c, h, _ = shape
-        cfg = router_config(job.model.arch, image_size=h, in_channels=c, num_classes=job.model.num_classes,
+        cfg = router_config(job.model.arch, image_size=h, in_channels=c, num_classes=job.model.num_classes or FASHION_MNIST_N,
                             num_experts=job.data.k)  # fmt: skip
         self.model = build_router(cfg, job.train.seed)
         self.optimizer = build_optimizer(self.model, job.train)
@@ -132,7 +135,7 @@ class BareStudent:
     def __init__(self, job: DistillJobConfig, shape: tuple[int, int, int]):
         from ddm.router.distill import build_student, load_experts, partition_weights, student_config
 
-        cfg = student_config(job, shape)
+        cfg = student_config(job, shape, FASHION_MNIST_N)
         self.model = build_student(job, cfg)
         self.optimizer = build_optimizer(self.model, job.train)
         self.experts = load_experts(job.experts, cfg.num_classes)

@@ -36,9 +36,14 @@ COLUMNS = (
 
 
 def load_run(root: str) -> RunConfig:
+    """The run's config as its manifest holds it, with the data-derived fields filled in where a root
+    written by library code (not ``ddm run``, which resolves first) left them unset."""
+    from ddm.coordinator.data_shape import is_resolved, resolve_run_config
     from ddm.coordinator.manifest import Manifest
+    from ddm.expert.data import build_dataset
 
-    return RunConfig.model_validate(Manifest.load(root).data["config"])
+    cfg = RunConfig.model_validate(Manifest.load(root).data["config"])
+    return cfg if is_resolved(cfg) else resolve_run_config(cfg, build_dataset(cfg.data))
 
 
 def matched_monolith(cfg: RunConfig, root: str) -> RunConfig:

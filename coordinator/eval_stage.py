@@ -52,7 +52,21 @@ def reference_set(cfg: RunConfig, limit: int = 10_000) -> ImageDataset:
 
 
 def classifier_cache(cfg: RunConfig) -> str:
-    return storage.join(cfg.root, "eval", "classifier") if "://" in cfg.root else machine_cache()
+    """Where the classifier and the real set's features are cached: the run root's ``eval/classifier``
+    (trained there once, on the run's own images), except Fashion-MNIST on a local root, whose one
+    classifier is shared by every run on the machine."""
+    if "://" in cfg.root or cfg.data.source != "fashion-mnist":
+        return storage.join(cfg.root, "eval", "classifier")
+    return machine_cache()
+
+
+def no_classifier_reason(cfg: RunConfig, real: ImageDataset) -> str | None:
+    """Why a run's eval has no class accuracy, or None when it has one (any labelled dataset does)."""
+    if not cfg.eval.classifier:
+        return "eval.classifier = false"
+    if real.num_classes < 2:
+        return f"the data has {real.num_classes} class: nothing to classify"
+    return None
 
 
 def summary(result: EvalResult) -> dict[str, Any]:
@@ -126,7 +140,7 @@ def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None 
     """What every evaluation of a run shares (real set, feature extractor, classifier, sampling settings,
     the device), as keyword arguments of ``evaluate`` / ``evaluate_mixture``; built once, used for each
     model. ``placement``: where the networks run (default: ``cfg.device`` resolved here)."""
-    from ddm.expert.classifier import get_classifier
+    from ddm.expert.classifier import ClassifierTrainConfig, get_classifier, recipe_for
     from ddm.expert.features import announce_features, build_features
 
     placement = placement or Placement.resolve(cfg.device)
@@ -135,9 +149,14 @@ def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None 
     features = build_features(ev.features, progress=progress, device=placement.device)
     announce_features(features, placement, "eval")
     classifier = None
-    if ev.classifier and cfg.data.source == "fashion-mnist":
-        classifier = get_classifier(cfg.data.model_copy(update={"limit": None, "split": "train"}), classifier_cache(cfg),
-                                    progress=progress, device=placement.device)  # fmt: skip
+    if no_classifier_reason(cfg, real) is None:  # trained on the run's own images once, then cached
+        data = cfg.data.model_copy(
+            update={"limit": None, "split": "train"}
+        )  # all of it; a held-out part tests it
+        recipe = ClassifierTrainConfig() if cfg.data.source == "fashion-mnist" else recipe_for(len(real))
+        classifier = get_classifier(
+            data, classifier_cache(cfg), recipe, progress=progress, device=placement.device
+        )
         placement.announce("eval: classifier")
     reference_cache = storage.join(
         classifier_cache(cfg), "reference"
@@ -179,9 +198,11 @@ def load_experts(
 
 
 def say_result(name: str, r: dict[str, Any], say=print) -> None:
+    acc = r["class_accuracy"]
+    acc = f"n/a ({r.get('class_accuracy_note') or 'no classifier'})" if acc is None else round(acc, 3)
     say(
         f"[eval] {name}: FD {r['fd']:.2f}  KID {r['kid_mean']:.4f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
-        f"class accuracy {r['class_accuracy'] if r['class_accuracy'] is None else round(r['class_accuracy'], 3)}  "
+        f"class accuracy {acc}  "
         f"({r['denoiser_calls_per_sample']:.0f} expert calls/sample)"
     )
 
@@ -192,9 +213,12 @@ def run_eval(cfg: RunConfig, expert_dirs: dict[str, str], router_url: str | None
     context = eval_context(cfg, progress=progress, placement=placement)
     experts = load_experts(expert_dirs, placement)
     models = ["monolith"] if cfg.mode == "monolith" else cfg.eval.models
+    note = no_classifier_reason(cfg, context["real"])
     results: dict[str, Any] = {}
     for model in models:
         out = storage.join(cfg.root, "eval", model)
         results[model] = summary(evaluate_model(cfg, model, experts, router_url, out, context, placement))
+        if note:
+            results[model]["class_accuracy_note"] = note
         say_result(model, results[model], say)
     return results

@@ -59,6 +59,12 @@ class Pipeline:
     _last_line: str | None = None
     _clock: Clock | None = None
 
+    def __post_init__(self) -> None:
+        from ddm.coordinator.data_shape import is_resolved, resolve_run_config
+
+        if not is_resolved(self.cfg):  # `ddm run` resolves before the manifest; library callers here
+            self.cfg = resolve_run_config(self.cfg, self.data())
+
     def where(self) -> Placement:
         """The coordinator's device, resolved once per pipeline (``cfg.device``)."""
         if self.placement is None:

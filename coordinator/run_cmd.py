@@ -83,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
     storage.configure(endpoint_url=getattr(args, "s3_endpoint_url", None) or cfg.storage.endpoint_url)
     if "://" not in cfg.root:
         cfg = cfg.model_copy(update={"root": os.path.abspath(cfg.root)})
+    from ddm.coordinator.data_shape import resolve_run_config
+    from ddm.expert.data import DataError, build_dataset
+
+    try:  # shape and classes from the data, before anything is written (a wrong path locks nothing)
+        data = build_dataset(cfg.data)
+        cfg = resolve_run_config(cfg, data)
+    except DataError as e:
+        print(f"ddm run: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(cfg.model_dump_json(indent=2))
         return 0
@@ -98,10 +107,16 @@ def run(args: argparse.Namespace) -> int:
         from ddm.coordinator.dryrun import format_stream, render_run
 
         try:
-            jobs = render_run(Pipeline(cfg, islands, None, dry_run=True))  # type: ignore[arg-type]
+            jobs = render_run(Pipeline(cfg, islands, None, dry_run=True, _data=data))  # type: ignore[arg-type]
         except ValueError as e:
             print(f"ddm run: {e}", file=sys.stderr)
             return 2
+        from ddm.coordinator.budget import estimate, format_table
+
+        sys.stdout.write(
+            "# what each stage will cost:\n"
+            + "".join(f"# {line}\n" for line in format_table(estimate(cfg)).splitlines())
+        )
         sys.stdout.write(format_stream(jobs))
         return 0
     from ddm.core.placement import Placement
@@ -116,10 +131,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"ddm run: {cfg.root} takes the changed config (nothing was made under the old one):\n  "
               + "\n  ".join(manifest.config_changes), file=sys.stderr)  # fmt: skip
     print(f"ddm run: {cfg.name} at {cfg.root} ({cfg.mode}, {len(islands.island)} island(s))", file=sys.stderr)
+    from ddm.coordinator.budget import estimate, format_table
+
+    print(f"ddm run: what each stage will cost:\n{format_table(estimate(cfg))}", file=sys.stderr)
     from torchx.schedulers.local_scheduler import SignalException
 
     try:
-        Pipeline(cfg, islands, manifest, progress=not args.quiet, placement=placement).run(stages)
+        Pipeline(cfg, islands, manifest, progress=not args.quiet, placement=placement, _data=data).run(stages)
     except (SignalException, KeyboardInterrupt):
         # Local jobs were stopped with SIGTERM and checkpointed; the manifest knows where we were.
         print(f"ddm run: interrupted; run the same command again to carry on ({cfg.root})", file=sys.stderr)

@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--labels",
         default="cycle",
-        help="class labels: comma-separated ints (repeated to fill n), 'cycle' for 0,1,2,... or 'null' for unconditional",
+        help="class labels, repeated to fill n: comma-separated class names (the run's, e.g. an image folder's "
+        "sub-folders) or numbers, 'cycle' for 0,1,2,... or 'null' for unconditional",
     )
     add_options(p, SampleConfig, SAMPLING)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -85,7 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_labels(spec: str, n: int, num_classes: int):
+def parse_labels(spec: str, n: int, num_classes: int, class_names: list[str] | None = None):
+    """(n,) int64 labels from ``--labels``: 'cycle', 'null', or comma-separated class numbers and/or class
+    names (``class_names``: the checkpoint's, the run's or the router's), repeated to fill ``n``. A bad
+    value is a ValueError listing the valid ones."""
     import torch
 
     if n < 1:
@@ -94,17 +98,31 @@ def parse_labels(spec: str, n: int, num_classes: int):
         return torch.arange(n) % max(num_classes, 1)  # unconditional (0 classes): the null label 0
     if spec == "null":
         return torch.full((n,), num_classes, dtype=torch.long)
-    try:
-        values = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--labels {spec!r}: expected comma-separated integers, 'cycle' or 'null'") from None
-    if not values:
-        raise ValueError("--labels is empty")
-    bad = [v for v in values if not 0 <= v < num_classes]
+    names = list(class_names or [])
+    by_name = {name: i for i, name in enumerate(names)}
+    folded = {name.casefold(): i for i, name in enumerate(names)}
+    values, bad = [], []
+    for token in (v.strip() for v in spec.split(",")):
+        if not token:
+            continue
+        if token in by_name or token.casefold() in folded:
+            values.append(by_name.get(token, folded.get(token.casefold())))
+        elif token.lstrip("-").isdigit() and 0 <= int(token) < num_classes:
+            values.append(int(token))
+        else:
+            bad.append(token)
     if bad and not num_classes:
-        raise ValueError(f"--labels {bad}: this checkpoint is unconditional; use --labels cycle or null")
-    if bad:
-        raise ValueError(f"--labels {bad}: class labels must be in 0..{num_classes - 1} for this checkpoint")
+        raise ValueError(
+            f"--labels {', '.join(map(repr, bad))}: this checkpoint is unconditional; use --labels cycle or null"
+        )
+    if bad or not values:
+        valid = ", ".join(f"{i} {name}" for i, name in enumerate(names)) if names else f"0..{num_classes - 1}"
+        what = (
+            f"--labels {', '.join(map(repr, bad))}: not a class of this model" if bad else "--labels is empty"
+        )
+        raise ValueError(
+            f"{what}; the classes are {valid} (names or numbers, comma-separated), or 'cycle' or 'null'"
+        )
     return torch.tensor(values)[torch.arange(n) % len(values)]
 
 
@@ -145,7 +163,11 @@ def run(args: argparse.Namespace) -> int:
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
     student = isinstance(denoiser, StudentDenoiser)
     placement.announce(f"sample: {'student' if student else 'model'} ({args.checkpoint})")
-    y = placement.to(parse_labels(args.labels, args.n, denoiser.num_classes))
+    try:
+        y = placement.to(parse_labels(args.labels, args.n, denoiser.num_classes, denoiser.class_names))
+    except ValueError as e:
+        print(f"ddm sample: {e}", file=sys.stderr)
+        return 2
     shape = denoiser.image_shape
     gen = torch.Generator().manual_seed(args.seed)  # on the CPU: the same noise for a seed on any device
     noise = placement.to(torch.randn(args.n, *shape, generator=gen))
@@ -197,7 +219,7 @@ def run_remote(args: argparse.Namespace) -> int:
     ) as client:
         try:
             info = client.info()
-            y = parse_labels(args.labels, args.n, info.num_classes)
+            y = parse_labels(args.labels, args.n, info.num_classes, list(info.class_names))
             with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
                 images, result = client.sample(
                     args.n,
@@ -233,6 +255,15 @@ def run_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_class_names(root: str) -> list[str] | None:
+    """A run's class names, label i = names[i], as its partition stage recorded them (None: none known)."""
+    from ddm.core import storage
+
+    report = storage.join(root, "clusters", "report.json")
+    names = storage.read_json(report).get("class_names") if storage.exists(report) else None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def run_ensemble(args: argparse.Namespace) -> int:
     """``--run ROOT``: the run's router and experts loaded here, sampled as one Ensemble with the router
     server's defaults for what is unset (top-1) and its starting noise for the seed."""
@@ -266,7 +297,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
             guidance_mode=args.guidance_mode or d.guidance_mode,
             route_every=d.route_every if args.route_every is None else args.route_every,
         )  # fmt: skip
-        y = placement.to(parse_labels(args.labels, args.n, ensemble.num_classes))
+        y = placement.to(parse_labels(args.labels, args.n, ensemble.num_classes, run_class_names(args.run)))
     except ValueError as e:
         print(f"ddm sample: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "class_accuracy",
     "classifier_cache_dir",
     "get_classifier",
+    "recipe_for",
     "split_train_test",
     "train_classifier",
 ]
@@ -216,6 +217,18 @@ def train_classifier(
         "test_examples": len(test) if test is not None else 0,
     }
     return model, stats
+
+
+MIN_STEPS = 150  # a small dataset trains for more epochs: 3 epochs of a few hundred images are a few steps
+
+
+def recipe_for(
+    num_images: int, base: ClassifierTrainConfig = ClassifierTrainConfig()
+) -> ClassifierTrainConfig:
+    """``base`` with enough epochs for at least ``MIN_STEPS`` optimizer steps on ``num_images`` images
+    (the training part: ``1 - holdout`` of them); Fashion-MNIST's 54,000 keep the 3 epochs."""
+    per_epoch = max(1, math.ceil(num_images * (1 - base.holdout) / base.batch_size))
+    return replace(base, epochs=max(base.epochs, math.ceil(MIN_STEPS / per_epoch)))
 
 
 def split_train_test(data_cfg: DataConfig, cfg: ClassifierTrainConfig) -> tuple[ImageDataset, ImageDataset]:

@@ -30,8 +30,18 @@ class DataConfig(Strict):
         "with braces (shards-{000..009}.tar), a parquet file or folder of them, or a shards directory",
     )
     split: Literal["train", "test"] = Field("train", description="Fashion-MNIST split")
-    image_size: int = Field(28, ge=8, le=1024, description="images are resized (folders) to this square size")
-    channels: Literal[1, 3] = Field(1, description="1 for grayscale, 3 for RGB")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="square side of the images; image folders are center-cropped and resized to it. Default: the "
+        "data's own (an image folder's first image, its shorter side); a fixed-size source must match it",
+    )
+    channels: Literal[1, 3] | None = Field(
+        None,
+        description="1 for grayscale, 3 for RGB; image folders are converted to it. Default: the data's own (an "
+        "image folder's first image: 3 if it is in colour); a fixed-shape source must match it",
+    )
     limit: int | None = Field(None, ge=1, description="use only the first N examples (quick runs and tests)")
     image_field: str = Field(
         "image",
@@ -47,10 +57,11 @@ class DataConfig(Strict):
 
 class ModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"DiT size from the registry: {', '.join(DIT_ARCHS)}")
-    num_classes: int = Field(
-        10,
+    num_classes: int | None = Field(
+        None,
         ge=0,
-        description="number of class labels (one more, the null class, is added for guidance); 0: unlabelled data, an unconditional model",
+        description="number of class labels (one more, the null class, is added for guidance); default: the "
+        "data's (an image folder: its class sub-folders); 0: unlabelled data, an unconditional model",
     )
     objective: OBJECTIVES.field() = Field(  # type: ignore[valid-type]
         "velocity",

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ddm.core import storage
 from ddm.expert.config import DataConfig
-from ddm.expert.images import decode_image, to_model_range, to_uint8
+from ddm.expert.images import decode_image, image_shape_of, to_model_range, to_uint8
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -216,11 +216,14 @@ def build_training_dataset(cfg: DataConfig) -> Any:
 
 
 def _check_shape(cfg: DataConfig, shape: tuple[int, int, int]) -> None:
-    want = (cfg.channels, cfg.image_size, cfg.image_size)
-    if tuple(shape) != want:
+    """A fixed-shape source (Fashion-MNIST, shards) against the shape its config states, if any."""
+    c, h, _ = shape
+    bad = [f"data.{k} = {v} (the data's is {d})" for k, v, d in (("channels", cfg.channels, c), ("image_size", cfg.image_size, h)) if v is not None and v != d]  # fmt: skip
+    if bad:
         raise DataError(
-            f"{cfg.path}: the {cfg.source} source holds images of shape {list(shape)} but data.channels / data.image_size "
-            f"ask for {list(want)}; set data.channels = {shape[0]} and data.image_size = {shape[1]}"
+            f"{cfg.path}: data.source = {cfg.source!r} holds images of shape {list(shape)}, but the config sets "
+            f"{' and '.join(bad)}; set data.channels = {c} and data.image_size = {h}, or leave both out to take "
+            "them from the data"
         )
 
 
@@ -380,8 +383,14 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def load_image_folder(url: str, *, image_size: int, channels: int, limit: int | None = None) -> ImageDataset:
+def load_image_folder(
+    url: str, *, image_size: int | None = None, channels: int | None = None, limit: int | None = None
+) -> ImageDataset:
     """Decode every image under ``url``/<class>/, center-cropped and resized to ``image_size`` squares.
+
+    Labels are the class sub-folders' indices in sorted order. ``image_size`` / ``channels`` left out
+    (``None``) come from the first image that decodes (its shorter side; 1 if it is grey, else 3), and
+    every other image is cropped, resized and converted to that; how many needed it is logged.
 
     Files that fail to decode are skipped and listed in ``skipped`` (and logged), so one bad JPEG in a
     scraped folder does not stop a run but is never hidden either. ``ids`` index the sorted list of all
@@ -412,7 +421,7 @@ def list_unlabelled_folder(url: str) -> list[str]:
 
 
 def load_unlabelled_folder(
-    url: str, *, image_size: int, channels: int, limit: int | None = None
+    url: str, *, image_size: int | None = None, channels: int | None = None, limit: int | None = None
 ) -> ImageDataset:
     """Every image under ``url`` as unlabelled data (``num_classes = 0``: unconditional experts and router),
     decoded and validated as ``load_image_folder`` does; ``ids`` index the sorted file list."""
@@ -426,8 +435,8 @@ def decode_records(
     url: str,
     records: Iterable[tuple[str, Callable[[], bytes], int]],
     *,
-    image_size: int,
-    channels: int,
+    image_size: int | None,
+    channels: int | None,
     limit: int | None,
     num_classes: int | None,
     class_names: list[str] | None,
@@ -444,11 +453,19 @@ def decode_records(
     labels: list[int] = []
     ids: list[int] = []
     skipped: list[str] = []
+    inferred = image_size is None or channels is None
+    differ = 0  # images whose own shape is not the inferred one
     for source_id, (name, read, label) in enumerate(records):
         if limit is not None and len(images) >= limit:
             break
         data = read()  # storage errors are not the record's fault: let them raise
         try:
+            if inferred:
+                own = image_shape_of(data)
+                if channels is None or image_size is None:
+                    channels, image_size = channels or own[0], image_size or own[1]
+                    log.info("%s: %d channel(s), %dx%d, from its first image %s", url, channels, image_size, image_size, name)  # fmt: skip
+                differ += own != (channels, image_size)
             img = decode_image(data, channels=channels, size=image_size)  # (C, S, S)
         except Exception as e:  # noqa: BLE001 - PIL raises many exception types for malformed files
             skipped.append(name)
@@ -457,6 +474,9 @@ def decode_records(
         images.append(img)
         labels.append(label)
         ids.append(source_id)
+    if differ:
+        log.warning("%s: %d image(s) differ from the first one's shape and were converted to %d channel(s) "
+                    "at %dx%d; set data.channels / data.image_size to choose", url, differ, channels, image_size, image_size)  # fmt: skip
     if skipped:
         shown = ", ".join(skipped[:5]) + (f", ... ({len(skipped) - 5} more)" if len(skipped) > 5 else "")
         log.warning("%s: skipped %d unreadable image(s): %s", url, len(skipped), shown)

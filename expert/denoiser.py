@@ -114,6 +114,7 @@ class ModuleDenoiser:
         self.module = module
         self.num_classes = num_classes
         self.objective = OBJECTIVES.get(objective, field="objective")
+        self.class_names: list[str] | None = None  # label i's name, when known (set by load_denoiser)
 
     @property
     def null_label(self) -> int:

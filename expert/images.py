@@ -40,8 +40,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # decoding files
 
 
-def decode_image(data: bytes, *, channels: int, size: int) -> torch.Tensor:
-    """Decode an image file, convert to grey (1) or RGB (3), center-crop to square, resize to ``size``.
+def decode_image(data: bytes, *, channels: int, size: int | None) -> torch.Tensor:
+    """Decode an image file, convert to grey (1) or RGB (3), center-crop to square, resize to ``size``
+    (``None``: keep the square's own side).
 
     Returns uint8 (channels, size, size). Raises whatever PIL raises for malformed data; the folder reader
     catches that and counts the file as skipped.
@@ -55,6 +56,7 @@ def decode_image(data: bytes, *, channels: int, size: int) -> torch.Tensor:
         im = im.convert("L" if channels == 1 else "RGB")
     w, h = im.size
     side = min(w, h)
+    size = side if size is None else size
     left, top = (w - side) // 2, (h - side) // 2
     im = im.crop((left, top, left + side, top + side))
     if side != size:
@@ -63,6 +65,26 @@ def decode_image(data: bytes, *, channels: int, size: int) -> torch.Tensor:
         )  # PIL widens the kernel when shrinking (antialiased)
     t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)  # (size*size*channels,)
     return t.view(size, size, channels).permute(2, 0, 1).contiguous()  # (C, H, W)
+
+
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+def image_shape_of(data: bytes) -> tuple[int, int]:
+    """(channels, side) an image file has on its own: 1 for a grey mode, else 3; side = the shorter edge
+    (after EXIF rotation, which does not change it). Reads the header only."""
+    with Image.open(io.BytesIO(data)) as im:
+        mode = im.mode
+        if mode == "P":  # a palette image is grey when every palette entry is
+            im.load()
+            mode = "L" if _palette_is_grey(im) else "RGB"
+        return (1 if mode in GREY_MODES else 3), min(im.size)
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+    rgb = im.convert("RGB")
+    r, g, b = rgb.split()
+    return r.tobytes() == g.tobytes() == b.tobytes()
 
 
 def _flatten_alpha(im: Image.Image) -> Image.Image:

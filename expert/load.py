@@ -69,5 +69,9 @@ def load_denoiser(
     StudentDenoiser (guides itself in one pass) for a student, else a ModuleDenoiser."""
     model, meta = load_model(url, ema=ema, device=device)
     if model.config.guidance_embed:
-        return StudentDenoiser(model)
-    return ModuleDenoiser(model, model.num_classes, objective_of(meta, meta["url"]).name)
+        denoiser = StudentDenoiser(model)
+    else:
+        denoiser = ModuleDenoiser(model, model.num_classes, objective_of(meta, meta["url"]).name)
+    names = meta.get("class_names")  # label i's name, where the trainer saved them (older checkpoints: none)
+    denoiser.class_names = [str(n) for n in names] if isinstance(names, list) else None
+    return denoiser

@@ -29,13 +29,8 @@ SOURCES: Registry[Any] = Registry("data source")
 
 @SOURCES.register("fashion-mnist", help="Debian's Fashion-MNIST idx files (28x28 grey, 10 classes)")
 def fashion_mnist(cfg: DataConfig) -> ImageDataset:
-    from ddm.expert.data import DataError, load_fashion_mnist
+    from ddm.expert.data import load_fashion_mnist  # its shape is checked by build_dataset
 
-    if cfg.channels != 1 or cfg.image_size != 28:
-        raise DataError(
-            f"data.source = 'fashion-mnist' is 28x28 grayscale; set data.channels = 1 and data.image_size = 28 "
-            f"(got channels={cfg.channels}, image_size={cfg.image_size})"
-        )
     return load_fashion_mnist(cfg.path, split=cfg.split, limit=cfg.limit)
 
 

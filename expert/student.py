@@ -41,6 +41,7 @@ class StudentDenoiser:
             raise ValueError("a StudentDenoiser needs a DiT with guidance_embed=True (a distilled student)")
         self.module = module
         self.num_classes = cfg.num_classes
+        self.class_names: list[str] | None = None  # label i's name, when known (set by load_denoiser)
         self.guidance = check_scale(guidance)
         self.calls = calls if calls is not None else CallCounts()
 

@@ -46,12 +46,18 @@ def sample_times(n: int, train: TrainConfig, generator: torch.Generator) -> torc
     return flow.shift_time(t, train.time_shift)  # (n,)
 
 
-def model_config(job: ExpertJobConfig) -> DiTConfig:
+def model_config(job: ExpertJobConfig, dataset: ImageDataset | StreamedDataset | None = None) -> DiTConfig:
+    """The DiT of a job; what the job leaves unset (data.channels, data.image_size, model.num_classes)
+    is the dataset's, which is then required."""
+    unset = job.data.channels is None or job.data.image_size is None or job.model.num_classes is None
+    if unset and dataset is None:
+        raise ValueError("data.channels, data.image_size and model.num_classes must be set without a dataset")
+    c, h, _ = dataset.image_shape if dataset is not None else (None, None, None)
     return dit_config(
         job.model.arch,
-        image_size=job.data.image_size,
-        in_channels=job.data.channels,
-        num_classes=job.model.num_classes,
+        image_size=job.data.image_size or h,
+        in_channels=job.data.channels or c,
+        num_classes=dataset.num_classes if job.model.num_classes is None else job.model.num_classes,  # type: ignore[union-attr]
     )
 
 
@@ -76,7 +82,8 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
     loss_label = "flow-matching loss"
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"objective": self.job.model.objective}  # what serving converts from (objectives.objective_of)
+        # what serving converts from (objectives.objective_of); the names `ddm sample --labels` takes
+        return {"objective": self.job.model.objective, "class_names": self.data.class_names}
 
     def restored(self, step: int) -> None:
         """A resume continues the objective its checkpoints were trained with, or refuses (the model
@@ -93,8 +100,8 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
             )
 
     def build_data(self) -> ImageDataset | StreamedDataset:
-        self.cfg = model_config(self.job)
         dataset = build_training_dataset(self.job.data)
+        self.cfg = model_config(self.job, dataset)
         check_dataset(dataset, self.cfg, self.job)
         return dataset
 

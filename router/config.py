@@ -91,8 +91,11 @@ class RouterDataConfig(Strict):
 
 class RouterModelConfig(Strict):
     arch: str = Field("Router-T/4", description=f"router size from the registry: {', '.join(ROUTER_ARCHS)}")
-    num_classes: int = Field(
-        10, ge=0, description="class labels; must equal the experts' (the null class num_classes is shared)"
+    num_classes: int | None = Field(
+        None,
+        ge=0,
+        description="class labels; must equal the experts' (the null class num_classes is shared); 0: "
+        "unconditional. Default: the experts' in a run, the partitions' in a router job",
     )
 
     @field_validator("arch")

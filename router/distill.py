@@ -117,7 +117,8 @@ def partition_weights(k: torch.Tensor, num_experts: int) -> torch.Tensor:
 # Building the student.
 
 
-def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int]) -> DiTConfig:
+def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int], num_classes: int) -> DiTConfig:
+    """The student DiT; ``num_classes`` is used where the job leaves model.num_classes unset."""
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"images are {h}x{w}; the student DiT needs square images")
@@ -125,7 +126,7 @@ def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int]) -> 
         job.model.arch,
         image_size=h,
         in_channels=c,
-        num_classes=job.model.num_classes,
+        num_classes=job.model.num_classes or num_classes,
         guidance_embed=True,
         step_embed=job.shortcut.enabled,
     )
@@ -181,11 +182,13 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         job, tch, sc, tc = self.job, self.job.teacher, self.job.shortcut, self.tc
         self.urls = job.data.urls()
         data = read_partitions(self.urls, limit=job.data.limit)
-        check_num_classes(data.dataset.num_classes, job.model.num_classes, source=self.urls[0],
-                          field="model.num_classes")  # fmt: skip
+        num_classes = data.dataset.num_classes if job.model.num_classes is None else job.model.num_classes
+        check_num_classes(
+            data.dataset.num_classes, num_classes, source=self.urls[0], field="model.num_classes"
+        )
         self.class_names = data.dataset.class_names
         self.image_shape = data.dataset.image_shape
-        self.cfg = student_config(job, self.image_shape)
+        self.cfg = student_config(job, self.image_shape, num_classes)
         self.n_boot = round(tc.batch_size * sc.fraction) if sc.enabled else 0
         self.n_flow = tc.batch_size - self.n_boot
         if self.n_flow < 1:

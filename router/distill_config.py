@@ -59,8 +59,11 @@ DistillTrainConfig = train_with_defaults(
 
 class StudentModelConfig(Strict):
     arch: str = Field("DiT-T/4", description=f"student DiT size from the registry: {', '.join(DIT_ARCHS)}")
-    num_classes: int = Field(
-        10, ge=0, description="class labels; must equal the experts' (the null class is shared)"
+    num_classes: int | None = Field(
+        None,
+        ge=0,
+        description="class labels; must equal the experts' (the null class is shared); 0: unconditional. "
+        "Default: the experts' in a run, the partitions' in a distillation job",
     )
     init: Literal["expert", "random"] = Field(
         "expert",

@@ -181,6 +181,7 @@ class RouterServer(rpc.LoadingServer):
         self.stats = RouterStats()
         self.router: RouterNet | None = None
         self.checkpoint = router if isinstance(router, str) else ""
+        self.class_names: list[str] = []  # from the router checkpoint (RouterInfo.class_names)
         self.experts = ExpertSet()  # RemoteExperts in expert order; replace_expert swaps one between steps
         self.launcher: Launcher | None = None  # starts a new expert server for ReplaceExpert(checkpoint=...)
         self.on_replaced: list = []  # callables(Replacement), called after each replacement
@@ -234,6 +235,7 @@ class RouterServer(rpc.LoadingServer):
         else:
             self.router, meta = load_router_checkpoint(self.router_source, device=device)
             self.checkpoint = str(meta.get("url", self.router_source))
+            self.class_names = [str(n) for n in meta.get("class_names") or []]
         self.placement.announce(f"router server: router net ({self.checkpoint or 'in memory'})")
         # Concurrent cohorts' router passes share one forward, as the experts' Predicts do. No added
         # delay: it only gathers what queued while the previous forward ran.
@@ -581,6 +583,7 @@ class RouterServer(rpc.LoadingServer):
             student_checkpoint=self.student_source or "",
         )
         info.down_experts[:] = down
+        info.class_names[:] = self.class_names
         return info
 
 

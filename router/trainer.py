@@ -208,15 +208,17 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         c, h, w = data.dataset.image_shape
         if h != w:
             raise ValueError(f"{self.urls[0]}: images are {h}x{w}; the router needs square images")
-        check_num_classes(data.dataset.num_classes, job.model.num_classes, source=self.urls[0],
-                          field="model.num_classes")  # fmt: skip
+        num_classes = data.dataset.num_classes if job.model.num_classes is None else job.model.num_classes
+        check_num_classes(
+            data.dataset.num_classes, num_classes, source=self.urls[0], field="model.num_classes"
+        )
         self.class_names = data.dataset.class_names
         train_data, self.heldout = split_holdout(data, job.data.holdout, self.tc.seed)
         self.cfg = router_config(
             job.model.arch,
             image_size=h,
             in_channels=c,
-            num_classes=job.model.num_classes,
+            num_classes=num_classes,
             num_experts=len(self.urls),
         )
         return train_data

@@ -27,7 +27,14 @@ def _randomise(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def expert_checkpoint(root: Path, k: int, *, cfg: DiTConfig = EXPERT_CFG, arch: str = "DiT-tiny") -> str:
+def expert_checkpoint(
+    root: Path,
+    k: int,
+    *,
+    cfg: DiTConfig = EXPERT_CFG,
+    arch: str = "DiT-tiny",
+    class_names: list[str] | None = None,
+) -> str:
     """Write ``{root}/experts/expert-k/checkpoints`` (the run-root layout) and return that directory."""
     model = DiT(cfg)
     _randomise(model, seed=100 + k)
@@ -37,13 +44,12 @@ def expert_checkpoint(root: Path, k: int, *, cfg: DiTConfig = EXPERT_CFG, arch: 
         **{f"model.{n}": v for n, v in state.items()},
         **{f"ema.{n}": v.clone() for n, v in state.items()},
     }
-    checkpoint.save(
-        directory, 7, tensors, {"kind": "expert", "name": f"expert-{k}", "arch": arch, "model": cfg.to_dict()}
-    )
+    meta = {"kind": "expert", "name": f"expert-{k}", "arch": arch, "model": cfg.to_dict()}
+    checkpoint.save(directory, 7, tensors, {**meta, **({"class_names": class_names} if class_names else {})})
     return directory
 
 
-def router_checkpoint(root: Path, num_experts: int) -> str:
+def router_checkpoint(root: Path, num_experts: int, class_names: list[str] | None = None) -> str:
     """Write ``{root}/router/checkpoints`` with a random RouterNet and return that directory."""
     cfg = RouterConfig(num_experts=num_experts, **ROUTER_CFG)
     net = RouterNet(cfg)
@@ -54,7 +60,8 @@ def router_checkpoint(root: Path, num_experts: int) -> str:
         **{f"model.{n}": v for n, v in state.items()},
         **{f"ema.{n}": v.clone() for n, v in state.items()},
     }
-    checkpoint.save(directory, 3, tensors, {"kind": "router", "name": "router", "model": cfg.to_dict()})
+    meta = {"kind": "router", "name": "router", "model": cfg.to_dict()}
+    checkpoint.save(directory, 3, tensors, {**meta, **({"class_names": class_names} if class_names else {})})
     return directory
 
 

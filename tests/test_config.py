@@ -8,6 +8,7 @@ from ddm.coordinator.config import RunConfig, default_config_text, load_run_conf
 from ddm.coordinator.islands import load_islands
 from ddm.core.config import ConfigError, load_config
 from ddm.expert.config import ExpertJobConfig
+from ddm.expert.data import build_dataset
 
 
 def test_embedded_default_loads_and_matches_the_demo_promise():
@@ -35,7 +36,7 @@ def test_every_shipped_config_builds_its_networks_on_meta(path):
     from ddm.router.model import RouterNet, router_config
     from ddm.router.model_cost import router_cost
 
-    cfg = load_run_config(path)
+    cfg = shaped(load_run_config(path))
     image = {"image_size": cfg.data.image_size, "in_channels": cfg.data.channels}
     expert = dit_config(cfg.experts.model.arch, **image, num_classes=cfg.experts.model.num_classes)
     router = router_config(
@@ -52,8 +53,24 @@ def test_every_shipped_config_builds_its_networks_on_meta(path):
         assert sum(p.numel() for p in net.parameters()) == cost(net_cfg).parameters
 
 
+def shaped(cfg: RunConfig) -> RunConfig:
+    """The config with its data-derived fields filled as ``ddm run`` fills them: from the data where it is
+    here (Fashion-MNIST); else what the config states, and for what it leaves to a folder that is not
+    here (configs/folder.toml) the README's example folder: RGB 32x32, 4 classes."""
+    from ddm.coordinator.data_shape import resolve_run_config
+
+    class Stated:  # a dataset object as far as resolve_run_config reads one
+        image_shape = (cfg.data.channels or 3, cfg.data.image_size or 32, cfg.data.image_size or 32)
+        num_classes = cfg.experts.model.num_classes or 4
+        class_names = None
+
+    if cfg.data.source == "fashion-mnist":
+        return resolve_run_config(cfg, build_dataset(cfg.data.model_copy(update={"limit": 10})))
+    return resolve_run_config(cfg, Stated())
+
+
 def test_paper_imagenet_config_uses_the_papers_sizes():
-    cfg = load_run_config("configs/paper-imagenet.toml")
+    cfg = shaped(load_run_config("configs/paper-imagenet.toml"))
     assert cfg.partition.k == 8
     assert cfg.experts.model.arch == "DiT-XL/2" and cfg.router.model.arch == "Router-B/2"
     classes = {cfg.experts.model.num_classes, cfg.router.model.num_classes, cfg.distill.model.num_classes}

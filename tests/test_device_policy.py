@@ -15,6 +15,7 @@ import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -96,6 +97,10 @@ def fm_run(root: Path, *, features: str = "pixels", encoder: str = "efficientnet
         "eval": {"num_samples": 10, "real_samples": 10, "features": features, "classifier": False,
                  "models": ["top-1"], "sample": {"steps": 2, "guidance": 2.0}},
     })  # fmt: skip
+    # resolved as `ddm run` records it (Fashion-MNIST's shape and classes), without reading the data
+    from ddm.coordinator.data_shape import resolve_run_config
+
+    cfg = resolve_run_config(cfg, SimpleNamespace(image_shape=(1, 28, 28), num_classes=10, class_names=None))
     Manifest.open(str(root), cfg.model_dump(mode="json"))
     for k in range(2):
         meta = {"kind": "expert", "name": f"expert-{k}"}

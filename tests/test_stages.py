@@ -5,20 +5,30 @@ without torch or grpc."""
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from light_cli import ddm_fresh
 
 from ddm.coordinator.config import load_run_config
+from ddm.coordinator.data_shape import resolve_run_config
 from ddm.coordinator.manifest import Manifest
 from ddm.coordinator.pipeline import Pipeline, RunFailed
 from ddm.coordinator.stages import ALL, BY_NAME, NAMES, Stage
+from ddm.expert.data import FASHION_MNIST_CLASSES
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
 
+# What resolving the shape from Fashion-MNIST gives (tests/test_data_shape.py reads the data itself),
+# so these tests' pipelines and manifests take a resolved config without reading 60,000 images.
+FASHION_MNIST = SimpleNamespace(
+    image_shape=(1, 28, 28), num_classes=10, class_names=list(FASHION_MNIST_CLASSES)
+)
+
+
 def tiny(root: Path, **overrides):
-    return load_run_config(str(TINY), {"root": str(root), **overrides})
+    return resolve_run_config(load_run_config(str(TINY), {"root": str(root), **overrides}), FASHION_MNIST)
 
 
 def test_stages_in_order_each_needing_only_earlier_ones():
