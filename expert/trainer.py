@@ -22,7 +22,7 @@ from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_training_dataset
-from ddm.expert.images import to_model_range
+from ddm.expert.images import to_model_input
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.stream import StreamedDataset
 
@@ -35,21 +35,25 @@ def drop_labels(y: torch.Tensor, u: torch.Tensor, p: float, null_label: int) -> 
     return torch.where(u < p, torch.full_like(y, null_label), y)
 
 
-def sample_times(n: int, train: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def sample_times(n: int, train: TrainConfig, generator: torch.Generator, shift: float) -> torch.Tensor:
+    """n training times from ``train.time_sampling``, shifted by ``shift`` (the job's resolved
+    ``flow.resolve_time_shift(train.time_shift, shape)``, recorded in its checkpoints)."""
     if train.time_sampling == "uniform":
         t = flow.sample_t_uniform(n, generator=generator)
     else:
         t = flow.sample_t_logit_normal(n, train.logit_mean, train.logit_std, generator=generator)
-    return flow.shift_time(t, train.time_shift)  # (n,)
+    return flow.shift_time(t, shift)  # (n,)
 
 
-def model_config(job: ExpertJobConfig) -> DiTConfig:
-    return dit_config(
-        job.model.arch,
-        image_size=job.data.image_size,
-        in_channels=job.data.channels,
-        num_classes=job.model.num_classes,
-    )
+def model_config(job: ExpertJobConfig, latent_shape: tuple[int, ...] | None = None) -> DiTConfig:
+    """The DiT of the job: on the data's images, or on ``latent_shape`` (c, h, w) for a latent partition
+    (its index records the shape; data.image_size and data.channels then describe the pixels)."""
+    c, size = job.data.channels, job.data.image_size
+    if latent_shape is not None:
+        c, size, w = latent_shape
+        if size != w:
+            raise ValueError(f"latents of shape {tuple(latent_shape)} are not square; the DiT needs h == w")
+    return dit_config(job.model.arch, image_size=size, in_channels=c, num_classes=job.model.num_classes)
 
 
 def build_model(cfg: DiTConfig, seed: int) -> DiT:
@@ -77,10 +81,16 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
     loss_label = "flow-matching loss"
 
     def build_data(self) -> ImageDataset | StreamedDataset:
-        self.cfg = model_config(self.job)
         dataset = build_training_dataset(self.job.data)
+        self.latent = (dataset.meta or {}).get("latent")  # the latent space's record, None in pixel space
+        self.cfg = model_config(self.job, tuple(dataset.image_shape) if self.latent else None)
         check_dataset(dataset, self.cfg, self.job)
+        shape = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+        self.time_shift = flow.resolve_time_shift(self.tc.time_shift, shape)
         return dataset
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"time_shift": self.time_shift, **({"latent": self.latent} if self.latent else {})}
 
     def build_model(self) -> DiT:
         return build_model(self.cfg, self.tc.seed)
@@ -90,12 +100,12 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
         eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[
             rows
         ]
-        t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
+        t = sample_times(tc.batch_size, tc, gen, self.time_shift)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
         images, y = batch  # uint8 (b, C, H, W), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
         images, y, eps, t = self.to_device(images, y, eps, t)
-        x_0 = to_model_range(images)  # (b, C, H, W), converted on the device
+        x_0 = to_model_input(images)  # (b, C, H, W), converted on the device
         x_t = flow.interpolate(x_0, eps, t)  # (b, C, H, W)
         with self.autocast():
             v_pred = self.net(x_t, t, y)  # (b, C, H, W)

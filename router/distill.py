@@ -54,7 +54,7 @@ from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.guidance import guided
-from ddm.expert.images import to_model_range
+from ddm.expert.images import to_model_input
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.trainer import drop_labels, sample_times
@@ -212,9 +212,11 @@ class StudentTrainer(Trainer[DistillJobConfig]):
                 f"the partitions have {data.dataset.num_classes} classes but model.num_classes is "
                 f"{job.model.num_classes}; set it to the experts' num_classes"
             )
+        self.latent = (data.dataset.meta or {}).get("latent")  # None in pixel space
         self.class_names = data.dataset.class_names
         self.image_shape = data.dataset.image_shape
         self.cfg = student_config(job, self.image_shape)
+        self.time_shift = flow.resolve_time_shift(tc.time_shift, self.image_shape)  # the experts' rule
         self.n_boot = round(tc.batch_size * sc.fraction) if sc.enabled else 0
         self.n_flow = tc.batch_size - self.n_boot
         if self.n_flow < 1:
@@ -243,6 +245,8 @@ class StudentTrainer(Trainer[DistillJobConfig]):
             teacher=job.teacher.model_dump(mode="json"),
             shortcut=job.shortcut.model_dump(mode="json"),
             class_names=self.class_names,
+            time_shift=self.time_shift,
+            **({"latent": self.latent} if self.latent else {}),
         )
 
     def student(self, net: nn.Module) -> Student:
@@ -261,7 +265,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         tc, sc, tch, rows = self.tc, self.job.shortcut, self.job.teacher, self.rows
         n = tc.batch_size  # the global batch: rows [0, n_flow) learn the teacher, the rest self-consistency
         eps = torch.randn((n, *self.image_shape), generator=gen)  # (B, C, H, W)
-        t_flow = sample_times(self.n_flow, tc, gen)  # (B_f,)
+        t_flow = sample_times(self.n_flow, tc, gen, self.time_shift)  # (B_f,)
         t_boot, size = shortcut_times(self.n_boot, sc, gen)  # (B_s,) each
         u_drop = torch.rand(n, generator=gen)  # (B,)
         w = tch.guidance_min + (tch.guidance_max - tch.guidance_min) * torch.rand(n, generator=gen)  # (B,)
@@ -271,7 +275,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         images, y, k = batch  # uint8 (b, C, H, W), (b,), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, self.cfg.num_classes)
         images, y, k, eps, t, w, d_in = self.to_device(images, y, k, eps, t, w, d_in)
-        x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)
+        x_t = flow.interpolate(to_model_input(images), eps, t)  # (b, C, H, W)
         n_f = min(max(self.n_flow - rows.start, 0), rows.stop - rows.start)  # this rank's teacher rows
         f, b = slice(0, n_f), slice(n_f, None)
         if self.router is None:

@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch")
+    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch", "autoencoder", "time_shift")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class ExpertInfo(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
+    TIME_SHIFT_FIELD_NUMBER: _ClassVar[int]
     name: str
     expert_index: int
     num_classes: int
@@ -54,7 +56,9 @@ class ExpertInfo(_message.Message):
     step: int
     checkpoint: str
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    autoencoder: str
+    time_shift: float
+    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., autoencoder: _Optional[str] = ..., time_shift: _Optional[float] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid")
@@ -169,7 +173,7 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids")
+    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids", "output_shape", "autoencoder")
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +191,8 @@ class RouterInfo(_message.Message):
     STUDENT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DOWN_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TIME_GRIDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
     num_classes: int
     image_shape: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
@@ -204,4 +210,6 @@ class RouterInfo(_message.Message):
     student_checkpoint: str
     down_experts: _containers.RepeatedScalarFieldContainer[str]
     time_grids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ...) -> None: ...
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    autoencoder: str
+    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ..., output_shape: _Optional[_Iterable[int]] = ..., autoencoder: _Optional[str] = ...) -> None: ...
