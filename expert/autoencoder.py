@@ -174,7 +174,11 @@ class DiffusersKL:
             )
         try:
             vae = AutoencoderKL.from_pretrained(
-                path, use_safetensors=True, local_files_only=True, torch_dtype=torch.float32
+                path,
+                use_safetensors=True,
+                local_files_only=True,
+                torch_dtype=torch.float32,
+                low_cpu_mem_usage=False,  # True needs accelerate; False briefly holds a second copy (335 MB, SD-VAE)
             )
         except (OSError, ValueError) as e:
             raise ValueError(f"latent.path {path!r}: not a loadable diffusers AutoencoderKL ({e})") from None

@@ -270,6 +270,11 @@ def read_shards(url: str, *, verify: bool = True, limit: int | None = None) -> I
     counts, dtypes, shapes and label ranges are always checked. Errors name the shard and the problem.
     """
     index = read_index(url)
+    if image_dtype(index) != torch.uint8:
+        raise ShardError(
+            f"{url}: a latent partition ({index['dtype']} latents); it is read streamed "
+            "(ddm.expert.stream.open_shards), not into memory as images"
+        )
     c, h, w = index["image_shape"]
     num_classes = index["num_classes"]
     want = index["count"] if limit is None else min(limit, index["count"])

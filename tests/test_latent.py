@@ -21,7 +21,7 @@ from ddm.expert.autoencoder import (
 )
 from ddm.expert.data import ImageDataset
 from ddm.expert.images import to_model_input
-from ddm.expert.shards import ShardWriter, read_index
+from ddm.expert.shards import ShardError, ShardWriter, read_index, read_shards
 from ddm.expert.stream import open_shards
 
 
@@ -135,6 +135,8 @@ def test_a_float16_latent_partition_streams_exactly(tmp_path):
         writer.add(z.float(), labels, ids)
     writer.close()
     assert read_index(str(tmp_path / "p"))["dtype"] == "float16"
+    with pytest.raises(ShardError, match="a latent partition"):
+        read_shards(str(tmp_path / "p"))  # latents are streamed, never loaded as images
     ds = open_shards(str(tmp_path / "p"))
     assert ds.image_shape == (4, 8, 8) and ds.meta["latent"]["autoencoder"] == "diffusers-kl"
     order = torch.tensor([6, 0, 3, 4, 1])
