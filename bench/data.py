@@ -16,9 +16,13 @@ images, then runs, each in its own subprocess so that peak RSS is its own:
     trainers did before streaming): ``rss_mb_*_in_memory``, ``rss_ratio_in_memory`` - the figure the
     streamed reader exists to keep near 1.
 
-``latent_encode_images_per_s`` belongs to the latent-space part of issue 12, which is not built yet: it
-is null, with ``"latent_encode": "not built"``. Prints readable lines, then one JSON object as the LAST
-line. ``--quick`` (N = 2,000 at 64x64, 6 steps of 16) takes about a minute on two free cores, several on a
+``latent_encode_images_per_s``: images per second the latent cache (``ddm.coordinator.latents.
+encode_dataset``: uint8 -> model range -> ``AutoencoderKL.encode`` -> float16 chunks with their sums, written
+to disk) encodes at this size, with ``--vae DIR`` (a diffusers AutoencoderKL directory) or, by default, a
+randomly initialised AutoencoderKL of the SD-VAE architecture (4 levels of 128-512 channels, 4 latent
+channels; throughput depends on the architecture, not the weights), ``--latent-images`` images, one
+process, ``--threads`` threads. ``--latent-only`` measures that alone. Prints readable lines, then one JSON
+object as the LAST line. ``--quick`` (N = 2,000 at 64x64, 6 steps of 16) takes about a minute on two free cores, several on a
 loaded one. ``worker_rss_mb_*`` counts the pages a forked worker shares with the training process too.
 """
 
@@ -109,6 +113,46 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def latent_encode(vae: str | None, n: int, size: int, threads: int) -> dict[str, Any]:
+    """Images/s of the latent cache's encoding path (``encode_dataset``) for n random RGB images."""
+    import torch
+
+    from ddm.coordinator.config import LatentConfig
+    from ddm.coordinator.latents import encode_dataset
+    from ddm.expert.data import ImageDataset
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="ddm-bench-latent-") as tmp:
+        if vae is None:
+            from diffusers import AutoencoderKL
+
+            torch.manual_seed(0)
+            AutoencoderKL(  # the SD-VAE architecture (stabilityai/sd-vae-ft-mse's config.json)
+                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=size,
+            ).save_pretrained(Path(tmp) / "vae")  # fmt: skip
+        path = vae or str(Path(tmp) / "vae")
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+        data = ImageDataset(
+            images=images, labels=torch.zeros(n, dtype=torch.int64), ids=torch.arange(n), num_classes=1
+        )
+        cfg = LatentConfig(autoencoder="diffusers-kl", path=path, batch_size=16, chunk_size=max(1, n // 2))
+        from ddm.expert.autoencoder import load_autoencoder
+
+        ae = load_autoencoder("diffusers-kl", path)  # loading is not encoding: outside the clock
+        t0 = time.perf_counter()
+        latents = encode_dataset(data, cfg, str(Path(tmp) / "latents"), autoencoder=ae, say=lambda *_: None)
+        seconds = time.perf_counter() - t0
+    return {
+        "latent_encode_images_per_s": round(n / seconds, 2),
+        "latent_encode": f"diffusers-kl {'from ' + vae if vae else 'SD-VAE architecture, random weights'}, "
+        f"{n} images, {threads} thread(s)",
+        "latent_shape": list(latents.raw.shape[1:]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -123,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="train.loader_workers")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--no-in-memory", action="store_true", help="skip the in-memory contrast runs")
+    parser.add_argument(
+        "--vae", help="a diffusers AutoencoderKL directory (default: SD-VAE architecture, random)"
+    )
+    parser.add_argument(
+        "--latent-images", type=int, default=None, help="images to encode (quick 32, else 256)"
+    )
+    parser.add_argument("--latent-only", action="store_true", help="measure latent encoding only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -133,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 4:
         parser.error("--steps must be >= 4 (the trainer's rate is timed over steps 2..K-1)")
     t_start = time.perf_counter()
+    latent = latent_encode(
+        args.vae, args.latent_images or (32 if args.quick else 256), args.size, args.threads
+    )
+    print(f"latent encoding: {latent['latent_encode_images_per_s']} images/s of 3x{args.size}x{args.size} "
+          f"-> {latent['latent_shape']} ({latent['latent_encode']})", flush=True)  # fmt: skip
+    if args.latent_only:
+        print(json.dumps({**latent, "seconds": round(time.perf_counter() - t_start, 1)}))
+        return 0
     row_bytes = 3 * args.size * args.size
     shard_size = max(1, (64 * 2**20) // row_bytes)  # ~64 MB shards
     figures: dict[str, Any] = {}
@@ -164,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_large": round(large["rss_mb"], 1),
         "rss_ratio": round(large["rss_mb"] / small["rss_mb"], 3),
         "loader_headroom": round(large["loader_images_per_s"] / large["train_images_per_s"], 2),
-        "latent_encode_images_per_s": None,
-        "latent_encode": "not built",
+        **latent,
         "worker_rss_mb_small": round(small["worker_rss_mb"], 1),
         "worker_rss_mb_large": round(large["worker_rss_mb"], 1),
         "loader_images_per_s": round(large["loader_images_per_s"], 1),

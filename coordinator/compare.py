@@ -50,6 +50,11 @@ def matched_monolith(cfg: RunConfig, root: str) -> RunConfig:
     """The compute-matched monolith of an experts run: same everything, batch × K, the whole dataset."""
     if cfg.mode != "experts":
         raise ValueError(f"{cfg.root} is a {cfg.mode} run; compare needs an experts run")
+    if cfg.latent.enabled:  # the monolith would train on pixels and be scored through the run's decoder
+        raise ValueError(
+            f"{cfg.root} trains in latent space (latent.autoencoder = {cfg.latent.autoencoder!r}); ddm compare "
+            "trains its monolith on pixels and cannot compare it yet (docs/latent.md)"
+        )
     k = cfg.partition.k
     threads = cfg.experts.train.num_threads  # unset: torch's choice for the monolith too
     train = cfg.experts.train.model_copy(

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ddm.core.config import Strict, TrainConfig, load_config, load_toml, parse_config
 from ddm.core.device import DEVICE_HELP, DEVICE_PATTERN
+from ddm.expert.autoencoder import AUTOENCODERS, autoencoder_names
 from ddm.expert.config import DataConfig, ModelConfig, SampleConfig
 from ddm.router.config import RouterEvalConfig, RouterModelConfig, RouterTrainConfig, RoutingConfig
 from ddm.router.distill_config import DistillStageConfig
@@ -112,6 +113,50 @@ class ExpertOverride(Strict):
             if key not in known:
                 raise ValueError(f"unknown model field {key!r}; an override may set {', '.join(known)}")
         return v
+
+
+class LatentConfig(Strict):
+    """The run's ``[latent]``: train in the latent space of an autoencoder (``docs/latent.md``). Every image
+    is encoded once at the partition stage (cached under ``ROOT/latents/``); experts, router and student
+    train on the normalized latents; samples are decoded once, at the end of sampling."""
+
+    autoencoder: str = Field(
+        "none", description="'none' (pixel space) or an entry of ddm.expert.autoencoder.AUTOENCODERS: "
+        + AUTOENCODERS.describe(),
+    )  # fmt: skip
+    path: str = Field(
+        "", description="local directory of the autoencoder (diffusers-kl: what save_pretrained writes); it must "
+        "be readable at the same path by the coordinator and the servers that decode",
+    )  # fmt: skip
+    batch_size: int = Field(64, ge=1, description="images per autoencoder batch when encoding")
+    chunk_size: int = Field(
+        4096, ge=1, description="images per cached latent chunk (the unit a stopped encoding resumes from)"
+    )
+    scale: float | None = Field(
+        None, gt=0, description="latent scaling factor (unset: 1 / std of the data's latents, measured)"
+    )
+    shift: float | None = Field(
+        None, description="latent shift (unset: the mean of the data's latents, measured)"
+    )
+
+    @field_validator("autoencoder")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in autoencoder_names():
+            raise ValueError(f"unknown autoencoder {v!r}; choose one of {', '.join(autoencoder_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _path_set(self) -> LatentConfig:
+        if self.enabled and not self.path:
+            raise ValueError(
+                f"latent.autoencoder is {self.autoencoder!r} but latent.path is empty; set it to the autoencoder's directory"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.autoencoder != "none"
 
 
 class ExpertsConfig(Strict):
@@ -272,6 +317,7 @@ class RunConfig(Strict):
     data: DataConfig = DataConfig()
     curate: CurateConfig = CurateConfig()
     partition: PartitionConfig = PartitionConfig()
+    latent: LatentConfig = LatentConfig()
     experts: ExpertsConfig = ExpertsConfig()
     router: RouterStageConfig = RouterStageConfig()
     eval: EvalConfig = EvalConfig()
@@ -292,6 +338,15 @@ class RunConfig(Strict):
     def expert_model(self, name: str) -> ModelConfig:
         """The model config expert ``name`` trains (``experts.model`` plus its override)."""
         return self.experts.model_for(name)
+
+    @model_validator(mode="after")
+    def _latent_needs_partitions(self) -> RunConfig:
+        if self.latent.enabled and self.mode == "monolith":
+            raise ValueError(
+                "latent space needs mode = 'experts' (latents are written at the partition stage, which "
+                "monolith mode skips); use experts mode with partition.k = 1 for one latent model"
+            )
+        return self
 
 
 def default_config_text() -> str:

@@ -58,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from ddm.expert.data import build_dataset
     from ddm.expert.evaluate import evaluate
     from ddm.expert.features import announce_features, build_features
-    from ddm.expert.load import load_denoiser
+    from ddm.expert.load import load_denoiser, recorded
 
     sample_cfg = config_from_args(SampleConfig, args, SAMPLING)  # bad values fail before any loading
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
+    if sample_cfg.time_shift is None:  # unset: the shift the model was trained with
+        sample_cfg = sample_cfg.model_copy(update={"time_shift": recorded(args.checkpoint)["time_shift"]})
     placement.announce(f"eval: model ({args.checkpoint})")
     data_cfg = DataConfig(source="fashion-mnist", path=args.data, split=args.split, limit=args.real_samples)
     real = build_dataset(data_cfg)

@@ -26,7 +26,16 @@ from ddm.coordinator.layout import machine_cache  # noqa: F401  (ddm eval's cach
 from ddm.core import checkpoint, storage
 from ddm.core.placement import Placement
 from ddm.expert.data import ImageDataset, build_dataset
-from ddm.expert.evaluate import EvalResult, balanced_labels, evaluate, generate, score
+from ddm.expert.evaluate import (
+    EvalResult,
+    balanced_labels,
+    decode_samples,
+    evaluate,
+    generate,
+    sample_shape,
+    score,
+)
+from ddm.expert.flow import resolve_time_shift
 from ddm.expert.images import to_uint8
 from ddm.expert.load import load_denoiser
 from ddm.expert.sampling import CountingDenoiser
@@ -91,12 +100,14 @@ def mixture_assignment(y: torch.Tensor, class_counts: np.ndarray, seed: int) -> 
 
 def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageDataset, num_samples: int, sample_cfg,
                      features, classifier, seed: int, batch_size: int, out_dir: str, progress: bool,
-                     cache_dir: str | None = None, device: str | torch.device = "cpu") -> EvalResult:  # fmt: skip
+                     cache_dir: str | None = None, device: str | torch.device = "cpu",
+                     codec: Any = None) -> EvalResult:  # fmt: skip
     """Sample the partition mixture one expert at a time, then score the union like any model."""
     started = time.perf_counter()
     y = balanced_labels(num_samples, real.num_classes)  # (N,)
     owner = mixture_assignment(y, class_counts, seed)  # (N,)
-    x = torch.empty((num_samples, *real.image_shape))
+    shape = sample_shape(real, codec)  # pixels, or latents decoded below
+    x = torch.empty((num_samples, *shape))
     rows = batches = 0
     t0 = time.perf_counter()
     for k, expert in enumerate(experts):
@@ -105,9 +116,10 @@ def evaluate_mixture(experts: list, class_counts: np.ndarray, *, real: ImageData
             continue
         counter = CountingDenoiser(expert)
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        x[idx] = generate(counter, y[idx], real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
+        x[idx] = generate(counter, y[idx], shape, sample_cfg, generator=gen, batch_size=batch_size,
                           progress=progress, device=device)  # fmt: skip
         rows, batches = rows + counter.calls.total_rows, batches + counter.calls.total_batches
+    x = decode_samples(codec, x, batch_size)  # (N, C, H, W) pixels: evaluation is in pixel space
     sampling_seconds = time.perf_counter() - t0
     result = score(
         to_uint8(x), y, real=real, features=features, classifier=classifier, sample_cfg=sample_cfg, seed=seed,
@@ -161,8 +173,25 @@ def eval_context(cfg: RunConfig, *, progress: bool, placement: Placement | None 
     reference_cache = storage.join(
         classifier_cache(cfg), "reference"
     )  # real-set features, keyed by image hash
-    return dict(real=real, num_samples=ev.num_samples, sample_cfg=ev.sample, features=features, classifier=classifier,
-                seed=0, batch_size=250, progress=progress, cache_dir=reference_cache, device=placement.device)  # fmt: skip
+    codec = run_codec(cfg, placement)
+    sample_cfg = ev.sample
+    if sample_cfg.time_shift is None:  # unset: the experts' own, by the rule their trainer applied
+        shift = resolve_time_shift(cfg.experts.train.time_shift, sample_shape(real, codec))
+        sample_cfg = sample_cfg.model_copy(update={"time_shift": shift})
+    return dict(real=real, num_samples=ev.num_samples, sample_cfg=sample_cfg, features=features, classifier=classifier,
+                seed=0, batch_size=250, progress=progress, cache_dir=reference_cache, device=placement.device,
+                codec=codec)  # fmt: skip
+
+
+def run_codec(cfg: RunConfig, placement: Placement) -> Any:
+    """The run's latent codec (its autoencoder with the scale and shift the partition stage recorded), or
+    None in pixel space."""
+    if not cfg.latent.enabled:
+        return None
+    from ddm.expert.autoencoder import codec_from_record
+
+    index = storage.read_json(storage.join(cfg.root, "latents", "index.json"))
+    return codec_from_record(index, placement.device)
 
 
 def evaluate_model(cfg: RunConfig, model: str, experts: list, router_url: str | None, out_dir: str,

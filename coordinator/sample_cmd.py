@@ -15,6 +15,7 @@ on any device. Through a router, the router's and experts' servers place their o
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ddm.core.cli import add_options
 from ddm.core.device import add_argument as add_device_argument
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from ddm.core.placement import Placement
     from ddm.expert.guidance import with_guidance
     from ddm.expert.images import save_grid, to_uint8
-    from ddm.expert.load import load_denoiser
+    from ddm.expert.load import load_denoiser, recorded
     from ddm.expert.sampling import sample
     from ddm.expert.student import StudentDenoiser
 
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     placement = Placement.resolve(args.device, field="--device")
     denoiser = load_denoiser(args.checkpoint, ema=not args.no_ema, device=placement.device)
+    facts = recorded(args.checkpoint)  # its time shift and latent space
     student = isinstance(denoiser, StudentDenoiser)
     placement.announce(f"sample: {'student' if student else 'model'} ({args.checkpoint})")
     try:
@@ -176,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     guided = with_guidance(denoiser, args.guidance)  # CFG pair for an expert, one pass for a student
     x0 = sample(
         guided, noise, y, steps=args.steps, sampler=args.sampler, time_grid=args.time_grid,
-        time_shift=args.time_shift, generator=gen,
+        time_shift=facts["time_shift"] if args.time_shift is None else args.time_shift, generator=gen,
     )  # fmt: skip
+    x0 = decoded(x0, facts["latent"], placement)
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
     print(f"wrote {args.n} samples to {args.out}")
@@ -274,7 +277,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
     from ddm.core import storage
     from ddm.core.placement import Placement
     from ddm.expert.images import save_grid, to_uint8
-    from ddm.expert.load import load_denoiser
+    from ddm.expert.load import load_denoiser, recorded
     from ddm.expert.sampling import sample
     from ddm.router.ensemble import Ensemble
     from ddm.router.model import load_router
@@ -303,8 +306,11 @@ def run_ensemble(args: argparse.Namespace) -> int:
         return 2
     placement.announce(f"sample: router + {len(experts)} experts ({args.run})")
     noise, gen = initial_noise(args.n, experts[0].image_shape, args.seed)
+    facts = recorded(named[0][1])  # the experts' time shift and latent space
+    shift = facts["time_shift"] if args.time_shift is None else args.time_shift
     x0 = sample(ensemble.guided(args.guidance), placement.to(noise), y, steps=args.steps, sampler=args.sampler,
-                time_grid=args.time_grid, time_shift=args.time_shift, generator=gen)  # fmt: skip
+                time_grid=args.time_grid, time_shift=shift, generator=gen)  # fmt: skip
+    x0 = decoded(x0, facts["latent"], placement)
     nrow = args.nrow or max(1, int(math.ceil(math.sqrt(args.n))))
     save_grid(to_uint8(x0).cpu(), args.out, nrow=nrow)
     rows = ", ".join(f"{name} {r}" for (name, _), r in zip(named, ensemble.calls.rows))
@@ -312,3 +318,12 @@ def run_ensemble(args: argparse.Namespace) -> int:
         f"wrote {args.n} samples to {args.out} (in-process ensemble of {len(experts)} experts; expert rows: {rows})"
     )
     return 0
+
+
+def decoded(x0: Any, latent: dict | None, placement: Any) -> Any:
+    """Samples as pixels: latents (a latent-space model) decoded once by the run's autoencoder."""
+    if not latent:
+        return x0
+    from ddm.expert.autoencoder import codec_from_record
+
+    return codec_from_record(latent, placement.device).decode(x0)

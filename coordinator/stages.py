@@ -127,7 +127,7 @@ class Partition(Stage):
         from ddm.coordinator.cluster import ClusterConfig, cluster_report, fit_clustering
         from ddm.coordinator.curate import embed_dataset
         from ddm.expert.images import save_grid
-        from ddm.expert.shards import write_shards
+        from ddm.expert.shards import ShardWriter, write_shards
 
         data = ctx.data()
         keep = torch.from_numpy(
@@ -166,16 +166,28 @@ class Partition(Stage):
                 )
             )
         save_grid(torch.cat(rows), storage.join(ctx.cfg.root, "clusters", "samples.png"), nrow=12)
+        latents = None
+        if ctx.cfg.latent.enabled:  # encode every kept image once (cached, resumable), write latents
+            from ddm.coordinator.latents import encode_dataset
+
+            latents = encode_dataset(data, ctx.cfg.latent, storage.join(ctx.cfg.root, "latents"),
+                                     device=ctx.where().device, say=ctx.say)  # fmt: skip
         for k, name in enumerate(expert_names(ctx.cfg)):
             members = keep[torch.from_numpy(np.flatnonzero(labels == k))]
-            write_shards(
-                storage.join(ctx.cfg.root, "partitions", name),
-                data.images[members], data.labels[members], data.ids[members],
-                num_classes=data.num_classes, shard_size=p.shard_size,
-                meta={"cluster": k, "run": ctx.cfg.name, "source": ctx.cfg.data.model_dump()},
-            )  # fmt: skip
+            meta = {"cluster": k, "run": ctx.cfg.name, "source": ctx.cfg.data.model_dump()}
+            url = storage.join(ctx.cfg.root, "partitions", name)
+            if latents is None:
+                write_shards(url, data.images[members], data.labels[members], data.ids[members],
+                             num_classes=data.num_classes, shard_size=p.shard_size, meta=meta)  # fmt: skip
+                continue
+            writer = ShardWriter(url, image_shape=tuple(latents.record["latent_shape"]), num_classes=data.num_classes,
+                                 shard_size=p.shard_size, meta={**meta, "latent": latents.record}, dtype="float16")  # fmt: skip
+            for b in range(0, len(members), p.shard_size):
+                rows = members[b : b + p.shard_size]
+                writer.add(latents.normalized(rows), data.labels[rows], data.ids[rows])
+            writer.close()
         ctx.say(f"[partition] cluster sizes {sizes} (imbalance {max(sizes) / max(1, min(sizes)):.3f})")
-        return {"sizes": sizes}
+        return {"sizes": sizes, **({"latent": latents.record} if latents is not None else {})}
 
     def headline(self, record: dict[str, Any]) -> str:
         sizes = record.get("sizes")

@@ -46,8 +46,12 @@ class TrainConfig(Strict):
     )
     logit_mean: float = Field(0.0, description="mean of the logit-normal time distribution")
     logit_std: float = Field(1.0, gt=0, description="std of the logit-normal time distribution")
-    time_shift: float = Field(
-        1.0, gt=0, description="resolution-dependent time shift applied to sampled t (1 = none)"
+    time_shift: float | None = Field(
+        None,
+        gt=0,
+        description="resolution-dependent time shift applied to sampled t (1 = none); unset: derived from "
+        "the shape the model denoises by the SD3 rule, sqrt(C*H*W / 784) (1 at 28x28 grayscale), and recorded "
+        "in the checkpoint; sampling uses the recorded value unless its own time_shift is set",
     )
     device: str = Field("auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=PRECISION_HELP)

@@ -92,7 +92,13 @@ class SampleConfig(Strict):
     time_grid: TIME_GRIDS.field() = Field(  # type: ignore[valid-type]
         "uniform", description="time grid (ddm.expert.samplers.TIME_GRIDS): " + TIME_GRIDS.describe()
     )
-    time_shift: float = Field(1.0, gt=0, description="time shift of the sampling grid (1 = none)")
+    time_shift: float | None = Field(
+        None,
+        gt=0,
+        description="time shift of the sampling grid (1 = none); unset: the one the models were trained with "
+        "(recorded in their checkpoints; by default derived from the shape they denoise, ddm.expert.flow."
+        "derived_time_shift)",
+    )
     churn: float = Field(
         0.5,
         ge=0,

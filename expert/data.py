@@ -211,7 +211,8 @@ def build_training_dataset(cfg: DataConfig) -> Any:
     from ddm.expert.stream import open_shards  # stream imports this module (via shards)
 
     ds = open_shards(cfg.path, limit=cfg.limit)
-    _check_shape(cfg, ds.image_shape)
+    latent = ds.meta.get("latent")  # a latent partition: data.* describe the pixels it was encoded from
+    _check_shape(cfg, tuple(latent["image_shape"]) if latent else ds.image_shape)
     return ds
 
 

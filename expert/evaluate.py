@@ -39,6 +39,7 @@ from ddm.expert.config import SampleConfig
 from ddm.expert.data import ImageDataset
 from ddm.expert.denoiser import Counted, Denoiser
 from ddm.expert.features import FeatureExtractor
+from ddm.expert.flow import resolve_time_shift
 from ddm.expert.guidance import with_guidance
 from ddm.expert.images import save_grid, to_uint8
 from ddm.expert.metrics import fd_from_stats, feature_stats, kid, precision_recall
@@ -131,7 +132,7 @@ def generate(
                 steps=sample_cfg.steps,
                 sampler=sample_cfg.sampler,
                 time_grid=sample_cfg.time_grid,
-                time_shift=sample_cfg.time_shift,
+                time_shift=resolve_time_shift(sample_cfg.time_shift, image_shape),
                 churn=sample_cfg.churn,
                 generator=generator,
             )  # (B, C, H, W)
@@ -224,9 +225,11 @@ def evaluate(
     pr_k: int = 3,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    codec: Any = None,
 ) -> EvalResult:
     """Sample ``num_samples`` class-balanced images from ``denoiser`` (its networks on ``device``) and
-    score them against ``real``.
+    score them against ``real``. With ``codec`` (a ``ddm.expert.autoencoder.LatentCodec``) the denoiser
+    works on latents: samples are decoded before scoring, so every figure is in pixel space.
 
     FD and KID use all of ``real``; precision/recall use a seeded random subset of ``real`` of the same
     size as the samples (the k-NN radii depend on set size). Deterministic for a seed. Writes
@@ -258,8 +261,9 @@ def evaluate(
     rows0, batches0 = counted.calls.total_rows, counted.calls.total_batches
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    x = generate(counted, y, real.image_shape, sample_cfg, generator=gen, batch_size=batch_size,
+    x = generate(counted, y, sample_shape(real, codec), sample_cfg, generator=gen, batch_size=batch_size,
                  progress=progress, device=device)  # fmt: skip
+    x = decode_samples(codec, x, batch_size)  # (N, C, H, W) pixels
     sampling_seconds = time.perf_counter() - t0
     rows, batches = counted.calls.total_rows - rows0, counted.calls.total_batches - batches0
     return score(
@@ -268,6 +272,20 @@ def evaluate(
         out_dir=out_dir, cache_dir=cache_dir, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, pr_k=pr_k,
         started=t_start,
     )  # fmt: skip
+
+
+def sample_shape(real: ImageDataset, codec: Any) -> tuple[int, ...]:
+    """What the denoiser samples: the real images' shape, or the codec's latent shape."""
+    if codec is None:
+        return tuple(real.image_shape)
+    return tuple(codec.autoencoder.latent_shape(tuple(real.image_shape)))
+
+
+def decode_samples(codec: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Latent samples (N, c, h, w) -> pixels (N, C, H, W) in [-1, 1] on the CPU; ``x`` itself without codec."""
+    if codec is None:
+        return x
+    return torch.cat([codec.decode(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
 
 
 def score(

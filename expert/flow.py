@@ -71,6 +71,26 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (shift * t + (1 - t))  # = eq. 23; this form is exact at t = 0 and t = 1
 
 
+BASE_VALUES = 28 * 28  # values one example holds at the base resolution: shift 1 at 28 x 28 grayscale
+
+
+def derived_time_shift(shape: tuple[int, ...] | list[int], base_values: int = BASE_VALUES) -> float:
+    """The SD3 rule (Esser et al. 2024, sec. 5.3.2, eq. 23's alpha): shift = sqrt(m / n), with m the number
+    of values the model denoises per example (C * H * W of the pixels, or of the latents in latent space)
+    and n the same at the base resolution (``BASE_VALUES``: ddm's default 28 x 28 grayscale experts,
+    whose shift is therefore exactly 1). E.g. 3 x 32 x 32 pixels: sqrt(3072 / 784) = 1.98; SD-VAE latents
+    of a 256-pixel image, 4 x 32 x 32: sqrt(4096 / 784) = 2.29."""
+    m = math.prod(int(d) for d in shape)
+    if m < 1 or base_values < 1:
+        raise ValueError(f"time shift: shape {tuple(shape)} and base {base_values} must be positive")
+    return math.sqrt(m / base_values)
+
+
+def resolve_time_shift(setting: float | None, shape: tuple[int, ...] | list[int]) -> float:
+    """A hand-set ``time_shift`` wins; unset (None), the shift derived from ``shape`` (:func:`derived_time_shift`)."""
+    return float(setting) if setting is not None else derived_time_shift(shape)
+
+
 def resolution_shift(
     image_size: int, base_size: int = 32, channels: int = 1, base_channels: int = 1
 ) -> float:

@@ -29,6 +29,16 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.to(torch.float32) / 127.5 - 1.0
 
 
+def to_model_input(stored: torch.Tensor) -> torch.Tensor:
+    """What a trainer feeds the network from a stored batch: uint8 pixels -> float32 [-1, 1]; float16
+    latents (already normalized when the partition was written) -> float32 as they are."""
+    if stored.dtype == torch.uint8:
+        return to_model_range(stored)
+    if stored.dtype in (torch.float16, torch.float32):
+        return stored.to(torch.float32)
+    raise ValueError(f"stored images must be uint8 pixels or float16 latents, got {stored.dtype}")
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255] (same shape), clamped and rounded to the nearest level."""
     if not x.is_floating_point():

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ddm.core import checkpoint
+from ddm.core import checkpoint, storage
 from ddm.core.checkpoint import CheckpointError
 from ddm.expert.denoiser import ModuleDenoiser
 from ddm.expert.model import DiT, DiTConfig
@@ -60,6 +60,17 @@ def load_model(
         raise CheckpointError(str(e)) from None
     model.to(device).eval().requires_grad_(False)
     return model, {**meta, "url": ckpt.url}
+
+
+def recorded(url: str) -> dict[str, Any]:
+    """What a checkpoint (file or directory) records about the space its model was trained in, read from
+    its JSON sidecar (no weights): ``time_shift`` (1.0 when it records none: trained before the shift was
+    derived, with the old default) and ``latent`` (``ddm.expert.autoencoder.latent_record``; None: pixels)."""
+    file = url if url.endswith(".safetensors") else checkpoint.latest(url)
+    if file is None:
+        raise CheckpointError(f"{url}: no checkpoint found (expected step-*.safetensors or latest.json)")
+    meta = storage.read_json(file.removesuffix(".safetensors") + ".json")
+    return {"time_shift": float(meta.get("time_shift") or 1.0), "latent": meta.get("latent") or None}
 
 
 def load_denoiser(

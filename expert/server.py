@@ -200,6 +200,8 @@ class ExpertServer(rpc.LoadingServer):
             checkpoint=str(meta.get("url", self.checkpoint)),
             max_batch=self.max_batch,
             objective=denoiser.objective.name,
+            autoencoder=str((meta.get("latent") or {}).get("autoencoder", "")),
+            time_shift=float(meta.get("time_shift") or 1.0),
         )
         row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
         if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:

@@ -6,6 +6,10 @@ Layout of one partition directory::
                               "num_classes": K, "shards": [{"file", "count", "sha256"}, ...], "meta": {...}}
     shard-00000.safetensors  images uint8 (n, C, H, W), labels int64 (n,), ids int64 (n,)
 
+A latent partition (``ddm.expert.autoencoder``) holds normalized latents instead: its index adds
+``"dtype": "float16"`` and ``meta.latent`` (the autoencoder, scale, shift and pixel shape), and its
+``images`` are float16 (n, c, h, w). Without ``dtype`` a partition is uint8 pixels.
+
 Every file is written atomically and ``index.json`` last, so a directory without ``index.json`` is an
 unfinished partition, never a silently short one. The index's sha256 of each shard file lets a reader on
 another island detect a corrupt or half-copied shard. Tensors travel as safetensors (never pickles).
@@ -31,6 +35,12 @@ INDEX_FILE = "index.json"
 _SHARD_NAME = re.compile(r"^shard-\d{5,}\.safetensors$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TENSOR_DTYPES = {"images": torch.uint8, "labels": torch.int64, "ids": torch.int64}
+IMAGE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}  # index "dtype": pixels or latents
+
+
+def image_dtype(index: dict[str, Any]) -> torch.dtype:
+    """The dtype of a validated index's ``images``: uint8 pixels unless it says ``"dtype": "float16"``."""
+    return IMAGE_DTYPES[index.get("dtype", "uint8")]
 
 
 class ShardError(DataError):
@@ -106,7 +116,11 @@ class ShardWriter:
         num_classes: int,
         shard_size: int = 10000,
         meta: dict[str, Any] | None = None,
+        dtype: str = "uint8",
     ):
+        if dtype not in IMAGE_DTYPES:
+            raise ValueError(f"write_shards: dtype must be one of {', '.join(IMAGE_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         if len(image_shape) != 3 or not all(int(d) > 0 for d in image_shape):
             raise ValueError(
                 f"write_shards: image_shape must be (C, H, W) of positive sizes, got {tuple(image_shape)}"
@@ -130,9 +144,10 @@ class ShardWriter:
         self._started = False
 
     def add(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+        want = IMAGE_DTYPES[self.dtype]
+        if images.dtype != want or images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(
-                f"write_shards: images must be uint8 (N, {', '.join(map(str, self.image_shape))}), "
+                f"write_shards: images must be {self.dtype} (N, {', '.join(map(str, self.image_shape))}), "
                 f"got {images.dtype} {tuple(images.shape)}"
             )
         _check_rows(images, labels, ids, self.num_classes)
@@ -181,6 +196,8 @@ class ShardWriter:
             "shards": self.entries,
             "meta": self.meta,
         }
+        if self.dtype != "uint8":
+            index["dtype"] = self.dtype
         storage.write_json(self._index_url, index)
         listed = {e["file"] for e in self.entries}
         for name in storage.listdir(self.url):
@@ -225,6 +242,8 @@ def _validate_index(index: Any, where: str) -> None:
         raise bad("image_shape", f"must be [C, H, W] of positive integers, got {shape!r}")
     if not is_int(index["num_classes"]) or index["num_classes"] < 0:
         raise bad("num_classes", f"must be an integer >= 0 (0: unlabelled), got {index['num_classes']!r}")
+    if index.get("dtype", "uint8") not in IMAGE_DTYPES:
+        raise bad("dtype", f"is {index['dtype']!r}; this reader understands {', '.join(IMAGE_DTYPES)}")
     if not isinstance(index.get("meta", {}), dict):
         raise bad("meta", f"must be a JSON object, got {type(index['meta']).__name__}")
     if not isinstance(index["shards"], list):
@@ -252,6 +271,11 @@ def read_shards(url: str, *, verify: bool = True, limit: int | None = None) -> I
     counts, dtypes, shapes and label ranges are always checked. Errors name the shard and the problem.
     """
     index = read_index(url)
+    if image_dtype(index) != torch.uint8:
+        raise ShardError(
+            f"{url}: a latent partition ({index['dtype']} latents); it is read streamed "
+            "(ddm.expert.stream.open_shards), not into memory as images"
+        )
     c, h, w = index["image_shape"]
     num_classes = index["num_classes"]
     want = index["count"] if limit is None else min(limit, index["count"])
@@ -261,7 +285,7 @@ def read_shards(url: str, *, verify: bool = True, limit: int | None = None) -> I
         if have >= want:
             break
         shard_url = storage.join(url, entry["file"])
-        tensors = _read_shard(shard_url, entry, verify)
+        tensors = _read_shard(shard_url, entry, verify, image_dtype(index))
         n = entry["count"]
         if tuple(tensors["images"].shape) != (n, c, h, w):
             raise ShardError(
@@ -303,7 +327,9 @@ def read_shards(url: str, *, verify: bool = True, limit: int | None = None) -> I
     )
 
 
-def _read_shard(shard_url: str, entry: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+def _read_shard(
+    shard_url: str, entry: dict[str, Any], verify: bool, images_dtype: torch.dtype = torch.uint8
+) -> dict[str, torch.Tensor]:
     try:
         raw = storage.read_bytes(shard_url)
     except FileNotFoundError:
@@ -321,7 +347,7 @@ def _read_shard(shard_url: str, entry: dict[str, Any], verify: bool) -> dict[str
         tensors = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ShardError(f"{shard_url}: not a readable safetensors file ({e})") from None
-    for key, dtype in _TENSOR_DTYPES.items():
+    for key, dtype in {**_TENSOR_DTYPES, "images": images_dtype}.items():
         if key not in tensors:
             raise ShardError(f"{shard_url}: tensor {key!r} is missing (has {sorted(tensors)})")
         if tensors[key].dtype != dtype:

@@ -42,14 +42,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ddm.core import storage
-from ddm.expert.images import to_model_range
-from ddm.expert.shards import INDEX_FILE, ShardError, read_index
+from ddm.expert.images import to_model_input
+from ddm.expert.shards import INDEX_FILE, ShardError, image_dtype, read_index
 
 CACHE_ENV = "DDM_SHARD_CACHE"
 _HEADER_MAX = 100 * 2**20  # a safetensors header larger than this is not one of ours
 _CHUNK = 8 * 2**20
 MAX_OPEN = 256  # open shard files per process; the least recently used is closed (reopening is cheap)
 _ST_DTYPES = {"images": ("U8", 1), "labels": ("I64", 8), "ids": ("I64", 8)}
+_IMAGE_ST = {"uint8": ("U8", 1, np.uint8), "float16": ("F16", 2, np.float16)}  # index dtype -> header, numpy
 
 
 def cache_dir() -> Path:
@@ -64,6 +65,7 @@ class _Shard:
     rows: int  # rows used (the entry's count, or fewer under a limit)
     num_classes: int
     image_shape: tuple[int, int, int]
+    dtype: str = "uint8"  # of the images: uint8 pixels or float16 latents (the index's "dtype")
 
 
 class _OpenShard:
@@ -194,14 +196,15 @@ def _parse(fd: int, s: _Shard) -> _OpenShard:
         raise unreadable("header is not a JSON object")
     base = 8 + n
     at: dict[str, int] = {}
-    for key, (dtype, itemsize) in _ST_DTYPES.items():
+    st_dtypes = {**_ST_DTYPES, "images": _IMAGE_ST[s.dtype][:2]}
+    for key, (dtype, itemsize) in st_dtypes.items():
         info = header.get(key)
         if not isinstance(info, dict):
             raise ShardError(
                 f"{s.url}: tensor {key!r} is missing (has {sorted(k for k in header if k != '__metadata__')})"
             )
         if info.get("dtype") != dtype:
-            want = "torch.uint8" if dtype == "U8" else "torch.int64"
+            want = {"U8": "torch.uint8", "F16": "torch.float16"}.get(dtype, "torch.int64")
             raise ShardError(f"{s.url}: tensor {key!r} is {info.get('dtype')}, expected {want}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
@@ -235,7 +238,7 @@ def _parse(fd: int, s: _Shard) -> _OpenShard:
             f"{s.url}: labels span [{int(labels.min())}, {int(labels.max())}], outside [0, {classes})"
         )
     c, h, w = s.image_shape
-    return _OpenShard(fd, at["images"], c * h * w, labels, ids)
+    return _OpenShard(fd, at["images"], c * h * w * _IMAGE_ST[s.dtype][1], labels, ids)
 
 
 def _cached_copy(url: str, sha256: str) -> Path:
@@ -299,6 +302,7 @@ class StreamedDataset(Dataset):
         positions: torch.Tensor | None = None,
     ):
         self._set, self.num_classes, self.image_shape = shards, num_classes, image_shape
+        self.dtype = shards.shards[0].dtype if shards.shards else "uint8"  # uint8 pixels or float16 latents
         self.class_names, self.meta, self.skipped = class_names, dict(meta or {}), []
         self._positions = positions  # int64 (N,) into the shards' global index; None = all, in order
 
@@ -311,15 +315,16 @@ class StreamedDataset(Dataset):
         return images[0], labels[0]
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x float (B, C, H, W) in [-1, 1], y int64 (B,)) for integer indices (B,)."""
+        """(x float (B, C, H, W) in the model's space, y int64 (B,)) for integer indices (B,)."""
         images, labels = self.batch_uint8(index)
-        return to_model_range(images), labels  # (B, C, H, W), (B,)
+        return to_model_input(images), labels  # (B, C, H, W), (B,)
 
     def batch_uint8(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x uint8 (B, C, H, W), y int64 (B,)), reading only those rows."""
+        """(x as stored (B, C, H, W): uint8 pixels, or float16 latents, y int64 (B,)), reading only those
+        rows (the name says what pixel partitions give; trainers convert with ``to_model_input``)."""
         positions = self._global(index)  # (B,)
         b = positions.numel()
-        images = np.empty((b, int(np.prod(self.image_shape))), dtype=np.uint8)  # (B, C*H*W)
+        images = np.empty((b, int(np.prod(self.image_shape))), dtype=_IMAGE_ST[self.dtype][2])  # (B, C*H*W)
         labels = torch.empty(b, dtype=torch.int64)  # (B,)
         shard, row = self._set.locate(positions)
         for i in shard.unique().tolist():
@@ -408,7 +413,10 @@ def _partition_shards(url: str, limit: int | None) -> tuple[dict[str, Any], list
         if have >= want:
             break
         rows = min(entry["count"], want - have)
-        shards.append(_Shard(storage.join(url, entry["file"]), entry, rows, index["num_classes"], shape))  # type: ignore[arg-type]
+        dtype = str(image_dtype(index)).removeprefix("torch.")
+        shards.append(
+            _Shard(storage.join(url, entry["file"]), entry, rows, index["num_classes"], shape, dtype)
+        )  # type: ignore[arg-type]
         have += rows
     return index, shards
 
@@ -451,10 +459,14 @@ def open_partitions(
                 f"{url} holds images of shape {index['image_shape']} but {urls[0]} holds "
                 f"{indexes[0]['image_shape']}; every partition of a run must have one image shape"
             )
+        if index.get("dtype", "uint8") != indexes[0].get("dtype", "uint8"):
+            raise ValueError(
+                f"{url} and {urls[0]} hold different spaces (pixels and latents); rewrite the partitions"
+            )
     num_classes = max(ix["num_classes"] for ix in indexes)
     names = next((n for ix in indexes if (n := _class_names(ix)) and len(n) == num_classes), None)
     dataset = StreamedDataset(
         _ShardSet(shards, verify), num_classes=num_classes, image_shape=tuple(indexes[0]["image_shape"]),
-        class_names=names,
+        class_names=names, meta={"latent": indexes[0]["meta"]["latent"]} if "latent" in indexes[0].get("meta", {}) else None,
     )  # fmt: skip
     return dataset, counts

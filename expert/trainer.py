@@ -24,7 +24,7 @@ from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.config import ExpertJobConfig
 from ddm.expert.data import ImageDataset, build_training_dataset, check_num_classes
-from ddm.expert.images import to_model_range
+from ddm.expert.images import to_model_input
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.objectives import OBJECTIVES, objective_of
 from ddm.expert.stream import StreamedDataset
@@ -38,25 +38,37 @@ def drop_labels(y: torch.Tensor, u: torch.Tensor, p: float, null_label: int) -> 
     return torch.where(u < p, torch.full_like(y, null_label), y)
 
 
-def sample_times(n: int, train: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def sample_times(n: int, train: TrainConfig, generator: torch.Generator, shift: float) -> torch.Tensor:
+    """n training times from ``train.time_sampling``, shifted by ``shift`` (the job's resolved
+    ``flow.resolve_time_shift(train.time_shift, shape)``, recorded in its checkpoints)."""
     if train.time_sampling == "uniform":
         t = flow.sample_t_uniform(n, generator=generator)
     else:
         t = flow.sample_t_logit_normal(n, train.logit_mean, train.logit_std, generator=generator)
-    return flow.shift_time(t, train.time_shift)  # (n,)
+    return flow.shift_time(t, shift)  # (n,)
 
 
 def model_config(job: ExpertJobConfig, dataset: ImageDataset | StreamedDataset | None = None) -> DiTConfig:
     """The DiT of a job; what the job leaves unset (data.channels, data.image_size, model.num_classes)
-    is the dataset's, which is then required."""
+    is the dataset's, which is then required. On a latent partition (its index records the latent
+    space) the DiT denoises the latents' shape; data.image_size and data.channels describe the pixels."""
     unset = job.data.channels is None or job.data.image_size is None or job.model.num_classes is None
     if unset and dataset is None:
         raise ValueError("data.channels, data.image_size and model.num_classes must be set without a dataset")
-    c, h, _ = dataset.image_shape if dataset is not None else (None, None, None)
+    c, size = job.data.channels, job.data.image_size
+    if dataset is not None and (unset or (dataset.meta or {}).get("latent")):
+        if (dataset.meta or {}).get("latent"):
+            c, size, w = dataset.image_shape
+            if size != w:
+                raise ValueError(
+                    f"latents of shape {tuple(dataset.image_shape)} are not square; the DiT needs h == w"
+                )
+        else:
+            c, size = c or dataset.image_shape[0], size or dataset.image_shape[1]
     return dit_config(
         job.model.arch,
-        image_size=job.data.image_size or h,
-        in_channels=job.data.channels or c,
+        image_size=size,
+        in_channels=c,
         num_classes=dataset.num_classes if job.model.num_classes is None else job.model.num_classes,  # type: ignore[union-attr]
     )
 
@@ -83,7 +95,8 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         # what serving converts from (objectives.objective_of); the names `ddm sample --labels` takes
-        return {"objective": self.job.model.objective, "class_names": self.data.class_names}
+        meta = {"objective": self.job.model.objective, "class_names": self.data.class_names}
+        return {**meta, "time_shift": self.time_shift, **({"latent": self.latent} if self.latent else {})}
 
     def restored(self, step: int) -> None:
         """A resume continues the objective its checkpoints were trained with, or refuses (the model
@@ -101,8 +114,11 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
 
     def build_data(self) -> ImageDataset | StreamedDataset:
         dataset = build_training_dataset(self.job.data)
+        self.latent = (dataset.meta or {}).get("latent")  # the latent space's record, None in pixel space
         self.cfg = model_config(self.job, dataset)
         check_dataset(dataset, self.cfg, self.job)
+        shape = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+        self.time_shift = flow.resolve_time_shift(self.tc.time_shift, shape)
         return dataset
 
     def build_model(self) -> DiT:
@@ -113,12 +129,12 @@ class ExpertTrainer(Trainer[ExpertJobConfig]):
         eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[
             rows
         ]
-        t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
+        t = sample_times(tc.batch_size, tc, gen, self.time_shift)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
         images, y = batch  # uint8 (b, C, H, W), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
         images, y, eps, t = self.to_device(images, y, eps, t)
-        x_0 = to_model_range(images)  # (b, C, H, W), converted on the device
+        x_0 = to_model_input(images)  # (b, C, H, W), converted on the device
         objective = OBJECTIVES.get(self.job.model.objective, field="model.objective")
         return objective.training_loss(self._forward, x_0, eps, t, y)
 

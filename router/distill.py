@@ -59,7 +59,7 @@ from ddm.expert import flow
 from ddm.expert.data import check_num_classes
 from ddm.expert.denoiser import Denoiser
 from ddm.expert.guidance import guided
-from ddm.expert.images import to_model_range
+from ddm.expert.images import to_model_input
 from ddm.expert.load import load_denoiser, load_model
 from ddm.expert.model import DiT, DiTConfig, dit_config
 from ddm.expert.objectives import objective_of
@@ -117,8 +117,14 @@ def partition_weights(k: torch.Tensor, num_experts: int) -> torch.Tensor:
 # Building the student.
 
 
-def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int], num_classes: int) -> DiTConfig:
-    """The student DiT; ``num_classes`` is used where the job leaves model.num_classes unset."""
+def student_config(
+    job: DistillJobConfig, image_shape: tuple[int, int, int], num_classes: int | None = None
+) -> DiTConfig:
+    """The student DiT; ``num_classes`` (the data's) is used where the job leaves model.num_classes unset."""
+    if job.model.num_classes is not None:
+        num_classes = job.model.num_classes
+    if num_classes is None:
+        raise ValueError("model.num_classes is unset and no dataset gives it; set model.num_classes")
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"images are {h}x{w}; the student DiT needs square images")
@@ -126,7 +132,7 @@ def student_config(job: DistillJobConfig, image_shape: tuple[int, int, int], num
         job.model.arch,
         image_size=h,
         in_channels=c,
-        num_classes=job.model.num_classes or num_classes,
+        num_classes=num_classes,
         guidance_embed=True,
         step_embed=job.shortcut.enabled,
     )
@@ -186,9 +192,11 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         check_num_classes(
             data.dataset.num_classes, num_classes, source=self.urls[0], field="model.num_classes"
         )
+        self.latent = (data.dataset.meta or {}).get("latent")  # None in pixel space
         self.class_names = data.dataset.class_names
         self.image_shape = data.dataset.image_shape
         self.cfg = student_config(job, self.image_shape, num_classes)
+        self.time_shift = flow.resolve_time_shift(tc.time_shift, self.image_shape)  # the experts' rule
         self.n_boot = round(tc.batch_size * sc.fraction) if sc.enabled else 0
         self.n_flow = tc.batch_size - self.n_boot
         if self.n_flow < 1:
@@ -217,6 +225,8 @@ class StudentTrainer(Trainer[DistillJobConfig]):
             teacher=job.teacher.model_dump(mode="json"),
             shortcut=job.shortcut.model_dump(mode="json"),
             class_names=self.class_names,
+            time_shift=self.time_shift,
+            **({"latent": self.latent} if self.latent else {}),
         )
 
     def student(self, net: nn.Module) -> Student:
@@ -238,7 +248,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
             tc.batch_size
         )  # the global batch: rows [0, n_flow) learn the teacher, the rest the objective's jumps
         eps = torch.randn((n, *self.image_shape), generator=gen)  # (B, C, H, W)
-        t_flow = sample_times(self.n_flow, tc, gen)  # (B_f,)
+        t_flow = sample_times(self.n_flow, tc, gen, self.time_shift)  # (B_f,)
         t_boot, size = objective.value.times(self.n_boot, sc, gen)  # (B_s,) each
         u_drop = torch.rand(n, generator=gen)  # (B,)
         w = tch.guidance_min + (tch.guidance_max - tch.guidance_min) * torch.rand(n, generator=gen)  # (B,)
@@ -248,7 +258,7 @@ class StudentTrainer(Trainer[DistillJobConfig]):
         images, y, k = batch  # uint8 (b, C, H, W), (b,), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, self.cfg.num_classes)
         images, y, k, eps, t, w, d_in = self.to_device(images, y, k, eps, t, w, d_in)
-        x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)
+        x_t = flow.interpolate(to_model_input(images), eps, t)  # (b, C, H, W)
         n_f = min(max(self.n_flow - rows.start, 0), rows.stop - rows.start)  # this rank's teacher rows
         f, b = slice(0, n_f), slice(n_f, None)
         taught = slice(None) if objective.teacher else f  # the rows whose target needs the teacher

@@ -78,8 +78,11 @@ def parse_request(
     num_classes: int,
     num_experts: int,
     models: Sequence[str] = ("ensemble",),
+    trained_time_shift: float = 1.0,
 ) -> SampleParams:
-    """Validated parameters with defaults filled in; :class:`BadRequest` names the offending field."""
+    """Validated parameters with defaults filled in; :class:`BadRequest` names the offending field.
+    An unset time_shift is the server's ``d.time_shift`` if set, else ``trained_time_shift`` (what the
+    served models were trained with, from their checkpoints)."""
 
     def opt(name: str, default: Any) -> Any:
         return getattr(req, name) if req.HasField(name) else default
@@ -126,7 +129,7 @@ def parse_request(
     threshold = float(opt("threshold", d.threshold))
     if not (math.isfinite(threshold) and 0 < threshold <= 1):
         raise BadRequest("threshold", f"{threshold} out of range; use a probability in (0, 1]")
-    time_shift = float(opt("time_shift", d.time_shift))
+    time_shift = float(opt("time_shift", trained_time_shift if d.time_shift is None else d.time_shift))
     if not (math.isfinite(time_shift) and 0 < time_shift <= 100):
         raise BadRequest("time_shift", f"{time_shift} out of range; use (0, 100] (1 = none)")
     time_grid = opt("time_grid", "") or d.time_grid  # empty: the server's default, like unset

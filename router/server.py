@@ -161,6 +161,9 @@ class RouterServer(rpc.LoadingServer):
         self.router_source = router
         self.student_source = student  # a distilled student checkpoint: SampleRequest.model = "student"
         self.student_runner = None
+        self.trained_time_shift = 1.0  # the router checkpoint's time_shift: an unset request's default
+        self.latent: dict | None = None  # the checkpoint's latent record (docs/latent.md); None: pixel space
+        self.codec = None  # its decoder (ddm.expert.autoencoder.LatentCodec), loaded with the router
         self.addresses = list(experts)
         self.expert_tls, self._expert_token = expert_tls, expert_token
         self.expert_timeout, self.connect_timeout = expert_timeout, connect_timeout
@@ -236,6 +239,15 @@ class RouterServer(rpc.LoadingServer):
             self.router, meta = load_router_checkpoint(self.router_source, device=device)
             self.checkpoint = str(meta.get("url", self.router_source))
             self.class_names = [str(n) for n in meta.get("class_names") or []]
+            self.trained_time_shift = float(meta.get("time_shift") or 1.0)  # recorded by its trainer
+            if meta.get("latent"):  # a latent-space run: the router decodes each sample once, at the end
+                from ddm.expert.autoencoder import codec_from_record
+
+                self.latent = dict(meta["latent"])
+                self.codec = codec_from_record(self.latent, device)
+                self.placement.announce(
+                    f"router server: {self.latent['autoencoder']} decoder ({self.latent['path']})"
+                )
         self.placement.announce(f"router server: router net ({self.checkpoint or 'in memory'})")
         # Concurrent cohorts' router passes share one forward, as the experts' Predicts do. No added
         # delay: it only gathers what queued while the previous forward ran.
@@ -259,7 +271,7 @@ class RouterServer(rpc.LoadingServer):
                 image_shape=self.image_shape,
                 device=device,
             )
-            self.student_runner = StudentRunner(student, self.placement)
+            self.student_runner = StudentRunner(student, self.placement, self.codec)
             self.placement.announce(f"router server: student ({self.student_source})")
         for e in self.experts:
             e.liveness.on_change = lambda down, why, e=e: self._expert_changed(e, down, why)
@@ -379,6 +391,7 @@ class RouterServer(rpc.LoadingServer):
                 num_classes=self.router.num_classes,
                 num_experts=len(self.experts),
                 models=self.models,
+                trained_time_shift=self.trained_time_shift,
             )
         except BadRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -512,6 +525,8 @@ class RouterServer(rpc.LoadingServer):
                 "Sample of %d request(s) finished degraded, without %s (%s)", len(members),
                 ", ".join(degradation.names), "; ".join(degradation.absent[k] for k in sorted(degradation.absent)),
             )  # fmt: skip
+        if self.codec is not None:
+            x = self.codec.decode(x)  # (N, C, H, W) pixels in [-1, 1]: latents never leave the router
         for m, result in zip(members, member_results(members, x, [e.name for e in self.experts], counts)):
             result.degraded_experts[:] = degradation.names
             self.metrics.images.inc(m.n)
@@ -581,6 +596,8 @@ class RouterServer(rpc.LoadingServer):
             ready=self.ready and not down,
             models=list(self.models),
             student_checkpoint=self.student_source or "",
+            output_shape=list(self.latent["image_shape"]) if self.latent else list(self.image_shape),
+            autoencoder=self.latent["autoencoder"] if self.latent else "",
         )
         info.down_experts[:] = down
         info.class_names[:] = self.class_names

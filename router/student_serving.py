@@ -54,9 +54,10 @@ class StudentRunner:
     """Runs cohorts of student requests. One forward at a time (a lock): the CPU is the limit and
     concurrent forwards of one module would only contend for it; cohorts already batch requests."""
 
-    def __init__(self, student: StudentDenoiser, placement: Placement | None = None):
+    def __init__(self, student: StudentDenoiser, placement: Placement | None = None, codec: Any = None):
         self.student = student
         self.placement = placement or Placement.cpu()  # where the student's module is
+        self.codec = codec  # a latent run's decoder (ddm.expert.autoencoder.LatentCodec), None for pixels
         self._lock = threading.Lock()
 
     def run(
@@ -99,6 +100,8 @@ class StudentRunner:
         except Exception as e:  # a bug: tell the clients instead of leaving them waiting
             log.exception("student cohort failed")
             return broadcast(members, "error", (grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}"))
+        if self.codec is not None:
+            x = self.codec.decode(x)  # (N, C, H, W) pixels, once per cohort as in the ensemble path
         for m, result in zip(members, member_results(members, x, [STUDENT], student.calls)):
             m.send("result", result)
 

@@ -30,7 +30,7 @@ from ddm.core.schedule import derive_seed
 from ddm.core.trainer import Trainer, TrainResult, seeded
 from ddm.expert import flow
 from ddm.expert.data import ImageDataset, check_num_classes
-from ddm.expert.images import to_model_range
+from ddm.expert.images import to_model_input
 from ddm.expert.stream import StreamedDataset, open_partitions
 from ddm.expert.trainer import drop_labels, sample_times
 from ddm.router.config import RouterJobConfig
@@ -212,6 +212,7 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         check_num_classes(
             data.dataset.num_classes, num_classes, source=self.urls[0], field="model.num_classes"
         )
+        self.latent = (data.dataset.meta or {}).get("latent")  # None in pixel space
         self.class_names = data.dataset.class_names
         train_data, self.heldout = split_holdout(data, job.data.holdout, self.tc.seed)
         self.cfg = router_config(
@@ -221,6 +222,7 @@ class RouterTrainer(Trainer[RouterJobConfig]):
             num_classes=num_classes,
             num_experts=len(self.urls),
         )
+        self.time_shift = flow.resolve_time_shift(self.tc.time_shift, (c, h, w))  # the experts' rule
         return train_data
 
     def build_model(self) -> RouterNet:
@@ -232,6 +234,8 @@ class RouterTrainer(Trainer[RouterJobConfig]):
             train_counts=self.data.counts(),
             heldout_counts=self.heldout.counts(),
             class_names=self.class_names,
+            time_shift=self.time_shift,
+            **({"latent": self.latent} if self.latent else {}),
         )
 
     def loss(self, step: int, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
@@ -239,12 +243,12 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         eps = torch.randn((tc.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size), generator=gen)[
             rows
         ]
-        t = sample_times(tc.batch_size, tc, gen)[rows]  # (b,)
+        t = sample_times(tc.batch_size, tc, gen, self.time_shift)[rows]  # (b,)
         u_drop = torch.rand(tc.batch_size, generator=gen)[rows]  # (b,)
         images, y, k = batch  # uint8 (b, C, H, W), (b,), (b,)
         y = drop_labels(y, u_drop, tc.label_dropout, cfg.num_classes)
         images, y, k, eps, t = self.to_device(images, y, k, eps, t)
-        x_t = flow.interpolate(to_model_range(images), eps, t)  # (b, C, H, W)
+        x_t = flow.interpolate(to_model_input(images), eps, t)  # (b, C, H, W)
         with self.autocast():
             logits = self.net(x_t, t, y)  # (b, K)
         return F.cross_entropy(logits.float(), k)

@@ -114,3 +114,16 @@ def test_time_grid_runs_from_one_to_zero() -> None:
 def test_time_grid_rejects_zero_steps() -> None:
     with pytest.raises(ValueError, match="steps"):
         flow.time_grid(0)
+
+
+def test_derived_time_shift_is_the_sd3_rule_on_what_the_model_denoises() -> None:
+    assert flow.BASE_VALUES == 784
+    assert flow.derived_time_shift((1, 28, 28)) == 1.0  # the default experts: no shift, numerics unchanged
+    assert flow.derived_time_shift((3, 32, 32)) == pytest.approx(math.sqrt(3072 / 784))
+    assert flow.derived_time_shift((4, 32, 32)) == pytest.approx(math.sqrt(4096 / 784))  # SD-VAE at 256 px
+    assert flow.derived_time_shift((1, 56, 56)) == pytest.approx(2.0)  # 4x the values: twice the shift
+    assert flow.derived_time_shift((1, 8, 8), base_values=16) == pytest.approx(2.0)
+    assert flow.resolve_time_shift(None, (1, 56, 56)) == pytest.approx(2.0)
+    assert flow.resolve_time_shift(3.0, (1, 56, 56)) == 3.0  # a hand-set value overrides
+    with pytest.raises(ValueError, match="must be positive"):
+        flow.derived_time_shift((0, 28, 28))

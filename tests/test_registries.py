@@ -277,7 +277,7 @@ def test_options_carry_the_fields_defaults_choices_and_help() -> None:
     p = argparse.ArgumentParser()
     add_options(p, SampleConfig, ["steps", "sampler", "time_grid", "time_shift"])
     args = p.parse_args([])
-    assert (args.steps, args.sampler, args.time_grid, args.time_shift) == (32, "euler", "uniform", 1.0)
+    assert (args.steps, args.sampler, args.time_grid, args.time_shift) == (32, "euler", "uniform", None)
     assert (
         config_from_args(SampleConfig, args, ["steps", "sampler", "time_grid", "time_shift"])
         == SampleConfig()

@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch", "objective")
+    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch", "autoencoder", "time_shift", "objective")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class ExpertInfo(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
+    TIME_SHIFT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     expert_index: int
@@ -55,8 +57,10 @@ class ExpertInfo(_message.Message):
     step: int
     checkpoint: str
     max_batch: int
+    autoencoder: str
+    time_shift: float
     objective: str
-    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., objective: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., autoencoder: _Optional[str] = ..., time_shift: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid", "guidance_mode", "route_every")
@@ -175,7 +179,7 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterInfo(_message.Message):
-    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids", "guidance_modes", "default_guidance_mode", "default_route_every", "class_names")
+    __slots__ = ("num_classes", "image_shape", "num_experts", "strategies", "samplers", "max_n", "max_steps", "default_strategy", "default_top_k", "default_steps", "default_guidance", "checkpoint", "ready", "models", "student_checkpoint", "down_experts", "time_grids", "guidance_modes", "default_guidance_mode", "default_route_every", "class_names", "output_shape", "autoencoder")
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +201,8 @@ class RouterInfo(_message.Message):
     DEFAULT_GUIDANCE_MODE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ROUTE_EVERY_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
     num_classes: int
     image_shape: _containers.RepeatedScalarFieldContainer[int]
     num_experts: int
@@ -218,7 +224,9 @@ class RouterInfo(_message.Message):
     default_guidance_mode: str
     default_route_every: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ..., guidance_modes: _Optional[_Iterable[str]] = ..., default_guidance_mode: _Optional[str] = ..., default_route_every: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    output_shape: _containers.RepeatedScalarFieldContainer[int]
+    autoencoder: str
+    def __init__(self, num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., num_experts: _Optional[int] = ..., strategies: _Optional[_Iterable[str]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_n: _Optional[int] = ..., max_steps: _Optional[int] = ..., default_strategy: _Optional[str] = ..., default_top_k: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., checkpoint: _Optional[str] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., student_checkpoint: _Optional[str] = ..., down_experts: _Optional[_Iterable[str]] = ..., time_grids: _Optional[_Iterable[str]] = ..., guidance_modes: _Optional[_Iterable[str]] = ..., default_guidance_mode: _Optional[str] = ..., default_route_every: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., output_shape: _Optional[_Iterable[int]] = ..., autoencoder: _Optional[str] = ...) -> None: ...
 
 class ReplaceExpertRequest(_message.Message):
     __slots__ = ("expert", "address", "connect_timeout", "drain_timeout", "checkpoint")
