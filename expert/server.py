@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from ddm.core import checkpoint, storage
 from ddm.core.placement import Placement
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
+from ddm.expert.generation import read_generation
 from ddm.expert.load import load_model
 from ddm.proto import rpc
 from ddm.proto.ddm.v1 import ddm_pb2 as pb
@@ -183,6 +184,7 @@ class ExpertServer(rpc.LoadingServer):
         model, meta = self._load_model()
         cfg = model.config
         name = self._name or str(meta.get("name") or "expert")
+        generation, lifecycle = read_generation(self.checkpoint)
         self.info = pb.ExpertInfo(
             name=name,
             expert_index=self._expert_index
@@ -194,6 +196,8 @@ class ExpertServer(rpc.LoadingServer):
             step=int(meta.get("step", 0)),
             checkpoint=str(meta.get("url", self.checkpoint)),
             max_batch=self.max_batch,
+            generation=generation,
+            lifecycle=lifecycle,
         )
         row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
         if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:
