@@ -214,7 +214,7 @@ def add_expert(
     router = _train_router(ctx, serving, init, settings.router_steps)
     lineage.mark_student_stale(data, f"distilled without {name} (added later)", _student(cfg.root))
     event = {"expert": name, "island": island, "router": router["output"], "previous_router": old,
-             "compute": compute(ctx.manifest.data, [name, router["job"]]), "seconds": round(time.time() - started, 1)}  # fmt: skip
+             "compute": compute(ctx.manifest.data, [name, router["job"]], serving), "seconds": round(time.time() - started, 1)}  # fmt: skip
     lineage.add_event(data, "add-expert", **event)
     lineage.section(data).pop("pending", None)
     ctx.manifest.save()
@@ -263,7 +263,7 @@ def retire_expert(
     lineage.mark_student_stale(data, f"distilled with {name}, now retired", student)
     router = lineage.section(data)["router"]
     lineage.add_event(data, "retire-expert", expert=name, purged=settings.purge, router=router["output"],
-                      compute=compute(data, [router.get("job", "router")]))  # fmt: skip
+                      compute=compute(data, [router.get("job", "router")], remaining))  # fmt: skip
     lineage.section(data).pop("pending", None)
     ctx.manifest.save()
     return lineage.section(data)["events"][-1]
@@ -294,19 +294,21 @@ def purge(root: str, name: str) -> None:
             storage.remove(storage.join(url, file))
 
 
-def compute(data: dict[str, Any], jobs: list[str]) -> dict[str, Any]:
-    """The wall seconds of ``jobs`` (submit to end of each attempt, from the manifest's records) against
-    every job the run's own stages ran (a full retrain's jobs: the experts and the router)."""
+def compute(data: dict[str, Any], jobs: list[str], experts: list[str]) -> dict[str, Any]:
+    """Wall seconds (submit to end of each attempt, from the manifest's job records) of the ``jobs`` a
+    lifecycle command ran, against a full retrain of the run it leaves: a job per expert of ``experts``
+    (each at its recorded seconds) and the run's first router job. Jobs that ran side by side each count
+    their own seconds (job-seconds, not the coordinator's wall time)."""
     records = data.get("jobs", {})
 
     def wall(name: str) -> float:
         return round(sum(a["ended_at"] - a["submitted_at"] for a in records.get(name, {}).get("attempts", [])
-                         if a.get("ended_at") and a.get("submitted_at")), 1)  # fmt: skip
+                         if a.get("ended_at") is not None and a.get("submitted_at") is not None), 1)  # fmt: skip
 
-    originals = [n for n in records if n.startswith("expert-") or n == "router"]
-    originals = [n for n in originals if n not in jobs]
-    return {"jobs": {n: wall(n) for n in jobs}, "spent_seconds": round(sum(wall(n) for n in jobs), 1),
-            "run_jobs_seconds": round(sum(wall(n) for n in originals), 1)}  # fmt: skip
+    spent = round(sum(wall(n) for n in jobs), 1)
+    full = round(sum(wall(n) for n in experts) + wall("router"), 1)
+    return {"jobs": {n: wall(n) for n in jobs}, "spent_seconds": spent, "full_retrain_seconds": full,
+            "ratio": round(spent / full, 3) if full else None}  # fmt: skip
 
 
 def main_error(command: str, e: Exception) -> int:

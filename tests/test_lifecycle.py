@@ -113,6 +113,9 @@ def ddm(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(
+    1200
+)  # four TorchX jobs and three expert servers: ~5 min here at load 2, more when shared
 def test_add_then_retire_an_expert_touches_no_other_expert(tmp_path: Path) -> None:
     from ddm.coordinator.stack import LocalStack
     from ddm.router.client import RouterClient
@@ -227,3 +230,16 @@ def test_a_stale_student_is_not_served_by_default(tmp_path: Path) -> None:
     )
     assert any("STALE" in line for line in lineage.status_lines({**manifest.data, "lineage": {
         **manifest.data["lineage"], "experts": {"expert-0": {"generation": 1, "lifecycle": "trained", "partition_index": 0}}}}))  # fmt: skip
+
+
+def test_compute_counts_each_jobs_attempts_against_a_full_retrain() -> None:
+    from ddm.coordinator.lifecycle import compute
+
+    def job(*spans):
+        return {"attempts": [{"submitted_at": a, "ended_at": b} for a, b in spans]}
+
+    data = {"jobs": {"expert-0": job((0, 100)), "expert-1": job((0, 40), (50, 110)), "router": job((110, 130)),
+                     "expert-2": job((200, 290)), "router-gen-2": job((290, 300))}}  # fmt: skip
+    c = compute(data, ["expert-2", "router-gen-2"], ["expert-0", "expert-1", "expert-2"])
+    assert c["jobs"] == {"expert-2": 90, "router-gen-2": 10} and c["spent_seconds"] == 100
+    assert c["full_retrain_seconds"] == 100 + 100 + 90 + 20 and c["ratio"] == round(100 / 310, 3)
