@@ -117,10 +117,17 @@ class RouterInitConfig(Strict):
     ``ddm retire-expert``): its trunk as it is, its head rows mapped by ``expert_map``."""
 
     checkpoint: str = Field(description="the old router's checkpoint file or directory (local or s3://)")
-    expert_map: list[int | None] = Field(
+    expert_map: list[int] = Field(
         description="for each output of the new router (= each of data's partitions, in order): the old "
-        "router's output it starts from, or null for a new expert (starts at the mean of the old rows)"
+        "router's output it starts from, or -1 for a new expert (starts at the mean of the old rows)"
     )
+
+    @field_validator("expert_map")
+    @classmethod
+    def _indexes(cls, v: list[int]) -> list[int]:
+        if any(i < -1 for i in v):
+            raise ValueError(f"expert_map {v}: entries are old output indexes (>= 0) or -1 for a new expert")
+        return v
 
 
 class RouterJobConfig(JobConfig):
