@@ -21,6 +21,18 @@ COMMANDS: dict[str, tuple[str, ...]] = {
         "ddm.coordinator.assign_cmd",
         "place new images in a finished run's clusters (which expert owns them)",
     ),
+    "add-expert": (
+        "ddm.coordinator.lifecycle_cmd",
+        "add an expert for new data to a finished run: train it and the router only",
+        "add_add_arguments",
+        "run_add",
+    ),
+    "retire-expert": (
+        "ddm.coordinator.lifecycle_cmd",
+        "take an expert (and its data) out of a run: retrain the router on the rest",
+        "add_retire_arguments",
+        "run_retire",
+    ),
     "cancel": (
         "ddm.coordinator.jobs_cmd",
         "cancel a run's running jobs",

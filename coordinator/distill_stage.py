@@ -28,7 +28,6 @@ def distill_output(root: str) -> str:
 
 def distill_job(cfg: Any, expert_dirs: list[str], router_url: str | None) -> Any:
     """The DistillJobConfig of a run (``cfg``: its RunConfig)."""
-    from ddm.router.config import RouterDataConfig
     from ddm.router.distill_config import DistillJobConfig, TeacherConfig
 
     dc = cfg.distill
@@ -39,12 +38,23 @@ def distill_job(cfg: Any, expert_dirs: list[str], router_url: str | None) -> Any
         name="student",
         output=distill_output(cfg.root),
         experts=[storage.join(d, "checkpoints") for d in expert_dirs],
-        data=RouterDataConfig(root=cfg.root, k=len(expert_dirs)),
+        data=_partitions(cfg.root, expert_dirs),
         model=dc.model,
         teacher=teacher,
         shortcut=dc.shortcut,
         train=dc.train,
     )
+
+
+def _partitions(root: str, expert_dirs: list[str]) -> Any:
+    """The experts' own partitions: ``root`` and k for expert-0 .. expert-{k-1}; listed by name after an
+    add-expert / retire-expert changed the set (``ddm.coordinator.lineage``)."""
+    from ddm.router.config import RouterDataConfig
+
+    names = [d.rstrip("/").rsplit("/", 1)[-1] for d in expert_dirs]
+    if names == [f"expert-{k}" for k in range(len(names))]:
+        return RouterDataConfig(root=root, k=len(names))
+    return RouterDataConfig(partitions=[storage.join(root, "partitions", n) for n in names])
 
 
 def student_checkpoint(root: str) -> str | None:
@@ -164,7 +174,8 @@ def distill_job_spec(ctx: Any, router_url: str | None) -> Any:
     """The student's JobSpec on its island (``ctx``: the run's Pipeline; ``router_url``: the teacher's
     router checkpoint, or None when the run has no router)."""
     from ddm.coordinator import components
-    from ddm.coordinator.layout import expert_names, expert_output, trained_to
+    from ddm.coordinator.layout import trained_to
+    from ddm.coordinator.stages import serving_expert_dirs
 
     cfg = ctx.cfg
     dc = cfg.distill
@@ -175,7 +186,7 @@ def distill_job_spec(ctx: Any, router_url: str | None) -> Any:
     island = dc.island or ctx.islands.default
     if island not in ctx.islands.island:
         raise ValueError(f"distill.island {island!r} is not defined in the islands file")
-    dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
+    dirs = list(serving_expert_dirs(ctx).values())
     output = distill_output(cfg.root)
     return ctx.job("distill", distill_job(cfg, dirs, router_url), output, island, components.trainer,
                    lambda: trained_to(output, dc.train.steps))  # fmt: skip
@@ -185,13 +196,12 @@ def run_distill_stage(pipeline: Any, jobs: list) -> dict[str, Any]:
     """The stage: launch the student's job (``stages.Distill.jobs``; skipped when already trained), then
     the table if ``distill.eval``."""
     from ddm.coordinator.eval_stage import eval_context, load_experts
-    from ddm.coordinator.layout import expert_names, expert_output
-    from ddm.coordinator.stages import router_checkpoint
+    from ddm.coordinator.stages import router_checkpoint, serving_expert_dirs
 
     cfg = pipeline.cfg
     dc = cfg.distill
-    router_url = router_checkpoint(cfg)
-    dirs = [expert_output(cfg, n) for n in expert_names(cfg)]
+    router_url = router_checkpoint(cfg, pipeline.manifest.data)
+    named = serving_expert_dirs(pipeline)
     output = distill_output(cfg.root)
     pipeline.launch(jobs, cfg.experts.max_attempts)
     student_url = student_checkpoint(cfg.root)
@@ -203,9 +213,7 @@ def run_distill_stage(pipeline: Any, jobs: list) -> dict[str, Any]:
     if dc.eval.num_samples is not None:
         context["num_samples"] = dc.eval.num_samples
     table = distill_table(
-        experts=load_experts(
-            {n: d for n, d in zip(expert_names(cfg), dirs)}, placement, purpose="distill table"
-        ),
+        experts=load_experts(named, placement, purpose="distill table"),
         router_url=router_url,
         student_url=student_url,
         context=context,

@@ -9,6 +9,8 @@ Run root layout::
     partitions/expert-K/index.json + shard-*.safetensors
     experts/expert-K/job.toml  checkpoints/  metrics.csv  loss.png  heartbeat.json
     router/job.toml  checkpoints/  accuracy_vs_t.json|png  metrics.csv
+    router/gen-G/                    the router after an add-expert / retire-expert (same files)
+    lifecycle/expert-K/              the added data's embeddings and curation report
     eval/NAME/samples.png  metrics.json
     distill/job.toml  checkpoints/  metrics.csv  eval/{ensemble,student}-STEPS/samples.png  eval/table.{json,md}
     logs/                            TorchX local scheduler logs
@@ -32,6 +34,8 @@ def job_output(root: str, name: str) -> str:
     """Where a job of the run writes (checkpoints, heartbeat): ``router/``, ``distill/`` or ``experts/NAME/``."""
     if name in ("router", "distill"):
         return storage.join(root, name)
+    if name.startswith("router-gen-"):  # a router trained by a lifecycle command (coordinator/lifecycle.py)
+        return storage.join(root, "router", name.removeprefix("router-"))
     return storage.join(root, "experts", name)
 
 

@@ -227,13 +227,17 @@ def _build_router(args: argparse.Namespace, address: str, token: str | None):
 
     import torch
 
-    from ddm.core import storage
     from ddm.proto.rpc import ClientTLS, read_token
     from ddm.router.server import RouterServer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    checkpoint = args.router_checkpoint or storage.join(args.run, "router", "checkpoints")
+    if args.router_checkpoint:
+        checkpoint = args.router_checkpoint
+    else:
+        from ddm.coordinator.stack import run_router
+
+        checkpoint = run_router(args.run)  # the run's router now (after add-expert / retire-expert)
     expert_tls = None
     if args.expert_tls_ca or args.expert_tls_cert or args.expert_tls_key:
         expert_tls = ClientTLS(
@@ -280,7 +284,14 @@ def _student(args: argparse.Namespace) -> str | None:
     if getattr(args, "student", None):
         return args.student
     root = getattr(args, "run", None) or getattr(args, "root", None)
-    return checkpoint.latest(storage.join(root, "distill", "checkpoints")) if root else None
+    if not root:
+        return None
+    from ddm.coordinator.manifest import Manifest
+
+    stored = storage.join(root, "manifest.json")
+    if storage.exists(stored) and Manifest.load(root).data.get("lineage", {}).get("student", {}).get("stale"):
+        return None  # distilled from experts the run no longer serves (ddm status says why): not served
+    return checkpoint.latest(storage.join(root, "distill", "checkpoints"))
 
 
 def _serve_stack(args: argparse.Namespace, token: str | None, stop: threading.Event) -> int:

@@ -215,20 +215,24 @@ def start_all(servers: Sequence[ServerProcess], timeout: float) -> list[str]:
 
 
 def run_experts(root: str) -> list[tuple[str, str]]:
-    """(name, checkpoint directory) of every expert of a finished experts-mode run, in expert order."""
+    """(name, checkpoint directory) of every expert a finished experts-mode run serves now, in the
+    router's output order: its K trained experts, or what its lineage says after ``ddm add-expert`` /
+    ``ddm retire-expert`` (``ddm.coordinator.lineage``)."""
     from ddm.coordinator.config import RunConfig
+    from ddm.coordinator.lineage import router_dir, serving_experts
     from ddm.coordinator.manifest import Manifest
-    from ddm.coordinator.pipeline import expert_names, expert_output, router_output
+    from ddm.coordinator.pipeline import expert_output
 
-    cfg = RunConfig.model_validate(Manifest.load(root).data["config"])
+    data = Manifest.load(root).data
+    cfg = RunConfig.model_validate(data["config"])
     if cfg.mode != "experts":
         raise ValueError(f"{root}: a {cfg.mode} run has no router; serve its model with `ddm serve expert`")
-    if checkpoint.latest(storage.join(router_output(cfg), "checkpoints")) is None:
+    if checkpoint.latest(storage.join(router_dir(root, data), "checkpoints")) is None:
         raise ValueError(
             f"{root}: the router has no checkpoint yet; run `ddm run` to finish the router stage"
         )
     out = []
-    for name in expert_names(cfg):
+    for name in serving_experts(cfg, data):
         ckpts = storage.join(expert_output(cfg, name), "checkpoints")
         if checkpoint.latest(ckpts) is None:
             raise ValueError(
@@ -236,6 +240,16 @@ def run_experts(root: str) -> list[tuple[str, str]]:
             )
         out.append((name, ckpts))
     return out
+
+
+def run_router(root: str) -> str:
+    """The router checkpoints folder a run serves now: its lineage's router, else ``ROOT/router`` (also
+    for a root without a manifest, e.g. checkpoints copied to a serving machine)."""
+    from ddm.coordinator.lineage import router_dir
+    from ddm.coordinator.manifest import MANIFEST, Manifest
+
+    data = Manifest.load(root).data if storage.exists(storage.join(root, MANIFEST)) else {}
+    return storage.join(router_dir(root, data), "checkpoints")
 
 
 def parse_ports(spec: str, count: int) -> list[int]:
@@ -336,11 +350,14 @@ class LocalStack:
         if self.token:
             env["DDM_TOKEN"] = self.token
         args = ["--threads", str(self.expert_threads), "--device", self.placement.spec, *self.expert_args]
-        self.experts = [ExpertProcess(name, ckpts, p, args, env) for (name, ckpts), p in zip(experts, ports)]
+        # --expert-index: the expert's position among the router's outputs (after a retirement, not the
+        # number in its name), which the router checks its expert list against.
+        self.experts = [ExpertProcess(name, ckpts, p, ["--expert-index", str(k), *args], env)
+                        for k, ((name, ckpts), p) in enumerate(zip(experts, ports))]  # fmt: skip
         try:
             addresses = start_all(self.experts, self.start_timeout)
             self.router = RouterServer(
-                storage.join(self.root, "router", "checkpoints"), addresses, address=f"{self.host}:{self.port}",
+                run_router(self.root), addresses, address=f"{self.host}:{self.port}",
                 token=self.token, expert_token=self.token, device=self.placement, **self.router_options,
             )  # fmt: skip
             self.router.start(wait=False)

@@ -242,6 +242,12 @@ class Experts(Stage):
 
     def run(self, ctx: Any) -> dict[str, Any]:
         ctx.launch(self.jobs(ctx), ctx.cfg.experts.max_attempts)
+        if ctx.cfg.mode == "experts":  # generation 1 of each, with its data's provenance (lineage.py)
+            from ddm.coordinator.lineage import backfill_trained
+            from ddm.core import checkpoint
+
+            backfill_trained(ctx.manifest.data, ctx.cfg,
+                             lambda n: checkpoint.latest(storage.join(expert_output(ctx.cfg, n), "checkpoints")))  # fmt: skip
         return {"experts": expert_names(ctx.cfg)}
 
     def headline(self, record: dict[str, Any]) -> str:
@@ -301,13 +307,26 @@ class Router(Stage):
         return {"accuracy_vs_t": acc_url if storage.exists(acc_url) else None}
 
 
-def router_checkpoint(cfg: Any) -> str | None:
-    """The router the eval and distill stages use: its newest checkpoint, None when the run has none."""
+def router_checkpoint(cfg: Any, data: dict[str, Any] | None = None) -> str | None:
+    """The router the eval and distill stages use: its newest checkpoint (the lineage's router after an
+    add-expert or retire-expert, given the manifest ``data``), None when the run has none."""
+    from ddm.coordinator.lineage import router_dir
     from ddm.core import checkpoint
 
     if ROUTER.skipped(cfg):
         return None
-    return checkpoint.latest(storage.join(router_output(cfg), "checkpoints"))
+    out = router_dir(cfg.root, data) if data is not None else router_output(cfg)
+    return checkpoint.latest(storage.join(out, "checkpoints"))
+
+
+def serving_expert_dirs(ctx: Any) -> dict[str, str]:
+    """Output folders of the experts the run serves now, in router order: the K trained ones, or what
+    the lineage says after ``ddm add-expert`` / ``ddm retire-expert`` (a retired expert's partition and
+    weights are read by no stage)."""
+    from ddm.coordinator.lineage import serving_experts
+
+    data = ctx.manifest.data if ctx.manifest is not None else {}
+    return {n: expert_output(ctx.cfg, n) for n in serving_experts(ctx.cfg, data)}
 
 
 class Eval(Stage):
@@ -322,8 +341,8 @@ class Eval(Stage):
     def run(self, ctx: Any) -> dict[str, Any]:
         from ddm.coordinator.eval_stage import run_eval
 
-        dirs = {n: expert_output(ctx.cfg, n) for n in expert_names(ctx.cfg)}
-        router = router_checkpoint(ctx.cfg) if ctx.cfg.mode == "experts" else None
+        dirs = serving_expert_dirs(ctx)
+        router = router_checkpoint(ctx.cfg, ctx.manifest.data) if ctx.cfg.mode == "experts" else None
         return run_eval(ctx.cfg, dirs, router, progress=ctx.progress, say=ctx.say, placement=ctx.where())
 
     def headline(self, record: dict[str, Any]) -> str:
@@ -361,7 +380,7 @@ class Distill(Stage):
                 None if ROUTER.skipped(ctx.cfg) else storage.join(router_output(ctx.cfg), "checkpoints")
             )
         else:
-            router_url = router_checkpoint(ctx.cfg)
+            router_url = router_checkpoint(ctx.cfg, ctx.manifest.data)
         return [distill_job_spec(ctx, router_url)]
 
     def run(self, ctx: Any) -> dict[str, Any]:

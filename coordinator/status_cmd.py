@@ -126,6 +126,11 @@ def print_status(root: str) -> None:
     print(f"run {config.get('name')} at {root}  (mode {config.get('mode')}{heard})")
     rows = stage_rows(m, _run_config(config), alive_at=clock.get("time") if clock else None)
     print(format_stage_table(rows))
+    from ddm.coordinator.lineage import status_lines
+
+    generations = status_lines(m.data)
+    if generations:
+        print("\n" + "\n".join(generations))
     sizes_url = storage.join(root, "clusters", "report.json")
     sizes = storage.read_json(sizes_url).get("sizes") if storage.exists(sizes_url) else None
     if m.data["jobs"]:

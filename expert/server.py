@@ -33,6 +33,7 @@ from ddm.core import checkpoint, storage
 from ddm.core.placement import Placement
 from ddm.expert.batching import DynamicBatcher, Expired, QueueFull
 from ddm.expert.denoiser import ModuleDenoiser
+from ddm.expert.generation import read_generation
 from ddm.expert.load import load_model
 from ddm.expert.objectives import objective_of
 from ddm.proto import rpc
@@ -188,6 +189,7 @@ class ExpertServer(rpc.LoadingServer):
         # (ddm.expert.objectives), so the router never needs to know what is behind an expert.
         denoiser = ModuleDenoiser(model, model.num_classes, objective_of(meta, self.checkpoint).name)
         name = self._name or str(meta.get("name") or "expert")
+        generation, lifecycle = read_generation(self.checkpoint)
         self.info = pb.ExpertInfo(
             name=name,
             expert_index=self._expert_index
@@ -202,6 +204,8 @@ class ExpertServer(rpc.LoadingServer):
             objective=denoiser.objective.name,
             autoencoder=str((meta.get("latent") or {}).get("autoencoder", "")),
             time_shift=float(meta.get("time_shift") or 1.0),
+            generation=generation,
+            lifecycle=lifecycle,
         )
         row_bytes = _row_bytes((cfg.in_channels, cfg.image_size, cfg.image_size))
         if rpc.message_limit(self.max_batch, row_bytes) > self.max_message:

@@ -132,6 +132,8 @@ class SampleInfo:
     samples: torch.Tensor | None = None  # (N, C, H, W) float in [-1, 1], with include_float=True
     progress_events: int = 0
     batched_with: int = 0  # other requests the router sampled in the same batch (counted in expert_calls)
+    # expert name -> (generation, lifecycle) of the expert that answered (Result.expert_generations)
+    expert_generations: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 class RouterClient(_Client):
@@ -264,5 +266,6 @@ class RouterClient(_Client):
             samples=samples,
             progress_events=events,
             batched_with=result.batched_with,
+            expert_generations={g.name: (g.generation, g.lifecycle) for g in result.expert_generations},
         )
         return images, info

@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,12 +129,16 @@ def broadcast(members: list[Member], kind: str, payload: Any) -> None:
         m.send(kind, payload)
 
 
-def member_results(members: list[Member], x: torch.Tensor, names: list[str], counts: Any) -> list[pb.Result]:
+def member_results(
+    members: list[Member], x: torch.Tensor, names: list[str], counts: Any, infos: Sequence[Any] = ()
+) -> list[pb.Result]:
     """Each member's Result: its rows of the cohort's samples x (N, C, H, W) as uint8 (and float if
-    asked), its labels and seed, and the cohort's expert calls (``counts``: the ensemble's CallCounts)."""
+    asked), its labels and seed, the cohort's expert calls (``counts``: the ensemble's CallCounts) and,
+    given the experts' ``infos`` (their ExpertInfo, in expert order), which generation of each answered."""
     calls = [
         pb.ExpertCalls(name=n, calls=counts.batches[k], rows=counts.rows[k]) for k, n in enumerate(names)
     ]
+    generations = expert_generations(infos)
     results = []
     for m, x_m in zip(members, x.split([m.n for m in members])):  # (n, C, H, W) each
         result = pb.Result(
@@ -142,9 +146,19 @@ def member_results(members: list[Member], x: torch.Tensor, names: list[str], cou
             seed=m.params.seed,
             expert_calls=calls,
             batched_with=len(members) - 1,
+            expert_generations=generations,
         )
         to_proto(to_uint8(x_m), result.images)
         if m.include_float:
             to_proto(x_m.float(), result.samples)
         results.append(result)
     return results
+
+
+def expert_generations(infos: Sequence[Any]) -> list[pb.ExpertGeneration]:
+    """``Result.expert_generations`` from the experts' ExpertInfo (None for one not connected yet)."""
+    return [
+        pb.ExpertGeneration(name=i.name, generation=i.generation, lifecycle=i.lifecycle)
+        for i in infos
+        if i is not None
+    ]

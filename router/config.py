@@ -115,6 +115,24 @@ class RouterEvalConfig(Strict):
     batch_size: int = Field(500, ge=1, description="router forward batch size during evaluation")
 
 
+class RouterInitConfig(Strict):
+    """Start a router from an older one when the set of experts changes (``ddm add-expert`` /
+    ``ddm retire-expert``): its trunk as it is, its head rows mapped by ``expert_map``."""
+
+    checkpoint: str = Field(description="the old router's checkpoint file or directory (local or s3://)")
+    expert_map: list[int] = Field(
+        description="for each output of the new router (= each of data's partitions, in order): the old "
+        "router's output it starts from, or -1 for a new expert (starts at the mean of the old rows)"
+    )
+
+    @field_validator("expert_map")
+    @classmethod
+    def _indexes(cls, v: list[int]) -> list[int]:
+        if any(i < -1 for i in v):
+            raise ValueError(f"expert_map {v}: entries are old output indexes (>= 0) or -1 for a new expert")
+        return v
+
+
 class RouterJobConfig(JobConfig):
     """One router training job: all partitions -> a classifier of x_t's partition, accuracy vs t."""
 
@@ -128,6 +146,18 @@ class RouterJobConfig(JobConfig):
     model: RouterModelConfig = RouterModelConfig()
     train: RouterTrainConfig
     eval: RouterEvalConfig = RouterEvalConfig()
+    init: RouterInitConfig | None = Field(
+        None, description="start from an older router (expert lifecycle) instead of a random initialisation"
+    )
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> RouterJobConfig:
+        if self.init is not None and len(self.init.expert_map) != len(self.data.urls()):
+            raise ValueError(
+                f"init.expert_map has {len(self.init.expert_map)} entries but data has "
+                f"{len(self.data.urls())} partitions; give one entry per partition"
+            )
+        return self
 
 
 class RoutingConfig(Strict):

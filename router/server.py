@@ -527,7 +527,11 @@ class RouterServer(rpc.LoadingServer):
             )  # fmt: skip
         if self.codec is not None:
             x = self.codec.decode(x)  # (N, C, H, W) pixels in [-1, 1]: latents never leave the router
-        for m, result in zip(members, member_results(members, x, [e.name for e in self.experts], counts)):
+        experts = list(
+            self.experts
+        )  # after the last step: a replacement switched between steps is the new one
+        infos = [e.info for e in experts]  # which generation of each answered (Result.expert_generations)
+        for m, result in zip(members, member_results(members, x, [e.name for e in experts], counts, infos)):
             result.degraded_experts[:] = degradation.names
             self.metrics.images.inc(m.n)
             self.metrics.seconds.observe(time.perf_counter() - m.started)

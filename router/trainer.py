@@ -226,7 +226,18 @@ class RouterTrainer(Trainer[RouterJobConfig]):
         return train_data
 
     def build_model(self) -> RouterNet:
-        return build_router(self.cfg, self.tc.seed)
+        init = self.job.init
+        if init is None:
+            return build_router(self.cfg, self.tc.seed)
+        from ddm.router.grow import grown_router
+
+        net = grown_router(init.checkpoint, init.expert_map)
+        if net.config != self.cfg:
+            raise ValueError(
+                f"init.checkpoint {init.checkpoint}: its router ({net.config}) does not match this job's "
+                f"({self.cfg}); use the same model.arch and data as the run's router"
+            )
+        return net
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return dict(

@@ -43,6 +43,7 @@ NO_NETWORK = {
     "k8s": "writes kustomize files",
     "models": "counts parameters and FLOPs from the architecture registry (analytic, no module built)",
     "report": "reads the JSON, CSV and PNG files the stages wrote (no checkpoint, no torch)",
+    "retire-expert": "records the retirement; the router it retrains is a job with its own train.device",
 }
 # What building a network looks like in a command module's source (a no-network command has none).
 NETWORK_BUILDERS = re.compile(

@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch", "autoencoder", "time_shift", "objective")
+    __slots__ = ("name", "expert_index", "num_classes", "image_shape", "arch", "step", "checkpoint", "max_batch", "generation", "lifecycle", "autoencoder", "time_shift", "objective")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class ExpertInfo(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
     TIME_SHIFT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -57,10 +59,22 @@ class ExpertInfo(_message.Message):
     step: int
     checkpoint: str
     max_batch: int
+    generation: int
+    lifecycle: str
     autoencoder: str
     time_shift: float
     objective: str
-    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., autoencoder: _Optional[str] = ..., time_shift: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., expert_index: _Optional[int] = ..., num_classes: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[str] = ..., max_batch: _Optional[int] = ..., generation: _Optional[int] = ..., lifecycle: _Optional[str] = ..., autoencoder: _Optional[str] = ..., time_shift: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
+
+class ExpertGeneration(_message.Message):
+    __slots__ = ("name", "generation", "lifecycle")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    generation: int
+    lifecycle: str
+    def __init__(self, name: _Optional[str] = ..., generation: _Optional[int] = ..., lifecycle: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("n", "labels", "guidance", "steps", "sampler", "strategy", "top_k", "threshold", "seed", "time_shift", "churn", "allow_degraded", "include_float", "model", "time_grid", "guidance_mode", "route_every")
@@ -131,7 +145,7 @@ class ExpertCalls(_message.Message):
     def __init__(self, name: _Optional[str] = ..., calls: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("images", "labels", "expert_calls", "seconds", "degraded_experts", "seed", "samples", "batched_with")
+    __slots__ = ("images", "labels", "expert_calls", "seconds", "degraded_experts", "seed", "samples", "batched_with", "expert_generations")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +154,7 @@ class Result(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BATCHED_WITH_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     labels: _containers.RepeatedScalarFieldContainer[int]
     expert_calls: _containers.RepeatedCompositeFieldContainer[ExpertCalls]
@@ -148,7 +163,8 @@ class Result(_message.Message):
     seed: int
     samples: Tensor
     batched_with: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., expert_calls: _Optional[_Iterable[_Union[ExpertCalls, _Mapping]]] = ..., seconds: _Optional[float] = ..., degraded_experts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., batched_with: _Optional[int] = ...) -> None: ...
+    expert_generations: _containers.RepeatedCompositeFieldContainer[ExpertGeneration]
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., expert_calls: _Optional[_Iterable[_Union[ExpertCalls, _Mapping]]] = ..., seconds: _Optional[float] = ..., degraded_experts: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., batched_with: _Optional[int] = ..., expert_generations: _Optional[_Iterable[_Union[ExpertGeneration, _Mapping]]] = ...) -> None: ...
 
 class ListExpertsRequest(_message.Message):
     __slots__ = ()
