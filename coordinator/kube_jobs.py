@@ -382,7 +382,9 @@ class KubeJobsScheduler(Scheduler[KubeJobsOpts]):
 
             lines: Iterable[str] = watch.Watch().stream(core.read_namespaced_pod_log, **args)
         else:
-            lines = split_lines(core.read_namespaced_pod_log(**args))
+            # Raw bytes, decoded here: the client's own decoding returns the repr of bytes (b'...').
+            resp = core.read_namespaced_pod_log(**args, _preload_content=False)
+            lines = split_lines(resp.data.decode("utf-8", errors="replace"))
         return filter_regex(regex, lines) if regex else lines
 
     # cancel ----------------------------------------------------------------------------------------
