@@ -32,12 +32,17 @@ demo: venv dataset
 	$(VENV)/bin/ddm run $(DEMO_CONFIG)
 
 # What the tests start for real: headless Chromium (the run report), etcd and the kube-apiserver
-# (the k8s tests; built once from ../shared/tools' Debian source, then cached under ~/.cache).
+# (the k8s tests; built once from ../shared/tools' Debian source, then cached under ~/.cache), and a
+# whole single-node cluster (tests/test_kube_node.py).
 KUBE_BUILD := ../shared/tools/kube-apiserver/build.sh
 test-tools:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	@command -v etcd >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq etcd-server; }
 	@if [ -f $(KUBE_BUILD) ]; then bash $(KUBE_BUILD) >/dev/null; else echo "make: $(KUBE_BUILD) is missing: the k8s tests will fail"; fi
+	@# The test Kubernetes node (tests/kube_node.py): kubelet, scheduler, controller-manager and
+	@# kube-proxy from the same Debian source (about 6 minutes on 2 cores, cached under ~/.cache), and
+	@# Debian's containerd, runc, CNI plugins, iptables, busybox-static and podman (apt).
+	@$(SUDO) bash tests/kube_node_build.sh >/dev/null
 
 test: venv dataset test-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -25,6 +25,12 @@ Islands file (TOML)::
     j = "2x8"
     gpu = 8
 
+    [island.plain-k8s]
+    scheduler = "kube_jobs"           # plain batch/v1 Jobs, no Volcano (coordinator/kube_jobs.py)
+    image = "ddm:0.1.0"               # same cluster fields as kubernetes, but no queue
+    namespace = "ddm"
+    j = "1x2"
+
 Experts never talk to each other; the only thing islands share is the run root. Several kubernetes
 islands may name different clusters: each gets its own API client (``coordinator/kube.py``).
 """
@@ -102,6 +108,23 @@ def _kubernetes_scheduler(island: Island, client: Any = None) -> Any:
     return island_scheduler_factory(island, client)
 
 
+# kube_jobs takes the kubernetes fields but the Volcano queue.
+KUBE_JOBS_OWNS = tuple(f for f in KUBERNETES_ONLY if f != "queue")
+
+
+def _kube_jobs_run_cfg(island: Island) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"namespace": island.namespace}
+    if island.service_account:
+        cfg["service_account"] = island.service_account
+    return cfg
+
+
+def _kube_jobs_scheduler(island: Island, client: Any = None) -> Any:
+    from ddm.coordinator.kube_jobs import island_scheduler_factory  # kubernetes: only when launching
+
+    return island_scheduler_factory(island, client)
+
+
 ISLAND_SCHEDULERS.add("local_cwd", SchedulerKind(), help="TorchX's local scheduler, in the current directory")
 ISLAND_SCHEDULERS.add("local_docker", SchedulerKind(), help="TorchX's local scheduler, in docker containers")
 ISLAND_SCHEDULERS.add(
@@ -109,6 +132,12 @@ ISLAND_SCHEDULERS.add(
     SchedulerKind(needs=("image", "namespace", "queue"), owns=KUBERNETES_ONLY, check=_kubernetes_names,
                   run_cfg=_kubernetes_run_cfg, per_island=_kubernetes_scheduler),
     help="TorchX's kubernetes scheduler (one Volcano Job per job), bound to the island's cluster",
+)  # fmt: skip
+ISLAND_SCHEDULERS.add(
+    "kube_jobs",
+    SchedulerKind(needs=("image", "namespace"), owns=KUBE_JOBS_OWNS, check=_kubernetes_names,
+                  run_cfg=_kube_jobs_run_cfg, per_island=_kube_jobs_scheduler),
+    help="plain Kubernetes batch/v1 Jobs, no Volcano (coordinator/kube_jobs.py), bound to the island's cluster",
 )  # fmt: skip
 ISLAND_SCHEDULERS.add("slurm", SchedulerKind(), help="TorchX's slurm scheduler")
 ISLAND_SCHEDULERS.add("aws_batch", SchedulerKind(), help="TorchX's AWS Batch scheduler")
@@ -186,10 +215,13 @@ class Island(Strict):
             )
         if kind.check is not None:
             kind.check(self)
-        owners = {f: e.name for e in ISLAND_SCHEDULERS for f in e.value.owns if e.name != self.scheduler}
+        owners: dict[str, list[str]] = {}  # field -> the other schedulers that take it
+        for e in ISLAND_SCHEDULERS:
+            for f in e.value.owns if e.name != self.scheduler else ():
+                owners.setdefault(f, []).append(e.name)
         stray = [f for f in owners if f not in kind.owns and getattr(self, f)]
         if stray:
-            only = ", ".join(sorted({f'scheduler = "{owners[f]}"' for f in stray}))
+            only = ", ".join(sorted({" or ".join(f'scheduler = "{n}"' for n in owners[f]) for f in stray}))
             raise ValueError(f"{', '.join(stray)}: only for {only} (this island uses {self.scheduler!r})")
         return self
 

@@ -118,8 +118,9 @@ def free_port() -> int:
 class KubeAPIServer:
     """etcd + kube-apiserver (RBAC on) on loopback, with an admin and a coordinator kubeconfig."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()):
         self.dir = workdir
+        self.extra_args = tuple(extra_args)  # more kube-apiserver flags (tests/kube_node.py's node)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
@@ -158,7 +159,7 @@ class KubeAPIServer:
              "--advertise-address=127.0.0.1", f"--cert-dir={d / 'certs'}", f"--token-auth-file={d / 'tokens.csv'}",
              "--service-account-issuer=https://kubernetes.default.svc", f"--service-account-key-file={d / 'sa.pub'}",
              f"--service-account-signing-key-file={d / 'sa.key'}", "--service-cluster-ip-range=10.96.0.0/24",
-             "--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"],
+             "--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount", *self.extra_args],
             stdout=api_log, stderr=subprocess.STDOUT,
         ))  # fmt: skip
         ctx = ssl.create_default_context()
