@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import typing
 
 from ddm.core.cli import add_options, config_from_args
 from ddm.core.placement import add_override_argument
@@ -21,12 +20,13 @@ DATA_FIELDS = ("path", "split", "limit")
 
 def add_add_arguments(p: argparse.ArgumentParser) -> None:
     from ddm.coordinator.lifecycle import LifecycleConfig
+    from ddm.core.cli import field_choices
     from ddm.expert.config import DataConfig
 
     p.add_argument("root", help="run root whose experts and router are trained (local path or s3://...)")
     source = DataConfig.model_fields["source"]
-    p.add_argument("--data", dest="source", required=True, choices=typing.get_args(source.annotation),
-                   help=f"the new data: {source.description}; its location is --path")  # fmt: skip
+    p.add_argument("--data", dest="source", required=True, choices=field_choices(source),
+                   help=f"the new data: {source.description}; where it is: --path")  # fmt: skip
     add_options(p, DataConfig, DATA_FIELDS)
     add_options(
         p,

@@ -35,7 +35,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _choices(info: Any) -> tuple[Any, ...] | None:
+def field_choices(info: Any) -> tuple[Any, ...] | None:
     for meta in info.metadata:
         if isinstance(meta, Choices):
             return meta.names()
@@ -77,7 +77,7 @@ def add_options(
     unset = set(unset)
     for name in fields:
         info = model.model_fields[name]
-        choices = _choices(info)
+        choices = field_choices(info)
         text = (help or {}).get(name) or info.description or name
         if name in unset:
             default, text = None, f"{text} ({unset_help})"

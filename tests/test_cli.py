@@ -30,7 +30,8 @@ def test_every_command_documents_every_option(command, capsys):
     # every option line carries help text: argparse prints "--opt VALUE   text"; a bare option would end the line
     for line in out.splitlines():
         stripped = line.strip()
-        if stripped.startswith("--") and "  " not in stripped and not stripped.startswith("--help"):
+        option_line = line.startswith("  --") and not line.startswith("   ")  # not a wrapped help line
+        if option_line and "  " not in stripped and not stripped.startswith("--help"):
             nxt = out.splitlines()[out.splitlines().index(line) + 1].strip()
             assert nxt and not nxt.startswith("-"), f"{command}: option without help: {stripped}"
 

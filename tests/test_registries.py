@@ -181,7 +181,7 @@ def test_ddm_sample_sends_its_time_grid_to_the_router(
 
         def __exit__(self, *exc: object) -> None: ...
         def info(self) -> SimpleNamespace:
-            return SimpleNamespace(num_classes=3)
+            return SimpleNamespace(num_classes=3, class_names=[])
 
         def sample(self, n, y, **fields):
             sent.update(fields)
