@@ -125,9 +125,9 @@ def test_a_student_is_not_initialised_from_an_eps_expert(tmp_path: Path) -> None
         dict(name="student", output=str(tmp_path / "s"), experts=urls, data=dict(root=str(tmp_path), k=2))
     )
     with pytest.raises(ValueError, match="predicts eps .*set model.init = 'random'"):
-        build_student(job, student_config(job, (1, 28, 28)))
+        build_student(job, student_config(job, (1, 28, 28), 10))
     velocity_first = job.model_copy(update={"experts": urls[::-1]})
-    assert build_student(velocity_first, student_config(job, (1, 28, 28))) is not None
+    assert build_student(velocity_first, student_config(job, (1, 28, 28), 10)) is not None
 
 
 def test_resuming_with_another_objective_is_refused(tmp_path: Path) -> None:
