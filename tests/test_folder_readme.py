@@ -22,7 +22,7 @@ TINY_BUDGET = {  # sizes only: what the section's config says otherwise stands
     "experts.train.warmup_steps": "2", "experts.train.checkpoint_every": "4",
     "router.model.arch": "Router-XS/4", "router.train.steps": "6", "router.train.batch_size": "16",
     "router.train.checkpoint_every": "3", "router.eval.samples_per_bin": "4",
-    "eval.num_samples": "16", "eval.real_samples": "100", "eval.features": "pixels", "eval.sample.steps": "4",
+    "eval.num_samples": "16", "eval.real_samples": "100", "eval.sample.steps": "4",
     "distill.train.steps": "4", "distill.train.batch_size": "8", "distill.train.checkpoint_every": "2",
     "distill.train.warmup_steps": "1", "distill.shortcut.min_step": "0.25", "distill.eval.ensemble_steps": "[4]",
     "distill.eval.num_samples": "10",
