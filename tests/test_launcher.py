@@ -284,9 +284,10 @@ def test_ddm_run_takes_the_corrected_path_on_the_same_root(tmp_path):
         [*base, "--set", 'data.path="/nonexistent/fm"'], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode != 0 and "/nonexistent/fm" in bad.stderr
+    # the data is read (for its shape and classes) before anything is written: nothing locks the root
+    assert not (root / "manifest.json").exists()
     good = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stderr
-    assert "takes the changed config" in good.stderr and "data.path" in good.stderr
     assert json.loads((root / "manifest.json").read_text())["stages"]["curate"]["state"] == "done"
 
 

@@ -29,10 +29,10 @@ RGB32 = Path(__file__).resolve().parents[1] / "configs" / "rgb32.toml"
 TINY = {
     "partition.k": 2, "partition.fine_k": 16, "partition.sample_size": 160, "partition.niter": 10,
     "partition.encoder": '"pixels"', "partition.tolerance": 0.2,
-    "experts.poll_seconds": 0.3, "experts.model.arch": '"DiT-T/4"', "experts.model.num_classes": 4,
+    "experts.poll_seconds": 0.3, "experts.model.arch": '"DiT-T/4"',
     "experts.train.steps": 8, "experts.train.batch_size": 16, "experts.train.warmup_steps": 2,
     "experts.train.checkpoint_every": 4, "experts.train.num_threads": 1,
-    "router.model.arch": '"Router-XS/4"', "router.model.num_classes": 4, "router.train.steps": 6,
+    "router.model.arch": '"Router-XS/4"', "router.train.steps": 6,
     "router.train.batch_size": 16, "router.train.checkpoint_every": 3, "router.eval.samples_per_bin": 4,
     "eval.num_samples": 16, "eval.real_samples": 80, "eval.models": '["top-1"]',
     "eval.sample.steps": 3, "distill.enabled": "false",
