@@ -68,17 +68,24 @@ def api_client(island: Island) -> ApiClient:
         ) from None
 
 
-class IslandKubernetesScheduler(KubernetesScheduler):
-    """TorchX's kubernetes scheduler bound to one island: its cluster, Secrets and pod hardening."""
+class IslandClient:
+    """Binds a TorchX scheduler that talks to one Kubernetes API (``_client``, ``_api_client``) to a ddm
+    island: its cluster, from the island's kubeconfig and context. Mixed in before the scheduler."""
+
+    _client: ApiClient | None
 
     def __init__(self, session_name: str, island: Island, client: ApiClient | None = None, **_: Any) -> None:
-        super().__init__(session_name, client=client)
+        super().__init__(session_name, client=client)  # type: ignore[call-arg]
         self.island = island
 
     def _api_client(self) -> ApiClient:
         if self._client is None:
             self._client = api_client(self.island)
         return self._client
+
+
+class IslandKubernetesScheduler(IslandClient, KubernetesScheduler):
+    """TorchX's kubernetes scheduler bound to one island: its cluster, Secrets and pod hardening."""
 
     def _submit_dryrun(self, app: AppDef, cfg: KubernetesOpts) -> AppDryRunInfo:
         info = super()._submit_dryrun(app, cfg)

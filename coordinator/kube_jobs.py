@@ -45,6 +45,8 @@ from torchx.schedulers.kubernetes_scheduler import (
 from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, macros, runopts
 from torchx.util.strings import normalize_str
 
+from ddm.coordinator.kube import IslandClient
+
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
@@ -398,19 +400,8 @@ def create_scheduler(session_name: str, client: ApiClient | None = None, **kwarg
     return KubeJobsScheduler(session_name, client=client)
 
 
-class IslandKubeJobsScheduler(KubeJobsScheduler):
+class IslandKubeJobsScheduler(IslandClient, KubeJobsScheduler):
     """The scheduler bound to one ddm island: its cluster, Secrets/ConfigMaps and pod hardening."""
-
-    def __init__(self, session_name: str, island: Island, client: ApiClient | None = None, **_: Any) -> None:
-        super().__init__(session_name, client=client)
-        self.island = island
-
-    def _api_client(self) -> ApiClient:
-        if self._client is None:
-            from ddm.coordinator.kube import api_client
-
-            self._client = api_client(self.island)
-        return self._client
 
     def _finish_request(self, request: KubeJobRequest) -> KubeJobRequest:
         from ddm.coordinator.kube import harden_pod
